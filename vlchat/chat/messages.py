@@ -1,0 +1,59 @@
+"""Chat messages with multimodal content (after torchtune's `Message`).
+
+A message is a role plus an ordered list of parts; an image part renders as MiniGPT-4's
+`<Img><ImageHere></Img>` tag, and parts are joined by one space as MiniGPT-4's Chat does
+("<Img><ImageHere></Img> What is in the picture?").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+IMAGE_TAG = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image by content hash (`sha256` hex of the decoded RGB pixels) and, if known, its path."""
+
+    key: str
+    source: str | None = None
+
+
+Part = Union[Text, Image]
+
+
+@dataclass
+class Message:
+    role: Role
+    parts: list[Part] = field(default_factory=list)
+    # Token ids the model generated for this (assistant) message, so that a later turn can
+    # reuse the KV cache exactly; None when the text was not generated here.
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+
+    @classmethod
+    def text_message(cls, role: Role, text: str) -> "Message":
+        return cls(role, [Text(text)])
+
+    @property
+    def images(self) -> list[Image]:
+        return [p for p in self.parts if isinstance(p, Image)]
+
+    @property
+    def content(self) -> str:
+        """The message text with each image as `<Img><ImageHere></Img>`, parts joined by a space."""
+        return " ".join(IMAGE_TAG if isinstance(p, Image) else p.text for p in self.parts)

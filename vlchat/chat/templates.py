@@ -1,0 +1,215 @@
+"""Chat templates: messages -> prompt text split into segments, shared by training and inference.
+
+After litgpt's `prompts.py` (a tiny `PromptStyle` per model family plus stop strings) and
+torchtune's per-message `masked` flag: one object renders the prompt for inference and the label
+mask for training, so the two can never drift apart.
+
+A template renders a list of `Segment`s. Each message's raw content (`Message.content`, images as
+`<Img><ImageHere></Img>`) is its own segment, separate from the role markers around it, because
+the chat engine tokenizes segment by segment: a growing conversation then keeps the same token
+prefix (KV-cache reuse), and the engine can put the generated token ids of an assistant answer in
+place of its content segment. Training puts loss on the `trainable` segments only: assistant
+content and the end marker the model must learn to emit so that generation stops.
+
+Segment layout of one conversation (markers in brackets are separate segments):
+
+    [bos] [system prefix] S [system suffix]
+    [user prefix] U [user suffix] [assistant prefix] A [assistant end*] [assistant tail] ...
+    [assistant prefix]   <- the generation prompt, when the last message is a user message
+
+(* trainable, with A). Empty markers are left out; content segments are always present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from vlchat.chat.messages import Message
+from vlchat.errors import VlchatError
+
+# MiniGPT-4's vision system prompt (minigpt4/conversation/conversation.py, CONV_VISION_Vicuna0
+# and CONV_VISION_LLama2): https://github.com/Vision-CAIR/MiniGPT-4
+MINIGPT4_SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. "
+    "You will be able to see the image once I provide it to you. Please answer my questions."
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the rendered prompt.
+
+    `message_index` is the message the text belongs to (role markers belong to their message);
+    it is None only for a template's default system prompt, which is not in the messages, and it
+    is `len(messages)` for the generation prompt (the index the coming answer will take), so that
+    the generation prompt equals the assistant-prefix segment of the longer conversation.
+    """
+
+    text: str
+    trainable: bool  # loss goes here: assistant content and the assistant's end marker
+    message_index: int | None
+    is_content: bool  # text is exactly messages[message_index].content
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    default_system: str
+    stop: tuple[str, ...]  # stop strings for generation
+    system_prefix: str = ""
+    system_suffix: str = ""
+    user_prefix: str = ""
+    user_suffix: str = ""
+    assistant_prefix: str = ""
+    assistant_end: str = ""  # trainable: the model learns to emit it, generation stops on it
+    assistant_tail: str = ""  # not trainable: separator after the end marker (chatml's "\n")
+    bos: str = ""  # once, before everything (InternLM2's "<s>")
+    # Prefix of the user message right after a system block; None = `user_prefix`. LLaMA-2 opens
+    # "[INST]" inside the system block, so the first user message continues it with "".
+    first_user_prefix: str | None = None
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        """Render `messages` as segments; see the module docstring for the layout."""
+        first_turn = _check_roles(messages)
+        out = self._system_segments(messages)
+        after_system = bool(out)
+        for i in range(first_turn, len(messages)):
+            out += self._turn_segments(i, messages[i], after_system and i == first_turn)
+        if add_generation_prompt and messages and messages[-1].role == "user":
+            out += _markers([(self.assistant_prefix, False)], len(messages))
+        if out and self.bos:
+            out.insert(0, Segment(self.bos, False, out[0].message_index, False))
+        return out
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return "".join(s.text for s in self.segments(messages, add_generation_prompt))
+
+    def _system_segments(self, messages: Sequence[Message]) -> list[Segment]:
+        if messages and messages[0].role == "system":
+            text, index, is_content = messages[0].content, 0, True
+        else:
+            text, index, is_content = self.default_system, None, False
+        if not text:  # an empty system message means no system prompt at all
+            return []
+        return (
+            _markers([(self.system_prefix, False)], index)
+            + [Segment(text, False, index, is_content)]
+            + _markers([(self.system_suffix, False)], index)
+        )
+
+    def _turn_segments(self, index: int, message: Message, after_system: bool) -> list[Segment]:
+        if message.role == "user":
+            prefix = self.user_prefix
+            if after_system and self.first_user_prefix is not None:
+                prefix = self.first_user_prefix
+            return (
+                _markers([(prefix, False)], index)
+                + [Segment(message.content, False, index, True)]
+                + _markers([(self.user_suffix, False)], index)
+            )
+        return (
+            _markers([(self.assistant_prefix, False)], index)
+            + [Segment(message.content, True, index, True)]
+            + _markers([(self.assistant_end, True), (self.assistant_tail, False)], index)
+        )
+
+
+def _markers(parts: list[tuple[str, bool]], index: int | None) -> list[Segment]:
+    """Marker segments (never content) for the non-empty texts in `parts`."""
+    return [Segment(text, trainable, index, False) for text, trainable in parts if text]
+
+
+def _check_roles(messages: Sequence[Message]) -> int:
+    """Raise VlchatError unless messages are [system] user, assistant, user, ...; return the first turn's index."""
+    for i, m in enumerate(messages):
+        if m.role == "system" and i != 0:
+            raise VlchatError(f"a system message may only come first, but message {i} is a system message")
+    first = 1 if messages and messages[0].role == "system" else 0
+    for i in range(first, len(messages)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if messages[i].role != expected:
+            raise VlchatError(
+                f"messages must alternate user and assistant, starting with user; "
+                f"message {i} is {messages[i].role!r} where {expected!r} was expected"
+            )
+    return first
+
+
+# ChatML as in SmolLM2-Instruct and Qwen2.5 (tokenizer_config.json chat_template).
+_CHATML = Template(
+    name="chatml",
+    default_system=(
+        "You are a helpful assistant. You can see images the user shares with you "
+        "and answer questions about them."
+    ),
+    stop=("<|im_end|>",),
+    system_prefix="<|im_start|>system\n",
+    system_suffix="<|im_end|>\n",
+    user_prefix="<|im_start|>user\n",
+    user_suffix="<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant_end="<|im_end|>",
+    assistant_tail="\n",
+)
+
+TEMPLATES: dict[str, Template] = {
+    # MiniGPT-4's CONV_VISION_Vicuna0 (SeparatorStyle.SINGLE, sep "###"):
+    # "S###Human: U###Assistant: A###Human: U2###Assistant: ". MiniGPT-4 always writes
+    # system + sep; our choice for an empty system is to drop both, so the prompt starts "Human: "
+    # rather than with a stray "###".
+    "vicuna_v0": Template(
+        name="vicuna_v0",
+        default_system=MINIGPT4_SYSTEM,
+        stop=("###",),
+        system_suffix="###",
+        user_prefix="Human: ",
+        user_suffix="###",
+        assistant_prefix="Assistant: ",
+        assistant_end="###",
+    ),
+    # Meta's LLaMA-2 chat format (llama/generation.py, chat_completion):
+    # "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST] A </s><s>[INST] U2 [/INST] ".
+    # MiniGPT-4's CONV_VISION_LLama2 uses roles "<s>[INST] " / " [/INST] " with the system prompt
+    # in front and no <<SYS>> block; we follow Meta's format, which the chat model was tuned on.
+    "llama2": Template(
+        name="llama2",
+        default_system=MINIGPT4_SYSTEM,
+        stop=("</s>",),
+        system_prefix="<s>[INST] <<SYS>>\n",
+        system_suffix="\n<</SYS>>\n\n",
+        user_prefix="<s>[INST] ",
+        first_user_prefix="",
+        assistant_prefix=" [/INST] ",
+        assistant_end=" </s>",
+    ),
+    "chatml": _CHATML,
+    # InternLM2-chat: ChatML after a BOS "<s>" (internlm2-chat-7b tokenizer_config.json; the
+    # default system is the first sentence of its meta_instruction).
+    "internlm2": replace(
+        _CHATML,
+        name="internlm2",
+        default_system="You are an AI assistant whose name is InternLM (书生·浦语).",
+        bos="<s>",
+    ),
+    # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:";
+    # no default system; a given one goes first as "S\n". The model also stops on "</s>".
+    "ziya": Template(
+        name="ziya",
+        default_system="",
+        stop=("<human>:", "</s>"),
+        system_suffix="\n",
+        user_prefix="<human>:",
+        user_suffix="\n",
+        assistant_prefix="<bot>:",
+        assistant_end="\n",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    """The template registered under `name`; VlchatError listing the names if there is none."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise VlchatError(f"unknown template {name!r}; choose one of: {', '.join(TEMPLATES)}") from None

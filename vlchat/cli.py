@@ -1,0 +1,142 @@
+"""`vlchat <command>`: one function per command; the signature is the CLI, the docstring the help.
+
+Every user-fixable problem is a VlchatError, printed as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlchat.config import GenerationConfig
+from vlchat.errors import VlchatError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="vlchat: chat with a vision-language model about your images, on a CPU.")
+
+# Options shared by the commands that generate (typer reads these annotations).
+Images = Annotated[list[Path], typer.Option("--image", "-i", help="An image file (repeat for several).")]
+Template = Annotated[Optional[str], typer.Option(help="Conversation template (default: the model's).")]
+System = Annotated[Optional[str], typer.Option(help="System prompt; '' for none (default: the template's).")]
+Persona = Annotated[Optional[str], typer.Option(help="A system-prompt preset: assistant, zhubajie, chinese.")]
+Model = Annotated[str, typer.Option(help="Model preset name.")]
+Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
+TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 = off).")]
+MaxNew = Annotated[int, typer.Option(help="Most tokens to generate.")]
+MinNew = Annotated[int, typer.Option(help="Fewest tokens to generate before stopping is allowed.")]
+RepPenalty = Annotated[float, typer.Option(help="> 1 discourages repeating tokens.")]
+Beams = Annotated[int, typer.Option(help="Beam search width (1 = off).")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")]
+Stop = Annotated[list[str], typer.Option("--stop", help="Extra stop string (repeatable).")]
+
+
+def generation_config(temperature: float, top_p: float, top_k: int, max_new_tokens: int, min_new_tokens: int,
+                      repetition_penalty: float, num_beams: int, seed: int | None, stop: list[str]) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            num_beams=num_beams, stop=tuple(stop), seed=seed)
+
+
+def system_prompt(system: str | None, persona: str | None) -> str | None:
+    from vlchat.chat.personas import get_persona
+
+    if system is not None and persona is not None:
+        raise VlchatError("give either --system or --persona, not both")
+    return get_persona(persona) if persona is not None else system
+
+
+def open_chat(model: str):
+    """Load the model (slow part) and return a Chat."""
+    from vlchat.chat.engine import Chat
+    from vlchat.config import ModelConfig
+    from vlchat.model.vlm import load_model
+
+    return Chat(load_model(ModelConfig.from_name(model)))
+
+
+@app.command()
+def chat(image: Images = [], template: Template = None, system: System = None, persona: Persona = None,
+         temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, max_new_tokens: MaxNew = 256,
+         min_new_tokens: MinNew = 0, repetition_penalty: RepPenalty = 1.0, num_beams: Beams = 1,
+         seed: Seed = None, stop: Stop = [], model: Model = "default") -> None:
+    """Chat in the terminal, answers streamed. Commands: /image PATH, /reset, /save FILE, /load FILE, /help, /exit."""
+    from vlchat.chat.templates import get_template
+    from vlchat.images import load_image
+    from vlchat.repl import repl
+
+    config = generation_config(temperature, top_p, top_k, max_new_tokens, min_new_tokens,
+                               repetition_penalty, num_beams, seed, stop)
+    system = system_prompt(system, persona)
+    template and get_template(template)
+    for path in image:  # refuse bad files before the slow load
+        load_image(path)
+    session = open_chat(model).session(template, system, config)
+    for path in image:
+        session.upload_img(path)
+    repl(session, [str(p) for p in image])
+
+
+@app.command()
+def ask(question: Annotated[Optional[str], typer.Argument(help="The question.")] = None,
+        image: Images = [], batch: Annotated[Optional[Path], typer.Option(
+            help="A JSONL file of {\"image\": PATH, \"question\": TEXT} lines (paths relative to the file).")] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="Print a JSON object with answer and timings.")] = False,
+        template: Template = None, system: System = None, persona: Persona = None,
+        temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, max_new_tokens: MaxNew = 256,
+        min_new_tokens: MinNew = 0, repetition_penalty: RepPenalty = 1.0, num_beams: Beams = 1,
+        seed: Seed = None, stop: Stop = [], model: Model = "default") -> None:
+    """Answer one question about the given image(s), or every line of a --batch file."""
+    from vlchat.ask import answer_batch, answer_one
+
+    config = generation_config(temperature, top_p, top_k, max_new_tokens, min_new_tokens,
+                               repetition_penalty, num_beams, seed, stop)
+    system = system_prompt(system, persona)
+    if batch is not None:
+        if question is not None or image:
+            raise VlchatError("--batch takes its questions and images from the file; drop the others")
+        answer_batch(batch, lambda: open_chat(model), template, system, config)
+    else:
+        answer_one(question, image, lambda: open_chat(model), template, system, config, json_output)
+
+
+@app.command()
+def bench(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+          tokens: Annotated[int, typer.Option(help="Tokens decoded per measured turn.")] = 32,
+          model: Model = "default") -> None:
+    """Measure encode time, time-to-first-token (first and follow-up turns), decode speed and peak RSS,
+    beside MiniGPT-4's way (re-prefill the whole conversation every turn) measured in the same run."""
+    from vlchat.bench import run_bench
+
+    run_bench(model, tokens, json_output)
+
+
+@app.command()
+def prepare(model: Model = "default") -> None:
+    """Verify the packaged weights and build the LM cache (once), so later starts are fast."""
+    import time
+
+    start = time.perf_counter()
+    chat_ = open_chat(model)
+    print(f"model {model!r} ready in {time.perf_counter() - start:.1f} s "
+          f"(vision {chat_.model.config.vision.name}, LM {chat_.model.config.lm.source})")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        app()
+    except VlchatError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

