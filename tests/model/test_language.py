@@ -1,0 +1,153 @@
+"""Tests for vlchat.model.language: the runtime seam (prefill/decode/fork/trim/repeat/select) on the
+tiny LM and the real SmolLM2, with KV-cache-vs-no-cache parity as the core check, plus the
+tokenizer facts the chat templates rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlchat.model.language import LanguageModel, LMState
+
+ATOL = 1e-4
+PROMPT = "<|im_start|>user\nWhat colour is the cat on the mat?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(params=["tiny_model", "default_model"])
+def lm(request) -> LanguageModel:
+    return request.getfixturevalue(request.param).lm
+
+
+def ids_of(lm: LanguageModel, text: str = PROMPT) -> torch.Tensor:
+    return torch.tensor([lm.tokenize(text)])  # (1, T)
+
+
+def full_logits(lm: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of one prefill of the whole sequence, without any prior cache."""
+    logits, _ = lm.prefill(lm.embed(ids))
+    return logits  # (B, V)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+def test_prefill_prefix_then_decode_matches_full_prefill(lm):
+    ids = ids_of(lm)  # (1, T)
+    split = ids.shape[1] - 5
+    logits, state = lm.prefill(lm.embed(ids[:, :split]))
+    assert state.length == split and logits.shape == (1, len(lm.tokenizer))
+    for t in range(split, ids.shape[1]):
+        logits, state = lm.decode(ids[:, t], state)  # one step: (1,) -> (1, V)
+    assert state.length == ids.shape[1]
+    close(logits, full_logits(lm, ids))
+
+
+def test_chunked_prefill_matches_one_prefill(lm):
+    ids = ids_of(lm)
+    _, state = lm.prefill(lm.embed(ids[:, :4]))
+    _, state = lm.prefill(lm.embed(ids[:, 4:9]), state)
+    logits, state = lm.prefill(lm.embed(ids[:, 9:]), state)
+    assert state.length == ids.shape[1]
+    close(logits, full_logits(lm, ids))
+
+
+def test_trim_then_reprefill_equals_no_trim(lm):
+    ids = ids_of(lm)
+    other = ids_of(lm, " The dog sat on a rug instead.")
+    keep = ids.shape[1] - 3
+    _, state = lm.prefill(lm.embed(torch.cat([ids[:, :keep], other], dim=1)))  # a different continuation
+    state.trim(keep)
+    assert state.length == keep
+    logits, state = lm.prefill(lm.embed(ids[:, keep:]), state)
+    assert state.length == ids.shape[1]
+    close(logits, full_logits(lm, ids))
+
+
+def test_trim_to_zero_and_beyond_length(lm):
+    ids = ids_of(lm)
+    _, state = lm.prefill(lm.embed(ids))
+    state.trim(ids.shape[1] + 10)  # longer than the prefix: nothing to drop
+    assert state.length == ids.shape[1]
+    state.trim(0)
+    assert state.length == 0 and state.cache is None
+    logits, state = lm.prefill(lm.embed(ids), state)
+    close(logits, full_logits(lm, ids))
+
+
+def test_fork_is_independent(lm):
+    ids = ids_of(lm)
+    _, state = lm.prefill(lm.embed(ids))
+    fork = state.fork()
+    assert fork.length == state.length
+    for token in lm.tokenize(" one two three"):
+        _, fork = lm.decode(torch.tensor([token]), fork)
+    assert fork.length == ids.shape[1] + 3
+    assert state.length == ids.shape[1]
+    assert state.cache.get_seq_length() == ids.shape[1]
+
+    nxt = torch.tensor([lm.tokenize(" yes")[0]])
+    logits, _ = lm.decode(nxt, state)  # the original still continues from its own prefix
+    close(logits, full_logits(lm, torch.cat([ids, nxt[None]], dim=1)))
+
+
+def test_repeat_and_select_batch_rows(lm):
+    ids = ids_of(lm)
+    tokens = torch.tensor(lm.tokenize(" red blue green"))[:3]  # (3,)
+    assert tokens.shape == (3,)
+    _, state = lm.prefill(lm.embed(ids))
+    state.repeat(3)  # batch 1 -> 3
+    logits, state = lm.decode(tokens, state)  # (3, V)
+    assert logits.shape == (3, len(lm.tokenizer))
+    for row, token in enumerate(tokens):
+        close(logits[row:row + 1], full_logits(lm, torch.cat([ids, token.view(1, 1)], dim=1)))
+
+    state.select(torch.tensor([2, 0]))  # keep rows 2 and 0, in that order
+    nxt = torch.tensor(lm.tokenize(" ok")[:1])
+    logits, state = lm.decode(nxt.repeat(2), state)  # (2, V)
+    for row, parent in enumerate([2, 0]):
+        expected = full_logits(lm, torch.cat([ids, tokens[parent].view(1, 1), nxt.view(1, 1)], dim=1))
+        close(logits[row:row + 1], expected)
+
+
+def test_repeat_and_select_on_an_empty_state_are_noops():
+    state = LMState()
+    state.repeat(4)
+    state.select(torch.tensor([0]))
+    assert state.cache is None and state.length == 0
+
+
+def test_default_tokenizer_special_tokens(default_model):
+    lm = default_model.lm
+    assert lm.tokenize("<|im_start|>") == [1]
+    assert lm.tokenize("<|im_end|>") == [2]
+    assert lm.tokenize("<|im_start|>user")[0] == 1
+    assert 2 in lm.eos_token_ids
+    text = "<|im_start|>user\nhi<|im_end|>"
+    assert lm.detokenize(lm.tokenize(text)) == text
+
+
+def test_default_lm_facts(default_model):
+    lm = default_model.lm
+    assert lm.hidden_size == 576
+    assert lm.context_window == lm.model.config.max_position_embeddings
+
+
+def test_tiny_eos(tiny_model):
+    assert 2 in tiny_model.lm.eos_token_ids
+
+
+def test_embed_shape(lm):
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])  # (B, T)
+    assert lm.embed(ids).shape == (2, 5, lm.hidden_size)
+    assert lm.embed(ids[0]).shape == (5, lm.hidden_size)
+
+
+def test_frozen_and_in_eval_mode(lm):
+    assert not any(p.requires_grad for p in lm.parameters())
+    assert not lm.model.training
+
+
+def test_prefill_does_not_track_gradients(lm):
+    logits, _ = lm.prefill(lm.embed(ids_of(lm, "hello")))
+    assert not logits.requires_grad and logits.dtype == torch.float32
