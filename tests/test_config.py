@@ -144,9 +144,6 @@ def test_vision_refuses_bad_name_or_weights(kwargs):
         VisionConfig(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="product bug: from_dict passes nested dicts straight to the dataclass, so an "
-                          "unknown nested key raises TypeError instead of a VlchatError")
 def test_from_dict_refuses_unknown_nested_key_with_vlchat_error():
     data = ModelConfig().to_dict()
     data["vision"]["colour"] = "blue"

@@ -60,7 +60,8 @@ def test_chat_session(saved):
 
 
 def test_saved_session_file(saved):
-    _, session_file = saved
+    result, session_file = saved
+    assert session_file.exists(), result.stderr
     data = json.loads(session_file.read_text())
     assert data["format"] == 1
     messages = data["messages"]

@@ -62,7 +62,7 @@ def answer_batch(path: Path, open_chat: Callable[[], Chat], template: str | None
         try:
             record = answer_line(chat, line, path.parent, template, system, config)
         except VlchatError as error:
-            record = {"error": str(error)}
+            record = {**line_id(line), "error": str(error)}
         print(json.dumps({"line": number, **record}, ensure_ascii=False), flush=True)
 
 
@@ -76,12 +76,20 @@ def answer_line(chat: Chat, line: str, base: Path, template: str | None, system:
         raise VlchatError('each line must be an object with a "question" string (and "image": a path)')
     images = item.get("image") or []
     images = [images] if isinstance(images, str) else images
-    if not all(isinstance(p, str) for p in images):
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise VlchatError('"image" must be a path or a list of paths')
     session = chat.session(template, system, config)
     for image in images:
         session.upload_img(base / image)
     session.ask(item["question"])
     answer = session.answer()
-    extra = {"id": item["id"]} if "id" in item else {}
-    return {**extra, **result_record(session, answer)}
+    return {**line_id(line), **result_record(session, answer)}
+
+
+def line_id(line: str) -> dict:
+    """{"id": ...} when the line is a JSON object with an id (echoed on answers and errors)."""
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return {}
+    return {"id": item["id"]} if isinstance(item, dict) and "id" in item else {}

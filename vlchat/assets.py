@@ -81,9 +81,11 @@ def atomic_directory(final: Path) -> Path:
 def commit_directory(tmp: Path, final: Path, info: dict) -> None:
     """Mark `tmp` complete and rename it to `final` (atomic on one filesystem)."""
     (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2))
-    if final.exists():  # a concurrent writer won the race; keep theirs
+    if is_complete(final):  # a concurrent writer won the race; keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
         return
+    if final.exists():  # an incomplete leftover (e.g. a partly deleted cache)
+        shutil.rmtree(final)
     os.replace(tmp, final)
 
 

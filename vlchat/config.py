@@ -79,12 +79,22 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         nested = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LMConfig}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise VlchatError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        kwargs = {k: nested[k](**v) if k in nested else v for k, v in data.items()}
+        check_keys(cls, data, "model config")
+        kwargs = dict(data)
+        for key, kind in nested.items():
+            if key in data:
+                check_keys(kind, data[key], f"model config {key!r}")
+                kwargs[key] = kind(**data[key])
         return cls(**kwargs)
+
+
+def check_keys(kind: type, data: Any, what: str) -> None:
+    """Refuse a non-dict or unknown keys with a VlchatError naming them."""
+    if not isinstance(data, dict):
+        raise VlchatError(f"{what} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - {f.name for f in fields(kind)}
+    if unknown:
+        raise VlchatError(f"unknown {what} keys: {', '.join(sorted(map(str, unknown)))}")
 
 
 PRESETS: dict[str, ModelConfig] = {"default": ModelConfig()}
@@ -115,6 +125,7 @@ class GenerationConfig:
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -159,3 +159,20 @@ def test_reusable_prefix_never_splits_an_image():
     assert reusable_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert reusable_prefix([1, 2], [1, 2]) == 1  # always leave one position to compute logits
     assert reusable_prefix([1] + image[:2], [1] + image + [5]) == 1
+
+
+def test_save_to_unwritable_path_is_a_clean_error(tiny_chat, tmp_path):
+    session = tiny_chat.session()
+    with pytest.raises(VlchatError, match="cannot save"):
+        session.save(tmp_path / "no" / "such" / "s.json")
+
+
+@pytest.mark.parametrize("data", [{"format": 1}, {"format": 1, "template": "chatml", "messages": [{"role": "user"}]},
+                                  {"format": 1, "template": "chatml", "generation": {"bogus": 1}, "messages": []},
+                                  {"format": 1, "template": "chatml", "messages": [
+                                      {"role": "assistant", "parts": [{"type": "text", "text": "hi"}]}]}])
+def test_load_refuses_malformed_sessions(tiny_chat, tmp_path, data):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(VlchatError):
+        load_session(tiny_chat, path)

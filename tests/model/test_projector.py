@@ -123,9 +123,6 @@ def test_build_projector_fresh_fallback_warns_is_seeded_and_keeps_global_rng(tmp
     assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="product bug: stems are turned into file names with Path.with_suffix, so a dot "
-                          "in the stem's name is replaced: 'stage1.a' and 'stage1.b' both write stage1.*")
 def test_stems_with_dots_do_not_collide(tmp_path):
     config = ProjectorConfig(in_dim=IN, out_dim=OUT)
     first, second = Projector(config), Projector(config)

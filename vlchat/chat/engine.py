@@ -227,8 +227,13 @@ class ChatSession:
         """Write the session as JSON (images by path and content hash), atomically."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2))
+            tmp.replace(path)
+        except OSError as error:
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            raise VlchatError(f"cannot save the session to {path}: {error.strerror or error}") from None
 
 
 def reusable_prefix(cached: list[PositionKey], keys: list[PositionKey]) -> int:
@@ -258,12 +263,20 @@ def load_session(chat: Chat, path: str | Path) -> ChatSession:
         raise VlchatError(f"cannot read session file {path}: {error}") from None
     if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
         raise VlchatError(f"{path} is not a vlchat session file (format {SESSION_FORMAT})")
-    session = chat.session(data["template"], data.get("system"), GenerationConfig(
-        **{k: tuple(v) if k == "stop" else v for k, v in data.get("generation", {}).items()}))
+    try:
+        return _session_from_dict(chat, data)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise VlchatError(f"{path} is not a valid vlchat session file: bad or missing field {error}") from None
+
+
+def _session_from_dict(chat: Chat, data: dict) -> ChatSession:
+    generation = {k: tuple(v) if k == "stop" else v for k, v in data.get("generation", {}).items()}
+    session = chat.session(data["template"], data.get("system"), GenerationConfig(**generation))
     for raw in data["messages"]:
         parts = [Text(p["text"]) if p["type"] == "text" else _restore_image(session, p) for p in raw["parts"]]
         ids = raw.get("token_ids")
         session.messages.append(Message(raw["role"], parts, tuple(ids) if ids is not None else None))
+    session.template.segments(session.conversation())  # refuses a bad role order now, not later
     return session
 
 

@@ -37,7 +37,7 @@ class LMState:
             if length == 0:
                 self.cache, self.length = None, 0
                 return
-            self.cache.crop(length - self.length)  # transformers 5: a negative count to remove
+            self.cache.crop(length - self.cache.get_seq_length())  # transformers 5: minus the count to drop
             self.length = length
 
     def repeat(self, n: int) -> None:

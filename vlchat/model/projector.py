@@ -51,11 +51,16 @@ class Projector(nn.Module):
         return self.net(features)
 
 
+def stem_files(stem: Path) -> tuple[Path, Path]:
+    """`<stem>.safetensors`, `<stem>.json` (a dot inside the stem's name is kept)."""
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
 def save_projector(projector: Projector, stem: str | Path) -> None:
     """Write `<stem>.safetensors` and `<stem>.json`, each via a temp file + rename (atomic)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    weights, meta = stem_files(stem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
     save_file(tensors, f"{weights}.tmp")
     Path(f"{meta}.tmp").write_text(json.dumps(asdict(projector.config), indent=2))
@@ -65,8 +70,7 @@ def save_projector(projector: Projector, stem: str | Path) -> None:
 
 def load_projector(stem: str, expected: ProjectorConfig) -> Projector:
     """Load a saved projector; its stored config must match the model's (dims and kind)."""
-    base = resolve(stem)
-    weights, meta = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    weights, meta = stem_files(resolve(stem))
     if not weights.is_file() or not meta.is_file():
         raise FileNotFoundError(weights)
     stored = ProjectorConfig(**json.loads(meta.read_text()))
