@@ -54,7 +54,7 @@ def tiny_config(lm_dir: Path, context_window: int | None = None, projector: str 
         name="tiny",
         vision=VisionConfig(image_size=64, weights=None, sha256=None),
         projector=ProjectorConfig(kind=projector, in_dim=1280, out_dim=64),
-        lm=LMConfig(source=str(lm_dir), sha256=None, context_window=context_window),
+        lm=LMConfig(source=str(lm_dir), sha256=None, context_window=context_window, dtype="float32"),
         projector_weights=None,
     )
 

@@ -107,7 +107,7 @@ def ask(question: Annotated[Optional[str], typer.Argument(help="The question.")]
 
 @app.command()
 def bench(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-          tokens: Annotated[int, typer.Option(help="Tokens decoded per measured turn.")] = 32,
+          tokens: Annotated[int, typer.Option(help="Tokens decoded per measured turn.")] = 64,
           model: Model = "default") -> None:
     """Measure encode time, time-to-first-token (first and follow-up turns), decode speed and peak RSS,
     beside MiniGPT-4's way (re-prefill the whole conversation every turn) measured in the same run."""

@@ -55,6 +55,13 @@ class LMConfig:
     source: str = SMOLLM2_GGUF
     sha256: str | None = SMOLLM2_SHA256  # checked for GGUF files before conversion
     context_window: int | None = None  # None: the model's max_position_embeddings
+    # "auto": bfloat16 where the CPU computes it natively (AVX512-BF16/AMX; ~2x faster decoding
+    # here) or on a GPU, else float32. "float32" | "bfloat16" force one.
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise VlchatError(f"lm dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,6 +64,10 @@ class LanguageModel(nn.Module):
         return self.model.config.hidden_size
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
     def eos_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         return set(ids) if isinstance(ids, (list, tuple)) else {ids} if ids is not None else set()
@@ -82,8 +87,11 @@ class LanguageModel(nn.Module):
     def prefill(self, embeds: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
         """Run (B, T, D) embeddings after `state`'s prefix; returns last-position logits (B, V)."""
         state = state or LMState()
-        out = self.model(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
-        return out.logits[:, -1, :].float(), LMState(out.past_key_values, state.length + embeds.shape[1])
+        # The decoder body, then the LM head on the last position only, as a 2-D (B, D) input:
+        # HF's logits_to_keep slice has strides that send bf16 matmuls down a path ~20x slower.
+        out = self.model.get_decoder()(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
+        logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1, :])  # (B, V)
+        return logits.float(), LMState(out.past_key_values, state.length + embeds.shape[1])
 
     def decode(self, token_ids: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """One step: (B,) token ids -> next logits (B, V), state advanced by one."""
@@ -93,6 +101,20 @@ class LanguageModel(nn.Module):
                 labels: torch.Tensor | None = None):
         """Training / baseline path: the HF model's forward on embeddings."""
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_native_bf16() else torch.float32
+    return getattr(torch, name)
 
 
 def load_language_model(config: LMConfig) -> LanguageModel:
@@ -105,7 +127,7 @@ def load_language_model(config: LMConfig) -> LanguageModel:
     where = lm_directory(config.source, config.sha256)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(config.dtype))
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
     model.eval().requires_grad_(False)
