@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -51,13 +52,22 @@ def system_prompt(system: str | None, persona: str | None) -> str | None:
     return get_persona(persona) if persona is not None else system
 
 
-def open_chat(model: str):
-    """Load the model (slow part) and return a Chat."""
-    from vlchat.chat.engine import Chat
+def open_model(model: str, projector: str | None = None):
+    """Load a preset (slow part), optionally with other projector weights (a `<stem>` path)."""
     from vlchat.config import ModelConfig
+    from vlchat.model.projector import read_projector_config
     from vlchat.model.vlm import load_model
 
-    return Chat(load_model(ModelConfig.from_name(model)))
+    config = ModelConfig.from_name(model)
+    if projector is not None:
+        config = replace(config, projector=read_projector_config(projector), projector_weights=projector)
+    return load_model(config)
+
+
+def open_chat(model: str):
+    from vlchat.chat.engine import Chat
+
+    return Chat(open_model(model))
 
 
 @app.command()
@@ -125,6 +135,54 @@ def prepare(model: Model = "default") -> None:
     chat_ = open_chat(model)
     print(f"model {model!r} ready in {time.perf_counter() - start:.1f} s "
           f"(vision {chat_.model.config.vision.name}, LM {chat_.model.config.lm.source})")
+
+
+@app.command("eval")
+def evaluate(projector: Annotated[Optional[str], typer.Option(
+                 help="Projector weights stem (e.g. runs/stage2/projector); default: the model's.")] = None,
+             suite: Annotated[list[str], typer.Option(help="easy_vqa and/or synth (repeatable).")] = ["easy_vqa", "synth"],
+             limit: Annotated[Optional[int], typer.Option(help="easy-vqa test questions (evenly spread); all if unset.")] = 1000,
+             scenes: Annotated[int, typer.Option(help="Held-out synthetic scenes per language.")] = 200,
+             lang: Annotated[list[str], typer.Option(help="Synthetic question languages: en, zh.")] = ["en", "zh"],
+             out: Annotated[Path, typer.Option(help="Where eval.md and eval.json go.")] = Path("runs/eval"),
+             batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 16,
+             model: Model = "default") -> None:
+    """Exact-match VQA accuracy (easy-vqa test, held-out synthetic scenes per question type) and caption
+    attribute recall, beside a text-only baseline (same LM, no image). Writes Markdown + JSON."""
+    from vlchat.train.evaluate import evaluate as run_eval, markdown, write_report
+
+    unknown = set(suite) - {"easy_vqa", "synth"} or set(lang) - {"en", "zh"}
+    if unknown:
+        raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
+    report = run_eval(open_model(model, projector), suite, limit, scenes, lang, batch_size)
+    title = f"vlchat evaluation ({projector or 'default projector'})"
+    write_report(report, out, title)
+    print(markdown(report, title))
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
+app.add_typer(train_app, name="train")
+app.add_typer(data_app, name="data")
+Config = Annotated[Path, typer.Option("--config", "-c", help="A YAML recipe, e.g. configs/train/stage1.yaml.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. max_steps=10 data.0.samples=64")]
+Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")]
+
+
+@train_app.command("stage1")
+def train_stage1(config: Config, overrides: Overrides = None, resume: Resume = False) -> None:
+    """Stage 1: align the projector on image-caption pairs (encoder and LM frozen)."""
+    from vlchat.train.stage1 import run
+
+    print(f"done: {run(config, overrides or [], resume)}")
+
+
+@train_app.command("stage2")
+def train_stage2(config: Config, overrides: Overrides = None, resume: Resume = False) -> None:
+    """Stage 2: instruction-tune on conversations (projector; optionally LoRA on the LM)."""
+    from vlchat.train.stage2 import run
+
+    print(f"done: {run(config, overrides or [], resume)}")
 
 
 def main() -> None:

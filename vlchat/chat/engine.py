@@ -15,12 +15,13 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
 
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.prompt import PositionKey, encode
 from vlchat.chat.templates import Template, get_template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
@@ -28,8 +29,6 @@ from vlchat.images import image_key, load_image
 from vlchat.model.language import LMState
 from vlchat.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel
 
-# What one prefilled position holds: a token id, or (image key, slot index).
-PositionKey = Union[int, tuple[str, int]]
 SESSION_FORMAT = 1
 
 
@@ -161,31 +160,8 @@ class ChatSession:
 
     def position_keys(self, messages: list[Message]) -> list[PositionKey]:
         """Render and tokenize segment by segment (a stable prefix as the conversation grows)."""
-        lm, keys = self.chat.model.lm, []
-        for segment in self.template.segments(messages):
-            index = segment.message_index
-            message = messages[index] if segment.is_content else None
-            if message is not None and message.token_ids is not None:
-                keys += message.token_ids
-            elif message is not None and message.images:
-                keys += self._content_keys(message)
-            else:
-                keys += lm.tokenize(segment.text)
-        return keys
-
-    def _content_keys(self, message: Message) -> list[PositionKey]:
-        """Tokenize a message's parts, images as `<Img>` + N slots + `</Img>`, parts joined by ' '."""
-        lm, n, keys = self.chat.model.lm, self.chat.model.tokens_per_image, []
-        text = ""
-        for i, part in enumerate(message.parts):
-            text += " " if i else ""
-            if isinstance(part, Text):
-                text += part.text
-                continue
-            keys += lm.tokenize(text + "<Img>")
-            keys += [(part.key, slot) for slot in range(n)]
-            text = "</Img>"
-        return keys + lm.tokenize(text)
+        model = self.chat.model
+        return encode(self.template, messages, model.lm.tokenize, model.tokens_per_image)[0]
 
     def _fit_context(self, max_new_tokens: int) -> tuple[list[PositionKey], int]:
         """Position keys of the conversation, dropping the oldest whole turns until it fits."""

@@ -68,6 +68,15 @@ def save_projector(projector: Projector, stem: str | Path) -> None:
     os.replace(f"{meta}.tmp", meta)
 
 
+def read_projector_config(stem: str) -> ProjectorConfig:
+    """The ProjectorConfig stored beside a projector's weights."""
+    _, meta = stem_files(resolve(stem))
+    try:
+        return ProjectorConfig(**json.loads(meta.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise VlchatError(f"cannot read projector config {meta}: {error}") from None
+
+
 def load_projector(stem: str, expected: ProjectorConfig) -> Projector:
     """Load a saved projector; its stored config must match the model's (dims and kind)."""
     weights, meta = stem_files(resolve(stem))

@@ -1,0 +1,640 @@
+"""Training data: one `Sample` type and readers for the formats people already have.
+
+A sample is a conversation (chat Messages, images as Image parts) plus the images themselves,
+so training renders it with the same Template objects as inference.
+
+Formats (`open_dataset(spec)` picks one from the spec):
+
+    data.json                  LLaVA: [{"id", "image", "conversations": [{"from", "value"}]}]
+    data.jsonl                 one {"image", "question", "answer"} or {"image", "messages"} a line
+    shards/ | x.tar | {0..3}   MiniGPT-4 stage 1: webdataset tars of KEY.jpg + KEY.json/.txt
+    cc_sbu_align/              MiniGPT-4 stage 2: filter_cap.json + image/{image_id}.jpg
+    easy_vqa:train|test        the easy-VQA package (4,000/1,000 images of shapes)
+    synth:caption|qa           generated scenes (vlchat.train.synth)
+
+Every record has a location used in errors and in `Sample.source`: "data.jsonl:line 7" (lines
+count from 1), "data.json: item 12" (the list index, from 0), "shard-0001.tar: 000123" (the
+webdataset key). Readers raise a one-line VlchatError at the first malformed record (bad JSON,
+missing keys, `<image>` markers that do not match the images, roles out of turn, empty answers);
+they do not open image files, so a missing one shows when the trainer loads it. `check_dataset`
+walks the whole dataset, loads every image, and returns every problem it finds.
+
+Images from files stay paths (str) and are loaded lazily by the trainer; their Image parts carry
+the path as key and source (`Image(key=path, source=path)`) until the trainer loads the pixels
+and replaces the key with the content hash (`vlchat.images.image_key`). Images inside tar shards
+are decoded while reading (the shard is streamed once) and keyed by content hash at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from PIL import Image as PILImage
+
+from vlchat.chat.messages import IMAGE_PLACEHOLDER, Image, Message, Text
+from vlchat.chat.templates import Template, get_template
+from vlchat.errors import VlchatError
+from vlchat.images import image_key, load_image
+
+IMAGE_MARKER = "<image>"  # LLaVA's placeholder for an image inside a human turn
+# MiniGPT-4's stage-2 instructions (prompts/alignment.txt, https://github.com/Vision-CAIR/MiniGPT-4),
+# without the leading "<Img><ImageHere></Img> ": the Image part renders that tag itself.
+INSTRUCTIONS: tuple[str, ...] = (
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+)
+TOKENS_PER_IMAGE = 49  # the default vision tower's 7x7 feature grid at 224 px
+DEFAULT_TEMPLATE = "chatml"  # the default language model's format, for length checks
+SYNTH_SAMPLES = 1000  # seeds 0..999 for "synth:KIND"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tried in this order for a webdataset key
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+EASY_VQA_SPLITS = ("train", "test")
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")  # webdataset shard ranges: shards/{00000..00003}.tar
+
+
+@dataclass
+class Sample:
+    """One training example.
+
+    `messages`: user/assistant turns (no system message; the recipe's template adds its system
+    prompt); user messages hold `Image(key=...)` parts in the order of `images`.
+    `images`: the loaded RGB images, or paths to load lazily (str), in order of appearance.
+    `source`: where it came from, for error messages ("data/llava.json:item 12", "shard-0001.tar:000123").
+    `meta`: free-form facts for evaluation (e.g. {"qtype": "colour", "lang": "en", "answer": "red"}).
+    """
+
+    messages: list[Message]
+    images: list[PILImage.Image | str] = field(default_factory=list)
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem `check_dataset` found: where ("data.jsonl:line 3") and what, in one line."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class _Item:
+    """One record of a dataset: the sample built from it, or why none could be built."""
+
+    where: str
+    sample: Sample | None = None
+    error: str | None = None
+
+
+# --- public readers -----------------------------------------------------------------------------
+
+
+def read_llava_json(
+    path: str | os.PathLike, image_folder: str | os.PathLike | None = None
+) -> Iterator[Sample]:
+    """LLaVA's JSON list of {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}.
+
+    "image" is a path (or a list of paths) relative to `image_folder` (default: the JSON's folder),
+    or absent for a text-only sample; each `<image>` in a human turn becomes that image's part, in
+    place ("<image>\nQ" -> [Image, Text(Q)], "Q\n<image>" -> [Text(Q), Image]).
+    """
+    return _checked(_llava_items(_existing(path), image_folder))
+
+
+def read_jsonl(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> Iterator[Sample]:
+    """One JSON object a line: {"image", "question", "answer"} or {"image", "messages"}.
+
+    "image" (or "images") is a path or a list of paths relative to `image_folder` (default: the
+    file's folder), or absent for text only. In "messages" ({"role": "user"|"assistant",
+    "content"}) an `<image>` marks where each image goes; a question without markers gets its
+    images in front (MiniGPT-4's order). Other keys ("answer", "id", "qtype", ...) go to `meta`.
+    """
+    return _checked(_jsonl_items(_existing(path), image_folder))
+
+
+def read_minigpt4_stage1(path: str | os.PathLike) -> Iterator[Sample]:
+    """Webdataset tar shards (a .tar, a folder of them, or "shards/{00000..00003}.tar").
+
+    Each KEY.jpg/.jpeg/.png/.webp + KEY.json ({"caption"}) or KEY.txt pair becomes
+    user [Image, Text(instruction)] -> assistant caption; the instruction is one of
+    `INSTRUCTIONS`, chosen by the key (the same every run).
+    """
+    return _checked(_stage1_items(_shard_paths(path)))
+
+
+def read_minigpt4_stage2(path: str | os.PathLike) -> Iterator[Sample]:
+    """MiniGPT-4's cc_sbu_align folder: filter_cap.json and image/ID.jpg, captions as answers.
+
+    filter_cap.json is {"annotations": [{"image_id": "2", "caption": "..."}, ...]}; the user turn
+    is [Image, Text(instruction)] as in stage 1.
+    """
+    return _checked(_stage2_items(_stage2_folder(path)))
+
+
+def read_easy_vqa(split: str = "train", turns: int = 1) -> Iterator[Sample]:
+    """easy-VQA from its package: one question (or up to `turns` questions about one image) a sample.
+
+    Questions keep the package's order (grouped by image); with `turns` > 1 each image's questions
+    are cut into consecutive groups of `turns`. meta: "answer"/"qtype" of the last turn,
+    "answers"/"qtypes" of all turns, "image_id", "split", "lang".
+    """
+    _easy_vqa_split(split)
+    if turns < 1:
+        raise VlchatError(f"turns must be at least 1, got {turns}")
+    return _checked(_easy_vqa_items(split, turns))
+
+
+def open_dataset(spec: str | os.PathLike) -> Iterator[Sample]:
+    """Samples of the dataset `spec` names: see the module docstring for the forms."""
+    return _checked(_dataset_items(spec))
+
+
+def check_dataset(
+    spec: str | os.PathLike,
+    tokenizer_fn: Callable[[str], Sequence[int]] | None = None,
+    max_tokens: int | None = None,
+    template: Template | str | None = None,
+    tokens_per_image: int = TOKENS_PER_IMAGE,
+) -> list[Problem]:
+    """Every problem in the dataset `spec`, in order; [] when it is clean.
+
+    Reports records that cannot be read (bad JSON, missing keys, `<image>` markers that do not
+    match the images), images that are missing or do not load, roles that do not alternate, empty
+    answers, and, given `tokenizer_fn` (e.g. `LanguageModel.tokenize`) and `max_tokens`, samples
+    longer than that once rendered with `template` (default chatml), each image counting
+    `tokens_per_image` tokens. An unusable spec (no such file, unknown format) raises VlchatError.
+    """
+    if (tokenizer_fn is None) != (max_tokens is None):
+        raise VlchatError("give both tokenizer_fn and max_tokens to check sample lengths, or neither")
+    chosen = template if isinstance(template, Template) else get_template(template or DEFAULT_TEMPLATE)
+    loaded: dict[str, str | None] = {}  # image path -> load error; each file is loaded once
+    problems = []
+    for item in _dataset_items(spec):
+        if item.error is not None:
+            problems.append(Problem(item.where, item.error))
+            continue
+        found = _sample_problems(item.sample)
+        if tokenizer_fn is not None and not found:  # rendering needs well-formed turns
+            found += _length_problems(item.sample, chosen, tokenizer_fn, max_tokens, tokens_per_image)
+        found += _image_problems(item.sample.images, loaded)
+        problems += [Problem(item.where, message) for message in found]
+    return problems
+
+
+def question_type(question: str) -> str:
+    """'colour', 'shape' or 'yes/no' from an easy-VQA question's wording (its 24 question forms)."""
+    q = question.lower()
+    if not q.startswith("what"):
+        return "yes/no"
+    return "colour" if "color" in q or "colour" in q else "shape"
+
+
+# --- dispatch and validation ---------------------------------------------------------------------
+
+
+def _dataset_items(spec: str | os.PathLike) -> Iterator[_Item]:
+    """The records of `spec`; raises VlchatError now (not when iterated) if spec names nothing usable."""
+    spec = os.fspath(spec)
+    kind, _, arg = spec.partition(":")
+    if kind == "easy_vqa":
+        return _easy_vqa_items(_easy_vqa_split(arg or "train"), 1)
+    if kind == "synth":
+        return _synth_items(arg or "caption", spec)
+    if _BRACES.search(spec):
+        return _stage1_items(_shard_paths(spec))
+    path = _existing(spec)
+    if path.is_dir() and (path / "filter_cap.json").is_file():
+        return _stage2_items(path)
+    if path.is_dir() or path.suffix.lower() == ".tar":
+        return _stage1_items(_shard_paths(path))
+    if path.suffix.lower() == ".json":
+        return _llava_items(path, None)
+    if path.suffix.lower() == ".jsonl":
+        return _jsonl_items(path, None)
+    raise VlchatError(
+        f"unknown dataset format: {spec}; expected a .json (LLaVA), .jsonl or .tar file, a folder of "
+        f".tar shards or with filter_cap.json, easy_vqa:train|test, or synth:caption|qa"
+    )
+
+
+def _synth_items(kind: str, spec: str) -> Iterator[_Item]:
+    try:  # imported only when asked for: it pulls in the scene generator
+        from vlchat.train.synth import synthetic_dataset
+    except ImportError as err:
+        raise VlchatError(f"{spec} needs vlchat.train.synth, which does not import ({err})") from None
+    samples = synthetic_dataset(kind, range(SYNTH_SAMPLES), "en")
+    return (_Item(s.source or f"{spec}: sample {i}", sample=s) for i, s in enumerate(samples))
+
+
+def _checked(items: Iterable[_Item]) -> Iterator[Sample]:
+    """Samples of well-formed records; VlchatError naming the record at the first bad one."""
+    for item in items:
+        problems = [item.error] if item.error is not None else _sample_problems(item.sample)
+        if problems:
+            raise VlchatError(f"{item.where}: {problems[0]}")
+        yield item.sample
+
+
+def _build(where: str, make: Callable[[], Sample]) -> _Item:
+    """Run a record's builder; a VlchatError it raises becomes the record's error."""
+    try:
+        return _Item(where, sample=make())
+    except VlchatError as err:
+        return _Item(where, error=str(err))
+
+
+def _sample_problems(sample: Sample) -> list[str]:
+    """Structural problems: roles, empty answers, images in answers, image parts vs images."""
+    problems = []
+    for i, message in enumerate(sample.messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            problems.append(f"roles must alternate user, assistant, ...: message {i} (from 0) is "
+                            f"{message.role!r} where {expected!r} was expected")
+            break
+    if not sample.messages:
+        problems.append("no messages")
+    elif not problems and sample.messages[-1].role != "assistant":
+        problems.append("the last message is not an assistant answer, so there is nothing to learn")
+    for i, message in enumerate(sample.messages):
+        if message.role == "assistant" and not _has_text(message):
+            problems.append(f"empty answer in message {i} (from 0)")
+        elif message.role == "assistant" and message.images:
+            problems.append(f"an image in assistant message {i}; images belong in user messages")
+    parts = sum(len(m.images) for m in sample.messages)
+    if parts != len(sample.images):
+        problems.append(f"{parts} image placeholder(s) for {len(sample.images)} image(s)")
+    return problems
+
+
+def _has_text(message: Message) -> bool:
+    return any(isinstance(p, Text) and p.text.strip() for p in message.parts)
+
+
+def _image_problems(images: Sequence[PILImage.Image | str], loaded: dict[str, str | None]) -> list[str]:
+    """Load each image path once (decoded in full, so truncated files show); their errors."""
+    for path in images:
+        if isinstance(path, str) and path not in loaded:
+            try:
+                load_image(path)
+                loaded[path] = None
+            except VlchatError as err:
+                loaded[path] = str(err)
+    return [loaded[p] for p in images if isinstance(p, str) and loaded[p] is not None]
+
+
+def _length_problems(sample: Sample, template: Template, tokenizer_fn: Callable[[str], Sequence[int]],
+                     max_tokens: int, tokens_per_image: int) -> list[str]:
+    # Images are merged at each <ImageHere>, so the text around them is tokenized piece by piece.
+    pieces = template.render(sample.messages, add_generation_prompt=False).split(IMAGE_PLACEHOLDER)
+    count = sum(len(tokenizer_fn(p)) for p in pieces if p) + (len(pieces) - 1) * tokens_per_image
+    if count <= max_tokens:
+        return []
+    return [f"too long: {count} tokens with template {template.name} "
+            f"({tokens_per_image} an image), limit {max_tokens}"]
+
+
+# --- conversations with <image> markers ----------------------------------------------------------
+
+
+def _messages(
+    turns: Sequence[tuple[str, str]], images: Sequence[Image], images_first: bool = False
+) -> list[Message]:
+    """(role, text with <image> markers) -> Messages, the i-th marker becoming images[i].
+
+    Text next to a marker is stripped ("<image>\\nWhat is it?" -> [Image, Text("What is it?")]).
+    `images_first`: when no turn has a marker, the images go in front of the first turn.
+    """
+    markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+    if images_first and markers == 0 and images and turns:
+        turns = [(turns[0][0], IMAGE_MARKER * len(images) + turns[0][1]), *turns[1:]]
+        markers = len(images)
+    if markers != len(images):
+        raise VlchatError(f"{len(images)} image(s) but {markers} {IMAGE_MARKER} marker(s); "
+                          f"put one {IMAGE_MARKER} in a user turn where each image goes")
+    queue = iter(images)
+    messages = []
+    for i, (role, text) in enumerate(turns):
+        if role == "assistant" and IMAGE_MARKER in text:
+            raise VlchatError(f"{IMAGE_MARKER} in turn {i} (from 0), an answer; images belong in user turns")
+        pieces = text.split(IMAGE_MARKER)
+        parts: list[Text | Image] = []
+        for j, piece in enumerate(pieces):
+            if j:
+                parts.append(next(queue))
+            if piece.strip() or len(pieces) == 1:
+                parts.append(Text(piece.strip()))
+        messages.append(Message(role, parts))  # type: ignore[arg-type]
+    return messages
+
+
+def _path_images(paths: Sequence[str]) -> list[Image]:
+    """Image parts for files: the path is the key until the trainer loads the pixels."""
+    return [Image(key=p, source=p) for p in paths]
+
+
+def _image_paths(value: object, folder: Path) -> list[str]:
+    """An "image" field (absent, a path, or a list of paths) -> paths joined to `folder`."""
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise VlchatError(f"'image' must be a path or a list of paths, found {json.dumps(value)[:80]}")
+    return [str(folder / n) for n in names]
+
+
+def _field(record: dict, key: str, kind: type | tuple[type, ...], what: str = "") -> object:
+    """record[key], checked to be a `kind`; a VlchatError naming the key otherwise."""
+    if key not in record:
+        raise VlchatError(f"missing key {key!r}{what}")
+    if not isinstance(record[key], kind):
+        names = " or ".join(_TYPE_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise VlchatError(f"{key!r}{what} must be a {names}, found {type(record[key]).__name__}")
+    return record[key]
+
+
+_TYPE_NAMES = {str: "string", list: "list", dict: "object", int: "number"}
+
+
+def _object(record: object, what: str = "record") -> dict:
+    if not isinstance(record, dict):
+        raise VlchatError(f"{what} must be a JSON object, found {type(record).__name__}")
+    return record
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise VlchatError(f"dataset not found: {path}")
+    return path
+
+
+def _json_file(path: Path) -> tuple[object, _Item | None]:
+    """(parsed JSON, None), or (None, an error record at the line where parsing failed)."""
+    try:
+        return json.loads(path.read_bytes()), None
+    except json.JSONDecodeError as err:
+        return None, _Item(f"{path}:line {err.lineno}", error=f"not valid JSON: {err.msg} (column {err.colno})")
+    except UnicodeDecodeError:
+        return None, _Item(str(path), error="not UTF-8 text")
+    except OSError as err:
+        return None, _Item(str(path), error=f"cannot read ({err.strerror or err})")
+
+
+def _parse_json(text: bytes) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VlchatError(f"not valid JSON: {err.msg} (column {err.colno})") from None
+    except UnicodeDecodeError:
+        raise VlchatError("not UTF-8 text") from None
+
+
+# --- LLaVA JSON ---------------------------------------------------------------------------------
+
+
+def _llava_items(path: Path, image_folder: str | os.PathLike | None) -> Iterator[_Item]:
+    data, error = _json_file(path)
+    if error is None and not isinstance(data, list):
+        error = _Item(str(path), error=f"expected a JSON list of samples, found {type(data).__name__}")
+    if error is not None:
+        yield error
+        return
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    for i, record in enumerate(data):
+        where = f"{path}: item {i}"
+        yield _build(where, lambda: _llava_sample(record, folder, where))
+
+
+def _llava_sample(record: object, folder: Path, where: str) -> Sample:
+    record = _object(record, "item")
+    conversations = _field(record, "conversations", list)
+    turns = [_llava_turn(turn, j) for j, turn in enumerate(conversations)]
+    paths = _image_paths(record.get("image"), folder)
+    meta = {"id": record["id"]} if "id" in record else {}
+    return Sample(_messages(turns, _path_images(paths)), list(paths), where, meta)
+
+
+def _llava_turn(turn: object, j: int) -> tuple[str, str]:
+    what = f" in conversations[{j}]"
+    turn = _object(turn, f"conversations[{j}]")
+    speaker, value = _field(turn, "from", str, what), _field(turn, "value", str, what)
+    if speaker not in LLAVA_ROLES:
+        raise VlchatError(f"unknown speaker {speaker!r}{what}; expected 'human' or 'gpt'")
+    return LLAVA_ROLES[speaker], value
+
+
+# --- JSONL --------------------------------------------------------------------------------------
+
+
+def _jsonl_items(path: Path, image_folder: str | os.PathLike | None) -> Iterator[_Item]:
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    with open(path, "rb") as lines:
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                where = f"{path}:line {n}"
+                yield _build(where, lambda: _jsonl_sample(_parse_json(line), folder, where))
+
+
+def _jsonl_sample(record: object, folder: Path, where: str) -> Sample:
+    record = _object(record)
+    paths = _image_paths(record.get("image", record.get("images")), folder)
+    if "messages" in record:
+        turns = [_jsonl_turn(m, j) for j, m in enumerate(_field(record, "messages", list))]
+    else:
+        what = " (give question and answer, or messages)"
+        question, answer = _field(record, "question", str, what), _field(record, "answer", str, what)
+        turns = [("user", question), ("assistant", answer)]
+    messages = _messages(turns, _path_images(paths), images_first="messages" not in record)
+    meta = {k: v for k, v in record.items() if k not in ("image", "images", "question", "messages")}
+    return Sample(messages, list(paths), where, meta)
+
+
+def _jsonl_turn(message: object, j: int) -> tuple[str, str]:
+    what = f" in messages[{j}]"
+    message = _object(message, f"messages[{j}]")
+    role, content = _field(message, "role", str, what), _field(message, "content", str, what)
+    if role not in ("user", "assistant"):
+        raise VlchatError(f"unknown role {role!r}{what}; expected 'user' or 'assistant'")
+    return role, content
+
+
+# --- MiniGPT-4 stage 1: webdataset tar shards ----------------------------------------------------
+
+
+def _shard_paths(path: str | os.PathLike) -> list[Path]:
+    """A .tar, a folder of .tar files (sorted), or a brace range "shards/{00000..00003}.tar"."""
+    text = os.fspath(path)
+    found = _BRACES.search(text)
+    if found:
+        first, last = found.group(1), found.group(2)
+        width = len(first) if first.startswith("0") else 0
+        return [Path(text[: found.start()] + str(n).zfill(width) + text[found.end():])
+                for n in range(int(first), int(last) + 1)]
+    path = _existing(path)
+    if not path.is_dir():
+        return [path]
+    shards = sorted(path.glob("*.tar"))
+    if not shards:
+        raise VlchatError(f"no .tar shards (and no filter_cap.json) in {path}")
+    return shards
+
+
+def _stage1_items(shards: Sequence[Path]) -> Iterator[_Item]:
+    for shard in shards:
+        yield from _shard_items(shard)
+
+
+def _shard_items(shard: Path) -> Iterator[_Item]:
+    """Stream one shard (as webdataset does: a key's files are consecutive members)."""
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for key, files in _tar_groups(tar):
+                where = f"{shard}: {key}"
+                yield _build(where, lambda: _stage1_sample(files, key, where))
+    except (tarfile.TarError, OSError, EOFError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        yield _Item(str(shard), error=f"cannot read tar shard ({reason})")
+
+
+def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for runs of members named KEY.EXT (EXT after the basename's first dot)."""
+    key, files = None, {}
+    for member in tar:
+        folder, _, base = member.name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not member.isfile() or not dot or not stem:
+            continue
+        name = f"{folder}/{stem}" if folder else stem
+        if name != key and files:
+            yield key, files
+            files = {}
+        key = name
+        files[ext.lower()] = tar.extractfile(member).read()
+    if files:
+        yield key, files
+
+
+def _stage1_sample(files: dict[str, bytes], key: str, where: str) -> Sample:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+    if ext is None:
+        expected = ", .".join(IMAGE_EXTENSIONS)
+        raise VlchatError(f"no image (.{expected}) with this key; found .{', .'.join(files)}")
+    caption = _tar_caption(files)
+    image = load_image(files[ext], name=f"{key}.{ext}")
+    return _caption_sample(image, Image(image_key(image)), caption, key, where)
+
+
+def _tar_caption(files: dict[str, bytes]) -> str:
+    if "json" in files:
+        return _field(_object(_parse_json(files["json"]), "the .json"), "caption", str, " in the .json")
+    if "txt" in files:
+        try:
+            return files["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise VlchatError("the .txt caption is not UTF-8 text") from None
+    raise VlchatError(f"no caption (.json or .txt) with this key; found .{', .'.join(files)}")
+
+
+def _caption_sample(image: PILImage.Image | str, part: Image, caption: str, key: str, where: str) -> Sample:
+    """user [Image, instruction] -> assistant caption; the instruction is chosen by `key`."""
+    instruction = INSTRUCTIONS[zlib.crc32(key.encode()) % len(INSTRUCTIONS)]
+    user = Message("user", [part, Text(instruction)])
+    answer = Message.text_message("assistant", caption.strip())
+    return Sample([user, answer], [image], where, {"key": key})
+
+
+# --- MiniGPT-4 stage 2: cc_sbu_align ------------------------------------------------------------
+
+
+def _stage2_folder(path: str | os.PathLike) -> Path:
+    folder = _existing(path)
+    if not (folder / "filter_cap.json").is_file():
+        raise VlchatError(f"no filter_cap.json in {folder} (expected MiniGPT-4's cc_sbu_align layout)")
+    return folder
+
+
+def _stage2_items(folder: Path) -> Iterator[_Item]:
+    captions = folder / "filter_cap.json"
+    data, error = _json_file(captions)
+    if error is None and not (isinstance(data, dict) and isinstance(data.get("annotations"), list)):
+        error = _Item(str(captions), error="expected {\"annotations\": [{\"image_id\", \"caption\"}, ...]}")
+    if error is not None:
+        yield error
+        return
+    for i, record in enumerate(data["annotations"]):
+        where = f"{captions}: item {i}"
+        yield _build(where, lambda: _stage2_sample(record, folder, where))
+
+
+def _stage2_sample(record: object, folder: Path, where: str) -> Sample:
+    record = _object(record, "annotation")
+    image_id = _field(record, "image_id", (str, int))
+    caption = _field(record, "caption", str)
+    path = str(folder / "image" / f"{image_id}.jpg")
+    sample = _caption_sample(path, Image(key=path, source=path), caption, str(image_id), where)
+    sample.meta = {"image_id": image_id}
+    return sample
+
+
+# --- easy-VQA -----------------------------------------------------------------------------------
+
+
+def _easy_vqa_split(split: str) -> str:
+    if split not in EASY_VQA_SPLITS:
+        raise VlchatError(f"unknown easy_vqa split {split!r}; choose train or test")
+    return split
+
+
+def _easy_vqa_items(split: str, turns: int) -> Iterator[_Item]:
+    questions, answers, image_ids, paths = _easy_vqa_data(split)
+    by_image: dict[int, list[tuple[str, str]]] = {}  # insertion order: the package's order
+    for question, answer, image_id in zip(questions, answers, image_ids):
+        by_image.setdefault(image_id, []).append((question, answer))
+    for image_id, pairs in by_image.items():
+        for start in range(0, len(pairs), turns):
+            where = f"easy_vqa:{split}: image {image_id} question {start}"
+            group = pairs[start : start + turns]
+            yield _build(where, lambda: _vqa_sample(paths.get(image_id), group, image_id, split, where))
+
+
+def _easy_vqa_data(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
+    """(questions, answers, image ids, {image id: png path}) from the easy_vqa package."""
+    try:
+        import easy_vqa
+    except ImportError:
+        raise VlchatError("easy_vqa is not installed; run: pip install easy-vqa==1.0") from None
+    if split == "train":
+        return (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths())
+    return (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
+
+
+def _vqa_sample(
+    path: str | None, pairs: Sequence[tuple[str, str]], image_id: int, split: str, where: str
+) -> Sample:
+    if path is None:
+        raise VlchatError(f"the easy_vqa package has no image {image_id}.png for this question")
+    messages = []
+    for i, (question, answer) in enumerate(pairs):
+        parts = [Image(key=path, source=path), Text(question)] if i == 0 else [Text(question)]
+        messages += [Message("user", parts), Message.text_message("assistant", answer)]
+    qtypes = [question_type(q) for q, _ in pairs]
+    meta = {"answer": pairs[-1][1], "qtype": qtypes[-1], "answers": [a for _, a in pairs],
+            "qtypes": qtypes, "image_id": image_id, "split": split, "lang": "en"}
+    return Sample(messages, [path], where, meta)

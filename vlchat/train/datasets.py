@@ -1,0 +1,69 @@
+"""A recipe's data sources -> one indexable sequence of Samples (synthetic ones made on demand)."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Sequence
+
+from vlchat.errors import VlchatError
+from vlchat.train.data import Sample
+from vlchat.train.recipe import DataSource
+
+
+class SyntheticSamples(Sequence):
+    """Synthetic scenes by index: sample i is made from seed TRAIN_SEEDS[seed_offset + i]."""
+
+    def __init__(self, source: DataSource) -> None:
+        from vlchat.train import synth
+
+        kind = source.spec.partition(":")[2]
+        if kind not in ("qa", "caption"):
+            raise VlchatError(f"unknown synthetic data {source.spec!r}; use synth:qa or synth:caption")
+        if source.samples is None:
+            raise VlchatError(f"{source.spec}: synthetic data needs `samples: N`")
+        self.source, self.kind, self.synth = source, kind, synth
+
+    def __len__(self) -> int:
+        return self.source.samples
+
+    def __getitem__(self, index: int) -> Sample:
+        seed = self.synth.TRAIN_SEEDS[self.source.seed_offset + index]
+        lang = self.source.lang if self.source.lang != "both" else ("en", "zh")[seed % 2]
+        if self.kind == "caption":
+            return self.synth.caption_sample(seed, lang)
+        return self.synth.qa_sample(seed, lang, self.source.turns)
+
+
+class Concatenated(Sequence):
+    def __init__(self, parts: list[Sequence[Sample]]) -> None:
+        self.parts = parts
+        self.ends = []
+        total = 0
+        for part in parts:
+            total += len(part)
+            self.ends.append(total)
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, index: int) -> Sample:
+        part = bisect_right(self.ends, index)
+        start = self.ends[part - 1] if part else 0
+        return self.parts[part][index - start]
+
+
+def file_samples(source: DataSource) -> list[Sample]:
+    from vlchat.train.data import open_dataset, read_easy_vqa
+
+    if source.spec.startswith("easy_vqa:"):
+        samples = list(read_easy_vqa(source.spec.partition(":")[2], turns=source.turns))
+    else:
+        samples = list(open_dataset(source.spec))
+    if not samples:
+        raise VlchatError(f"data source {source.spec!r} has no samples")
+    return samples[: source.samples] if source.samples else samples
+
+
+def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
+    parts = [SyntheticSamples(s) if s.spec.startswith("synth:") else file_samples(s) for s in sources]
+    return Concatenated(parts)

@@ -1,0 +1,195 @@
+"""`vlchat eval`: exact-match VQA accuracy and caption attribute recall, beside a text-only baseline.
+
+Suites:
+- easy_vqa: the easy-vqa test split (a fixed, evenly spread subset when `limit` is set).
+- synth: held-out synthetic scenes (seeds never used in training): accuracy per question type,
+  in English and Chinese, and caption attribute recall (share of the scene's colours, shapes
+  and printed word that a generated description names).
+The baseline is the same LM with the image removed from the prompt: what can be guessed from
+the question alone (e.g. "yes" to every yes/no question).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.prompt import encode
+from vlchat.chat.templates import get_template
+from vlchat.images import image_key, load_image
+from vlchat.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel
+
+
+@dataclass
+class Item:
+    image: object  # PIL image or path
+    question: str
+    answer: str  # "" for captions
+    group: str  # e.g. "easy_vqa", "synth/en/colour", "caption/en"
+    scene: object = None  # synthetic scene, for caption recall
+
+
+@dataclass
+class Scores:
+    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, group: str, score: float) -> None:
+        self.correct[group] += score
+        self.total[group] += 1
+
+    def table(self) -> dict[str, float]:
+        return {g: self.correct[g] / self.total[g] for g in sorted(self.total)}
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[\s\.\!\?。！？，,\"'“”]+", " ", text).strip().lower()
+
+
+def easy_vqa_items(limit: int | None) -> list[Item]:
+    from vlchat.train.data import read_easy_vqa
+
+    samples = list(read_easy_vqa("test"))
+    step = max(1, len(samples) // limit) if limit else 1
+    chosen = samples[::step][:limit] if limit else samples
+    return [Item(s.images[0], s.messages[0].parts[-1].text, s.meta["answer"], "easy_vqa") for s in chosen]
+
+
+def synth_items(scenes: int, lang: str) -> list[Item]:
+    from vlchat.train import synth
+
+    items = []
+    for seed in synth.HELD_OUT_SEEDS[:scenes]:
+        scene = synth.make_scene(seed)
+        image = synth.render(scene)
+        for question, answer, qtype in synth.questions(scene, random.Random(seed), lang):
+            items.append(Item(image, question, answer, f"synth/{lang}/{qtype}"))
+    return items
+
+
+def caption_items(scenes: int, lang: str) -> list[Item]:
+    from vlchat.train import synth
+
+    prompt = "Describe this image." if lang == "en" else "请描述这张图片。"
+    offset = synth.HELD_OUT_SEEDS[50_000]  # a held-out range apart from the QA scenes
+    return [Item(synth.render(s), prompt, "", f"caption/{lang}", s)
+            for s in (synth.make_scene(offset + i) for i in range(scenes))]
+
+
+def caption_recall(text: str, scene, lang: str) -> float:
+    """Share of the scene's attribute words (colours, shapes, word) named in `text`."""
+    from vlchat.train.synth import _ZH
+
+    words = {o.colour for o in scene.objects} | {o.shape for o in scene.objects}
+    words = {_ZH[w] if lang == "zh" else w for w in words} | ({scene.word} if scene.word else set())
+    low = text.lower()
+    return sum(w.lower() in low for w in words) / len(words)
+
+
+class Answerer:
+    """Batched greedy answers through the same template path as the chat engine."""
+
+    def __init__(self, model: VisionLanguageModel, with_image: bool, batch_size: int = 16) -> None:
+        self.model, self.with_image, self.batch_size = model, with_image, batch_size
+        self.template = get_template(model.config.template)
+
+    def prompt(self, item: Item) -> tuple[list[int], torch.Tensor | None]:
+        image = load_image(item.image) if isinstance(item.image, str) else item.image
+        parts = ([Image(image_key(image))] if self.with_image else []) + [Text(item.question)]
+        keys, _ = encode(self.template, [Message("user", parts)], self.model.lm.tokenize,
+                         self.model.tokens_per_image)
+        ids = [IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in keys]
+        return ids, self.model.pixels(image) if self.with_image else None
+
+    @torch.inference_mode()
+    def answer(self, items: list[Item], max_new_tokens: int) -> list[str]:
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            out += self._batch(items[start:start + self.batch_size], max_new_tokens)
+        return out
+
+    def _batch(self, items: list[Item], max_new_tokens: int) -> list[str]:
+        prompts = [self.prompt(item) for item in items]
+        width = max(len(ids) for ids, _ in prompts)
+        ids = torch.zeros((len(items), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (row_ids, _) in enumerate(prompts):  # left padding, for generation
+            ids[row, width - len(row_ids):], mask[row, width - len(row_ids):] = torch.tensor(row_ids), 1
+        images = None
+        if self.with_image:
+            images = self.model.encode_images(torch.stack([p for _, p in prompts]))
+        embeds = self.model.embed(ids, images)
+        lm = self.model.lm
+        new = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id or 0)
+        stop = self.template.stop
+        texts = [lm.tokenizer.decode(row, skip_special_tokens=False) for row in new.tolist()]
+        return [min((t.split(s)[0] for s in stop), key=len).strip() for t in texts]
+
+
+def score(model: VisionLanguageModel, items: list[Item], with_image: bool, batch_size: int) -> Scores:
+    answerer, scores = Answerer(model, with_image, batch_size), Scores()
+    qa = [i for i in items if i.answer]
+    for item, said in zip(qa, answerer.answer(qa, max_new_tokens=8)):
+        scores.add(item.group, float(normalise(said) == normalise(item.answer)))
+    captions = [i for i in items if not i.answer]
+    for item, said in zip(captions, answerer.answer(captions, max_new_tokens=64)):
+        scores.add(item.group, caption_recall(said, item.scene, item.group.split("/")[1]))
+    return scores
+
+
+def evaluate(model: VisionLanguageModel, suites: list[str], limit: int | None, scenes: int,
+             langs: list[str], batch_size: int = 16) -> dict:
+    items: list[Item] = []
+    if "easy_vqa" in suites:
+        items += easy_vqa_items(limit)
+    for lang in langs if "synth" in suites else []:
+        items += synth_items(scenes, lang) + caption_items(max(8, scenes // 5), lang)
+    report = {}
+    for name, with_image in (("model", True), ("text_only", False)):
+        start = time.perf_counter()
+        scores = score(model, items, with_image, batch_size)
+        report[name] = {"accuracy": scores.table(), "counts": dict(scores.total), "overall": overall(scores),
+                        "seconds": round(time.perf_counter() - start, 1)}
+    return report
+
+
+def overall(scores: Scores) -> dict[str, float]:
+    """Accuracy over all questions of each suite/language (captions excluded)."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for group, n in scores.total.items():
+        if group.startswith("caption"):
+            continue
+        key = "/".join(group.split("/")[:2])
+        sums[key][0] += scores.correct[group]
+        sums[key][1] += n
+    return {k: c / n for k, (c, n) in sorted(sums.items())}
+
+
+def markdown(report: dict, title: str) -> str:
+    model, base = report["model"], report["text_only"]
+    lines = [f"# {title}", "", "| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
+    for key, value in model["overall"].items():
+        n = sum(c for g, c in model["counts"].items() if g.startswith(key))
+        lines.append(f"| **{key} (all)** | {n} | **{value:.1%}** | {base['overall'][key]:.1%} |")
+    for group, value in model["accuracy"].items():
+        metric = "attribute recall" if group.startswith("caption") else "accuracy"
+        lines.append(f"| {group} ({metric}) | {model['counts'][group]} | {value:.1%} | "
+                     f"{base['accuracy'][group]:.1%} |")
+    lines.append("")
+    lines.append(f"Time: {model['seconds']} s (model), {base['seconds']} s (baseline).")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (out / "eval.md").write_text(markdown(report, title))

@@ -1,0 +1,132 @@
+"""Training recipes as data: a typed config loaded from YAML, with `key=value` overrides.
+
+Freezing is configuration (`lm: frozen|lora|full`, after torchtune's `*_trainable` fields); the
+stage only decides defaults (stage 1: captions, projector only; stage 2: conversations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlchat.errors import VlchatError
+
+STAGES = ("stage1", "stage2")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    spec: str  # "synth:qa", "synth:caption", "easy_vqa:train", or a path (see train/data.py)
+    samples: int | None = None  # use the first N samples (synthetic sources need it)
+    lang: str = "en"  # synthetic sources: en | zh | both
+    turns: int = 1  # questions per conversation (synthetic qa, easy_vqa)
+    seed_offset: int = 0  # synthetic sources: first seed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "stage1"
+    model: str = "default"  # model preset (vision + LM + template)
+    projector: str = "linear"  # linear | mlp2x_gelu
+    init_projector: str | None = None  # start from these weights (stage 2 starts from stage 1)
+    lm: str = "frozen"  # frozen | lora | full
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    data: tuple[DataSource, ...] = ()
+    template: str | None = None  # None: the model's
+    system: str | None = None  # None: the template's default system prompt (as at inference)
+    max_tokens: int = 512  # longer samples are refused by `vlchat data check` and skipped here
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int = 100
+    seed: int = 0
+    output_dir: str = "runs/stage1"
+    save_every: int = 50  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 5
+    deepspeed: str | None = None  # a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
+            (self.lm in ("frozen", "lora", "full"), f"lm must be frozen, lora or full, got {self.lm!r}"),
+            (len(self.data) > 0, "data: give at least one data source"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
+            (self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VlchatError(f"bad training config: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value, read as YAML ('3' -> 3, 'null' -> None, '[a, b]' -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """'a.b=value' sets data['a']['b'] (data sources by index: 'data.0.samples=100')."""
+    if "=" not in item:
+        raise VlchatError(f"override {item!r} must look like key=value")
+    key, _, value = item.partition("=")
+    *parents, last = key.strip().split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = parse_value(value)
+    else:
+        node[last] = parse_value(value)
+
+
+def build_config(raw: dict[str, Any], where: str) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise VlchatError(f"{where}: unknown training config keys: {', '.join(sorted(unknown))}")
+    raw = dict(raw)
+    try:
+        raw["data"] = tuple(DataSource(**d) if isinstance(d, dict) else DataSource(spec=str(d))
+                            for d in raw.get("data") or ())
+        if "lora_targets" in raw:
+            raw["lora_targets"] = tuple(raw["lora_targets"])
+        return TrainConfig(**raw)
+    except TypeError as error:
+        raise VlchatError(f"{where}: {error}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> TrainConfig:
+    """Read a YAML recipe, apply overrides, validate. A clear error before any compute is spent."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise VlchatError(f"cannot read training config {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise VlchatError(f"{path}: a training config must be a YAML mapping")
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise VlchatError(f"override {item!r} does not fit the config in {path}") from None
+    if stage is not None:
+        if raw.get("stage", stage) != stage:
+            raise VlchatError(f"{path} is a {raw['stage']} recipe; run it with `vlchat train {raw['stage']}`")
+        raw["stage"] = stage
+    return build_config(raw, str(path))

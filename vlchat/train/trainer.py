@@ -1,0 +1,231 @@
+"""The training loop shared by both stages: one CPU process, or many through torchrun (DDP).
+
+Data order is a pure function of (seed, step): sample k of the run is index k % N of epoch
+k // N's permutation, so `--resume` continues exactly where a checkpoint left off, on any
+number of processes that divides the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vlchat.chat.templates import get_template
+from vlchat.config import ModelConfig, ProjectorConfig
+from vlchat.errors import VlchatError
+from vlchat.model.projector import Projector, load_projector, save_projector
+from vlchat.model.vlm import VisionLanguageModel, load_model
+from vlchat.train import distributed
+from vlchat.train.checkpoint import latest_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from vlchat.train.collate import Batch, collate, encode_sample
+from vlchat.train.data import Sample
+from vlchat.train.datasets import build_samples
+from vlchat.train.recipe import TrainConfig
+from vlchat.train.runlog import MetricsLog, plot_loss
+
+log = logging.getLogger(__name__)
+
+
+class TrainModule(nn.Module):
+    """pixels + ids -> loss, with the frozen encoder outside autograd."""
+
+    def __init__(self, vlm: VisionLanguageModel) -> None:
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, ids, labels, attention_mask, pixels):
+        images = None
+        if pixels is not None:
+            with torch.no_grad():
+                features = self.vlm.vision(pixels)  # (n, N, 1280)
+            images = self.vlm.projector(features)  # (n, N, D)
+        embeds = self.vlm.embed(ids, images)  # (B, T, D)
+        return self.vlm.lm.loss(embeds, attention_mask, labels)
+
+
+def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
+    """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
+    base = ModelConfig.from_name(config.model)
+    base = replace(base, projector=replace(base.projector, kind=config.projector), projector_weights=None)
+    vlm = load_model(base) if config.init_projector is None else load_model(
+        replace(base, projector_weights=config.init_projector))
+    if config.init_projector is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            vlm.projector = Projector(base.projector)
+    vlm.projector.requires_grad_(True).train()
+    configure_lm(vlm, config)
+    return vlm.to(device)
+
+
+def configure_lm(vlm: VisionLanguageModel, config: TrainConfig) -> None:
+    if config.lm == "full":
+        vlm.lm.model.requires_grad_(True).train()
+    elif config.lm == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+        vlm.lm.model = get_peft_model(vlm.lm.model, lora)
+        vlm.lm.model.train()
+
+
+def sample_indices(step: int, micro: int, config: TrainConfig, world: distributed.World, total: int) -> list[int]:
+    """Dataset indices of this process's micro-batch `micro` of optimizer step `step`."""
+    per_step = config.batch_size * world.size * config.grad_accum
+    first = step * per_step + (micro * world.size + world.rank) * config.batch_size
+    out = []
+    for k in range(first, first + config.batch_size):
+        epoch, position = divmod(k, total)
+        out.append(int(epoch_permutation(config.seed, epoch, total)[position]))
+    return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def epoch_permutation(seed: int, epoch: int, total: int) -> torch.Tensor:
+    key = (seed, epoch, total)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()
+        _PERMUTATIONS[key] = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return _PERMUTATIONS[key]
+
+
+class BatchMaker:
+    def __init__(self, samples: Sequence[Sample], vlm: VisionLanguageModel, config: TrainConfig) -> None:
+        self.samples, self.vlm, self.config = samples, vlm, config
+        self.template = get_template(config.template or vlm.config.template)
+        self.skipped = 0
+        tokenizer = vlm.lm.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, index: int):
+        sample = self.samples[index]
+        encoded = encode_sample(sample, self.template, self.config.system, self.vlm.lm.tokenize,
+                                self.vlm.tokens_per_image)
+        if len(encoded.ids) > self.config.max_tokens:
+            self.skipped += 1
+            return None
+        return encoded
+
+    def __call__(self, indices: list[int]) -> Batch:
+        items = [e for e in (self.encode(i) for i in indices) if e is not None]
+        if not items:
+            raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
+        return collate(items, self.vlm.config.vision.image_size, self.pad_id)
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Run a recipe; returns the output directory (projector weights, metrics, loss curve)."""
+    world = distributed.setup()
+    out = Path(config.output_dir)
+    samples = build_samples(config.data)  # fails fast on bad data specs
+    torch.manual_seed(config.seed)
+    vlm = build_model(config, world.device)
+    module = TrainModule(vlm)
+    batches = BatchMaker(samples, vlm, config)
+    batches([0])  # one sample through the whole data path before any compute is spent
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    start = restore(out, module, optimizer, scheduler, world) if resume else 0
+    wrapped = DistributedDataParallel(module, broadcast_buffers=False) if world.size > 1 else module
+    metrics = MetricsLog(out / "metrics.jsonl", start) if world.main else None
+    if world.main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics, start, len(samples), out)
+    if world.main:
+        finish(config, vlm, out, metrics, batches.skipped)
+    distributed.barrier(world)
+    distributed.teardown(world)
+    return out
+
+
+def restore(out: Path, module, optimizer, scheduler, world) -> int:
+    state = latest_checkpoint(out / "checkpoints")
+    if state is None:
+        if world.main:
+            log.warning("no checkpoint in %s; starting from step 0", out / "checkpoints")
+        return 0
+    load_trainable_state(module, state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if world.main:
+        log.warning("resuming from step %d", state["step"])
+    return state["step"]
+
+
+def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics, start, total, out) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.max_steps, initial=start, disable=not world.main, mininterval=2.0,
+               dynamic_ncols=True, desc=config.stage)
+    began, seen = time.perf_counter(), 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    for step in range(start, config.max_steps):
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            batch = batches(sample_indices(step, micro, config, world, total))
+            with autocast:
+                loss = wrapped(*(to_device(t, world.device) for t in
+                                 (batch.ids, batch.labels, batch.attention_mask, batch.pixels)))
+            (loss / config.grad_accum).backward()
+            loss_sum += loss.item() / config.grad_accum
+            seen += batch.ids.shape[0] * world.size
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = distributed.mean_across(loss_sum, world)
+        rate = seen / (time.perf_counter() - began)
+        bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")
+        bar.update(1)
+        done = step + 1
+        if world.main and (done % config.log_every == 0 or done == config.max_steps):
+            metrics.write({"step": done, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
+                           "samples_per_s": round(rate, 3), "elapsed_s": round(time.perf_counter() - began, 1)})
+        if world.main and (done % config.save_every == 0 or done == config.max_steps):
+            save_checkpoint(out / "checkpoints", done, {
+                "step": done, "trainable": trainable_state(module), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
+            }, config.keep_checkpoints)
+    bar.close()
+
+
+def to_device(tensor, device):
+    return tensor.to(device) if tensor is not None else None
+
+
+def finish(config: TrainConfig, vlm: VisionLanguageModel, out: Path, metrics: MetricsLog, skipped: int) -> None:
+    """Write the trained projector (and LoRA adapter), the loss curve and a summary."""
+    save_projector(vlm.projector.cpu(), out / "projector")
+    if config.lm == "lora":
+        vlm.lm.model.save_pretrained(out / "lora")
+    records = metrics.records()
+    if records:
+        plot_loss(records, out / "loss.png", f"{config.stage}: {Path(config.output_dir).name}")
+    summary = {"steps": config.max_steps, "final_loss": records[-1]["loss"] if records else None,
+               "samples_per_s": records[-1]["samples_per_s"] if records else None,
+               "skipped_too_long": skipped}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
