@@ -185,6 +185,37 @@ def train_stage2(config: Config, overrides: Overrides = None, resume: Resume = F
     print(f"done: {run(config, overrides or [], resume)}")
 
 
+@data_app.command("check")
+def data_check(spec: Annotated[str, typer.Argument(help="A dataset path (.json LLaVA, .jsonl, .tar shards, "
+                                                        "a cc_sbu_align folder) or easy_vqa:train.")],
+               max_tokens: Annotated[int, typer.Option(help="Refuse samples longer than this.")] = 512,
+               template: Template = None, model: Model = "default") -> None:
+    """Validate a dataset before training: every problem with its file and line, not just the first."""
+    from vlchat.chat.templates import get_template
+    from vlchat.config import ModelConfig
+    from vlchat.train.data import check_dataset
+
+    config = ModelConfig.from_name(model)
+    tokenizer = load_tokenizer(config)
+    problems = check_dataset(spec, tokenizer, max_tokens, get_template(template or config.template),
+                             config.vision.num_tokens)
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise VlchatError(f"{len(problems)} problem(s) in {spec}")
+    print(f"{spec}: no problems")
+
+
+def load_tokenizer(config):
+    """Just the tokenizer of a model's LM (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    from vlchat.assets import lm_directory
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_directory(config.lm.source, config.lm.sha256))
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:

@@ -25,8 +25,12 @@ class VisionConfig:
     image_size: int = 224  # input side in px; a multiple of 32 -> (image_size/32)^2 tokens
     weights: str | None = EFFICIENTNET_PTH  # None = random init (tests)
     sha256: str | None = EFFICIENTNET_SHA256
+    taps: tuple[int, ...] = ()  # extra encoder blocks whose features are appended (model/vision.py)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "taps", tuple(self.taps))  # lists from JSON/YAML
+        if not all(isinstance(t, int) and 0 <= t < 16 for t in self.taps):
+            raise VlchatError(f"vision taps must be block indices 0..15, got {self.taps!r}")
         if not isinstance(self.name, str) or not self.name:
             raise VlchatError(f"vision name must be a non-empty string, got {self.name!r}")
         size = self.image_size
@@ -47,6 +51,9 @@ class ProjectorConfig:
     kind: str = "linear"  # "linear" (MiniGPT-4) | "mlp2x_gelu" (LLaVA-1.5); registry in model/projector.py
     in_dim: int = 1280  # vision hidden size
     out_dim: int = 576  # LM hidden size
+    # > 0: a learned embedding per image token (row-major grid position) added to the output,
+    # so the LM can tell left from right without relying on the encoder's border effects.
+    position_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,19 @@ class LMConfig:
             raise VlchatError(f"lm dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
+def _default_vision() -> VisionConfig:
+    return VisionConfig(taps=(7, 10))  # + 80 + 112 channels of colour-aware features
+
+
+def _default_projector() -> ProjectorConfig:
+    return ProjectorConfig(in_dim=1280 + 80 + 112, out_dim=576, position_tokens=49)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "default"
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    vision: VisionConfig = field(default_factory=_default_vision)
+    projector: ProjectorConfig = field(default_factory=_default_projector)
     lm: LMConfig = field(default_factory=LMConfig)
     template: str = "chatml"  # conversation template the LM was tuned with (chat/templates.py)
     # Trained projector: "<dir or package:...>/name" -> name.safetensors + name.json; None = fresh.
@@ -76,12 +91,25 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A preset by name, or a model config file (JSON or YAML) by path."""
+        if name not in PRESETS and name.endswith((".json", ".yaml", ".yml")):
+            return replace(cls.from_file(name), **overrides)
         if name not in PRESETS:
             raise VlchatError(f"unknown model {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str) -> "ModelConfig":
+        import yaml
+
+        try:
+            data = yaml.safe_load(open(path, encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            raise VlchatError(f"cannot read model config {path}: {str(error).splitlines()[0]}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -161,3 +161,25 @@ def test_wrong_pixel_shape_is_refused():
         encoder(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
         encoder(torch.randn(3, 64, 64))
+
+
+def test_tapped_blocks_are_appended_to_the_grid():
+    """Taps add the pooled outputs of earlier blocks (colour-aware) to the head's features."""
+    plain = VisionEncoder(VisionConfig(weights=None, image_size=64))
+    tapped = VisionEncoder(VisionConfig(weights=None, image_size=64, taps=(7, 10)))
+    tapped.load_state_dict(plain.state_dict())
+    tapped.eval(), plain.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(pixels), tapped(pixels)
+    assert tapped.hidden_size == 1280 + 80 + 112 and b.shape == (2, 4, 1472)
+    torch.testing.assert_close(b[..., :1280], a)  # the head's part is unchanged
+
+
+def test_default_model_dims_fit_together():
+    from vlchat.config import ModelConfig
+
+    config = ModelConfig()
+    encoder = VisionEncoder(config.vision)
+    assert config.projector.in_dim == encoder.hidden_size
+    assert config.projector.position_tokens == encoder.num_tokens == 49

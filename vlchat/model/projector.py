@@ -45,10 +45,18 @@ class Projector(nn.Module):
             raise VlchatError(f"unknown projector {config.kind!r}; choose one of: {', '.join(PROJECTORS)}")
         self.config = config
         self.net = PROJECTORS[config.kind](config)
+        if config.position_tokens:
+            self.position = nn.Parameter(torch.zeros(config.position_tokens, config.out_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) vision tokens -> (B, N, D) LM embeddings."""
-        return self.net(features)
+        out = self.net(features)
+        if self.config.position_tokens:
+            if features.shape[1] != self.config.position_tokens:
+                raise VlchatError(f"projector has {self.config.position_tokens} position embeddings, "
+                                  f"but the image has {features.shape[1]} tokens (another image_size?)")
+            out = out + self.position
+        return out
 
 
 def stem_files(stem: Path) -> tuple[Path, Path]:
@@ -92,11 +100,14 @@ def load_projector(stem: str, expected: ProjectorConfig) -> Projector:
 
 def build_projector(config: ProjectorConfig, stem: str | None, seed: int = 0) -> Projector:
     """The trained projector at `stem`, or a fresh (seeded) one with a loud warning."""
-    if stem is not None:
-        try:
-            return load_projector(stem, config)
-        except FileNotFoundError:
-            pass
+    if stem is None:  # asked for a fresh one (training, tests)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return Projector(config)
+    try:
+        return load_projector(stem, config)
+    except FileNotFoundError:
+        pass
     log.warning(
         "WARNING: no trained projector found (%s); using a FRESH, untrained projector. "
         "The model cannot see images until one is trained (vlchat train).", stem

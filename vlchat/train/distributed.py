@@ -28,7 +28,7 @@ def setup() -> World:
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:  # share the cores between local processes instead of oversubscribing them
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local processes
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if size > 1 and not dist.is_initialized():

@@ -31,6 +31,7 @@ class TrainConfig:
     stage: str = "stage1"
     model: str = "default"  # model preset (vision + LM + template)
     projector: str = "linear"  # linear | mlp2x_gelu
+    position_tokens: int = 0  # learned per-token position embeddings in the projector (0 = none)
     init_projector: str | None = None  # start from these weights (stage 2 starts from stage 1)
     lm: str = "frozen"  # frozen | lora | full
     lora_r: int = 8
@@ -103,12 +104,15 @@ def build_config(raw: dict[str, Any], where: str) -> TrainConfig:
         raise VlchatError(f"{where}: unknown training config keys: {', '.join(sorted(unknown))}")
     raw = dict(raw)
     try:
-        raw["data"] = tuple(DataSource(**d) if isinstance(d, dict) else DataSource(spec=str(d))
-                            for d in raw.get("data") or ())
+        data = raw.get("data") or ()
+        data = [data] if isinstance(data, (str, dict)) else data  # one source without a list around it
+        raw["data"] = tuple(DataSource(**d) if isinstance(d, dict) else DataSource(spec=str(d)) for d in data)
         if "lora_targets" in raw:
             raw["lora_targets"] = tuple(raw["lora_targets"])
+        floats = {"lr", "weight_decay", "lora_dropout"}  # YAML 1.1 reads `1e-4` (no dot) as a string
+        raw.update({k: float(v) for k, v in raw.items() if k in floats and isinstance(v, str)})
         return TrainConfig(**raw)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # ValueError: float("abc"); a VlchatError gains the path
         raise VlchatError(f"{where}: {error}") from None
 
 
@@ -123,6 +127,8 @@ def load_config(path: str | Path, overrides: list[str] = (), stage: str | None =
     for item in overrides:
         try:
             apply_override(raw, item)
+        except VlchatError:  # already says what is wrong (a VlchatError is a ValueError)
+            raise
         except (IndexError, ValueError, TypeError, AttributeError):
             raise VlchatError(f"override {item!r} does not fit the config in {path}") from None
     if stage is not None:

@@ -55,16 +55,26 @@ class TrainModule(nn.Module):
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
     """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
     base = ModelConfig.from_name(config.model)
-    base = replace(base, projector=replace(base.projector, kind=config.projector), projector_weights=None)
-    vlm = load_model(base) if config.init_projector is None else load_model(
-        replace(base, projector_weights=config.init_projector))
-    if config.init_projector is None:
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            vlm.projector = Projector(base.projector)
+    projector = replace(base.projector, kind=config.projector, position_tokens=config.position_tokens)
+    base = replace(base, projector=projector, projector_weights=None)
+    vlm = load_model(base)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        vlm.projector = start_projector(config, base.projector)
     vlm.projector.requires_grad_(True).train()
     configure_lm(vlm, config)
     return vlm.to(device)
+
+
+def start_projector(config: TrainConfig, projector: ProjectorConfig) -> Projector:
+    """A fresh projector, or the `init_projector` weights (which must exist and fit)."""
+    if config.init_projector is None:
+        return Projector(projector)
+    try:
+        return load_projector(config.init_projector, projector)
+    except FileNotFoundError:
+        raise VlchatError(f"init_projector {config.init_projector!r} not found (expected "
+                          f"{config.init_projector}.safetensors and .json; run stage 1 first?)") from None
 
 
 def configure_lm(vlm: VisionLanguageModel, config: TrainConfig) -> None:
@@ -150,6 +160,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start = restore(out, module, optimizer, scheduler, world) if resume else 0
     wrapped = DistributedDataParallel(module, broadcast_buffers=False) if world.size > 1 else module
+    if config.deepspeed:  # ZeRO-2 for large LMs on GPUs: DeepSpeed owns the optimizer step
+        wrapped = deepspeed_engine(module, optimizer, config)
     metrics = MetricsLog(out / "metrics.jsonl", start) if world.main else None
     if world.main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -159,6 +171,35 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     distributed.barrier(world)
     distributed.teardown(world)
     return out
+
+
+def deepspeed_engine(module: nn.Module, optimizer, config: TrainConfig):
+    """Wrap the module with DeepSpeed (ZeRO config from `config.deepspeed`); untested on CPU-only hosts."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise VlchatError("deepspeed is not installed; on a GPU machine: pip install deepspeed") from None
+    ds = json.loads(Path(config.deepspeed).read_text())
+    ds.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=config.grad_accum)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
+                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
+    return engine
+
+
+def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: TrainConfig, last_micro: bool) -> None:
+    """Accumulate gradients; on the last micro-batch clip, step the optimizer and the schedule."""
+    if config.deepspeed:  # DeepSpeed scales, clips (gradient_clipping) and steps by itself
+        wrapped.backward(loss)
+        wrapped.step()
+        if last_micro:
+            scheduler.step()
+        return
+    (loss / config.grad_accum).backward()
+    if last_micro:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def restore(out: Path, module, optimizer, scheduler, world) -> int:
@@ -190,13 +231,9 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
             with autocast:
                 loss = wrapped(*(to_device(t, world.device) for t in
                                  (batch.ids, batch.labels, batch.attention_mask, batch.pixels)))
-            (loss / config.grad_accum).backward()
+            backward_and_step(wrapped, module, loss, optimizer, scheduler, config, micro == config.grad_accum - 1)
             loss_sum += loss.item() / config.grad_accum
             seen += batch.ids.shape[0] * world.size
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         loss_value = distributed.mean_across(loss_sum, world)
         rate = seen / (time.perf_counter() - began)
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")

@@ -1,0 +1,152 @@
+"""Training recipes: every shipped config loads; overrides apply; each mistake is one clear VlchatError."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlchat.errors import VlchatError
+from vlchat.train import stage1
+from vlchat.train.recipe import DataSource, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+YAML_CONFIGS = sorted(p for pattern in ("*.yaml", "*.yml") for p in (REPO / "configs").glob(f"**/{pattern}"))
+JSON_CONFIGS = sorted((REPO / "configs").glob("**/*.json"))
+
+
+def recipe(tmp_path: Path, name: str = "recipe.yaml", **fields) -> Path:
+    data = {"stage": "stage2", "data": [{"spec": "synth:qa", "samples": 32}], "max_steps": 20}
+    data.update(fields)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- the shipped configs (house rule: every config is loaded by a test) --------------------------
+
+def test_configs_exist():
+    assert YAML_CONFIGS, "no YAML recipes under configs/"
+
+
+@pytest.mark.parametrize("path", YAML_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_config_loads(path: Path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+    assert config.stage in ("stage1", "stage2") and config.data
+    assert load_config(path, stage=config.stage) == config  # and under its own `vlchat train` command
+    if config.deepspeed is not None:  # a referenced DeepSpeed config must exist and parse
+        json.loads((REPO / config.deepspeed).read_text())
+
+
+def test_every_json_config_parses():
+    for path in JSON_CONFIGS:  # e.g. DeepSpeed configs; none may be there yet
+        assert isinstance(json.loads(path.read_text()), dict), path
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+def test_overrides_apply(tmp_path):
+    path = recipe(tmp_path, init_projector="runs/stage1/projector")
+    config = load_config(path, ["max_steps=3", "data.0.samples=10", "lr=1e-4", "init_projector=null",
+                                "lora_targets=[q_proj, k_proj]", "output_dir=runs/x", "data.0.lang=both"])
+    assert config.max_steps == 3
+    assert config.data == (DataSource("synth:qa", samples=10, lang="both"),)
+    assert config.lr == pytest.approx(1e-4) and isinstance(config.lr, float)
+    assert config.init_projector is None
+    assert config.lora_targets == ("q_proj", "k_proj")
+    assert config.output_dir == "runs/x"
+    assert load_config(path).max_steps == 20  # the file itself is untouched
+
+
+def test_float_fields_written_without_a_dot(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; the recipe still means a number."""
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: stage2\nlr: 1e-4\nweight_decay: 1e-2\ndata: [{spec: 'synth:qa', samples: 4}]\n")
+    config = load_config(path)
+    assert config.lr == pytest.approx(1e-4) and config.weight_decay == pytest.approx(1e-2)
+
+
+def test_plain_string_data_source(tmp_path):
+    path = recipe(tmp_path, data=["synth:caption"])
+    assert load_config(path).data == (DataSource("synth:caption"),)
+    path = recipe(tmp_path, data="synth:caption")  # one source, no list: not 13 one-letter sources
+    assert load_config(path).data == (DataSource("synth:caption"),)
+    path = recipe(tmp_path, data={"spec": "synth:qa", "samples": 4})
+    assert load_config(path).data == (DataSource("synth:qa", samples=4),)
+
+
+# --- errors: VlchatError with a message that says what is wrong ----------------------------------
+
+@pytest.mark.parametrize("fields, overrides, match", [
+    ({"learning_rate": 0.1}, [], r"unknown training config keys: learning_rate"),
+    ({"stage": "stage3"}, [], r"stage must be one of"),
+    ({"data": []}, [], r"data: give at least one data source"),
+    ({"lm": "qlora"}, [], r"lm must be frozen, lora or full, got 'qlora'"),
+    ({"lr": 0}, [], r"lr must be > 0"),
+    ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
+    ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
+    ({"data": [{"spec": "synth:qa", "sample": 3}]}, [], r"recipe.yaml: .*sample"),
+    ({}, ["max_steps"], r"override 'max_steps' must look like key=value"),
+    ({}, ["data.3.samples=10"], r"override 'data.3.samples=10' does not fit"),
+    ({}, ["max_steps.x=1"], r"override 'max_steps.x=1' does not fit"),
+    ({}, ["warmup=5"], r"unknown training config keys: warmup"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, fields, overrides, match):
+    with pytest.raises(VlchatError, match=match) as info:
+        load_config(recipe(tmp_path, **fields), overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VlchatError, match=r"cannot read training config .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: stage2\ndata: [unclosed\n")
+    with pytest.raises(VlchatError, match=r"cannot read training config .*bad.yaml"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- stage2\n")
+    with pytest.raises(VlchatError, match=r"must be a YAML mapping"):
+        load_config(listing)
+
+
+def test_stage_mismatch(tmp_path):
+    path = recipe(tmp_path)  # a stage2 recipe
+    with pytest.raises(VlchatError, match=r"is a stage2 recipe; run it with `vlchat train stage2`"):
+        load_config(path, stage="stage1")
+    assert load_config(path, stage="stage2").stage == "stage2"
+    with pytest.raises(VlchatError, match=r"is a stage2 recipe"):
+        load_config(path, ["max_steps=3"], stage="stage1")
+
+
+def test_stage_defaults_to_the_command(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: [{spec: 'synth:caption', samples: 4}]\n")
+    assert load_config(path, stage="stage2").stage == "stage2"
+    assert load_config(path, stage="stage1").stage == "stage1"
+
+
+def test_stage1_refuses_lora(tmp_path):
+    path = recipe(tmp_path, stage="stage1", lm="lora")
+    with pytest.raises(VlchatError, match=r"stage 1 trains the projector only"):
+        stage1.run(path)
+
+
+def test_cli_stage_mismatch_is_one_error_line(tmp_path):
+    path = recipe(tmp_path)
+    script = Path(sys.executable).with_name("vlchat")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "vlchat.cli"]
+    result = subprocess.run(command + ["train", "stage1", "--config", str(path)], capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path} is a stage2 recipe; run it with `vlchat train stage2`"]
