@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlchat-installed
 
-.PHONY: setup prepare demo test bench
+.PHONY: setup prepare demo test bench train-default
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -21,10 +21,19 @@ prepare: setup
 	$(BIN)/vlchat prepare
 
 demo: prepare
-	$(BIN)/vlchat chat --image vlchat/examples/chelsea.jpg
+	$(BIN)/vlchat chat --image vlchat/examples/shapes.png
 
 test: prepare
 	$(BIN)/python -m pytest -q
 
 bench: prepare
 	$(BIN)/vlchat bench
+
+# Reproduce the committed default projector (about 55 minutes on 2 CPU cores) and its report.
+train-default: setup
+	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml
+	$(BIN)/vlchat train stage2 --config configs/train/stage2.yaml
+	mkdir -p vlchat/weights
+	cp runs/stage2/projector.safetensors vlchat/weights/default-projector.safetensors
+	cp runs/stage2/projector.json vlchat/weights/default-projector.json
+	$(BIN)/vlchat eval --out reports/default-model

@@ -193,7 +193,7 @@ def data_check(spec: Annotated[str, typer.Argument(help="A dataset path (.json L
     """Validate a dataset before training: every problem with its file and line, not just the first."""
     from vlchat.chat.templates import get_template
     from vlchat.config import ModelConfig
-    from vlchat.train.data import check_dataset
+    from vlchat.train.datacheck import check_dataset
 
     config = ModelConfig.from_name(model)
     tokenizer = load_tokenizer(config)

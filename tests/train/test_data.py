@@ -16,9 +16,7 @@ from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
 from vlchat.train.data import (
     INSTRUCTIONS,
-    Problem,
     Sample,
-    check_dataset,
     open_dataset,
     question_type,
     read_easy_vqa,
@@ -27,6 +25,7 @@ from vlchat.train.data import (
     read_minigpt4_stage1,
     read_minigpt4_stage2,
 )
+from vlchat.train.datacheck import Problem, check_dataset
 
 RED, GREEN, BLUE = (200, 30, 40), (30, 200, 40), (30, 40, 200)
 
@@ -367,21 +366,31 @@ def test_check_empty_answer(align):
     assert problem.where == f"{captions}: item 1" and problem.message == "empty answer in message 1 (from 0)"
 
 
+def trained_length(sample, template, tokenize, tokens_per_image: int) -> int:
+    """What the trainer sees: the shared encoder's positions (chat/prompt.py)."""
+    from vlchat.chat.prompt import encode
+
+    return len(encode(template, sample.messages, tokenize, tokens_per_image, add_generation_prompt=False)[0])
+
+
 def test_check_too_long(llava):
     words = lambda text: text.split()  # noqa: E731 - a stand-in tokenizer: one token a word
-    problem = only(check_dataset(str(llava), words, max_tokens=80))  # item 0 has 35 words + 49
-    assert problem.where == f"{llava}: item 0"
-    assert problem.message == "too long: 84 tokens with template chatml (49 an image), limit 80"
-    assert check_dataset(str(llava), words, max_tokens=80, tokens_per_image=45) == []
+    samples = list(read_llava_json(llava))
+    lengths = [trained_length(s, get_template("chatml"), words, 49) for s in samples]
+    limit = sorted(lengths)[-2]  # only the longest sample is over
+    problem = only(check_dataset(str(llava), words, max_tokens=limit))
+    longest = lengths.index(max(lengths))
+    assert problem.where == f"{llava}: item {longest}"
+    assert problem.message == f"too long: {max(lengths)} tokens with template chatml (49 an image), limit {limit}"
+    assert check_dataset(str(llava), words, max_tokens=max(lengths)) == []
 
 
-def test_check_length_counts_rendered_text(llava):
-    """The count is the template's text, without <ImageHere>, plus the image tokens."""
+def test_check_length_counts_what_training_sees(llava):
+    """The count is the trainer's: segments tokenized one by one, each image as N slots."""
     template = get_template("vicuna_v0")
     sample = list(read_llava_json(llava))[2]
-    rendered = template.render(sample.messages, add_generation_prompt=False)
-    expected = len(rendered.replace("<ImageHere>", " ").split()) + 10
     counts = lambda text: text.split()  # noqa: E731
+    expected = trained_length(sample, template, counts, 10)
     limit_ok = check_dataset(str(llava), counts, max_tokens=expected, template="vicuna_v0", tokens_per_image=10)
     assert f"{llava}: item 2" not in [p.where for p in limit_ok]
     too_long = check_dataset(str(llava), counts, max_tokens=expected - 1, template=template, tokens_per_image=10)

@@ -100,7 +100,10 @@ class ChatSession:
         self._pending_user().parts.append(Text(text.strip()))
 
     def answer(self, generation: GenerationConfig | None = None) -> str:
-        return "".join(chunk.text for chunk in self.stream(generation))
+        """Generate the whole answer; returns it as stored (stripped, as MiniGPT-4 does)."""
+        for _ in self.stream(generation):
+            pass
+        return self.messages[-1].content
 
     def reset(self) -> None:
         """Forget the conversation (the image-embedding cache stays)."""

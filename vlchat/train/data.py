@@ -16,13 +16,13 @@ Every record has a location used in errors and in `Sample.source`: "data.jsonl:l
 count from 1), "data.json: item 12" (the list index, from 0), "shard-0001.tar: 000123" (the
 webdataset key). Readers raise a one-line VlchatError at the first malformed record (bad JSON,
 missing keys, `<image>` markers that do not match the images, roles out of turn, empty answers);
-they do not open image files, so a missing one shows when the trainer loads it. `check_dataset`
-walks the whole dataset, loads every image, and returns every problem it finds.
+they do not open image files, so a missing one shows when the trainer loads it.
+`vlchat.train.datacheck.check_dataset` walks a whole dataset and returns every problem it finds.
 
 Images from files stay paths (str) and are loaded lazily by the trainer; their Image parts carry
-the path as key and source (`Image(key=path, source=path)`) until the trainer loads the pixels
-and replaces the key with the content hash (`vlchat.images.image_key`). Images inside tar shards
-are decoded while reading (the shard is streamed once) and keyed by content hash at once.
+the path as key and source (`Image(key=path, source=path)`): training only needs each image's
+place in the prompt. Images inside tar shards are decoded while reading (the shard is streamed
+once) and keyed by content hash.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image as PILImage
 
-from vlchat.chat.messages import IMAGE_PLACEHOLDER, Image, Message, Text
-from vlchat.chat.templates import Template, get_template
+from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
 
@@ -77,17 +76,6 @@ class Sample:
     images: list[PILImage.Image | str] = field(default_factory=list)
     source: str = ""
     meta: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem `check_dataset` found: where ("data.jsonl:line 3") and what, in one line."""
-
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
 
 
 @dataclass
@@ -159,39 +147,7 @@ def read_easy_vqa(split: str = "train", turns: int = 1) -> Iterator[Sample]:
 
 def open_dataset(spec: str | os.PathLike) -> Iterator[Sample]:
     """Samples of the dataset `spec` names: see the module docstring for the forms."""
-    return _checked(_dataset_items(spec))
-
-
-def check_dataset(
-    spec: str | os.PathLike,
-    tokenizer_fn: Callable[[str], Sequence[int]] | None = None,
-    max_tokens: int | None = None,
-    template: Template | str | None = None,
-    tokens_per_image: int = TOKENS_PER_IMAGE,
-) -> list[Problem]:
-    """Every problem in the dataset `spec`, in order; [] when it is clean.
-
-    Reports records that cannot be read (bad JSON, missing keys, `<image>` markers that do not
-    match the images), images that are missing or do not load, roles that do not alternate, empty
-    answers, and, given `tokenizer_fn` (e.g. `LanguageModel.tokenize`) and `max_tokens`, samples
-    longer than that once rendered with `template` (default chatml), each image counting
-    `tokens_per_image` tokens. An unusable spec (no such file, unknown format) raises VlchatError.
-    """
-    if (tokenizer_fn is None) != (max_tokens is None):
-        raise VlchatError("give both tokenizer_fn and max_tokens to check sample lengths, or neither")
-    chosen = template if isinstance(template, Template) else get_template(template or DEFAULT_TEMPLATE)
-    loaded: dict[str, str | None] = {}  # image path -> load error; each file is loaded once
-    problems = []
-    for item in _dataset_items(spec):
-        if item.error is not None:
-            problems.append(Problem(item.where, item.error))
-            continue
-        found = _sample_problems(item.sample)
-        if tokenizer_fn is not None and not found:  # rendering needs well-formed turns
-            found += _length_problems(item.sample, chosen, tokenizer_fn, max_tokens, tokens_per_image)
-        found += _image_problems(item.sample.images, loaded)
-        problems += [Problem(item.where, message) for message in found]
-    return problems
+    return _checked(dataset_items(spec))
 
 
 def question_type(question: str) -> str:
@@ -205,7 +161,7 @@ def question_type(question: str) -> str:
 # --- dispatch and validation ---------------------------------------------------------------------
 
 
-def _dataset_items(spec: str | os.PathLike) -> Iterator[_Item]:
+def dataset_items(spec: str | os.PathLike) -> Iterator[_Item]:
     """The records of `spec`; raises VlchatError now (not when iterated) if spec names nothing usable."""
     spec = os.fspath(spec)
     kind, _, arg = spec.partition(":")
@@ -242,7 +198,7 @@ def _synth_items(kind: str, spec: str) -> Iterator[_Item]:
 def _checked(items: Iterable[_Item]) -> Iterator[Sample]:
     """Samples of well-formed records; VlchatError naming the record at the first bad one."""
     for item in items:
-        problems = [item.error] if item.error is not None else _sample_problems(item.sample)
+        problems = [item.error] if item.error is not None else sample_problems(item.sample)
         if problems:
             raise VlchatError(f"{item.where}: {problems[0]}")
         yield item.sample
@@ -256,7 +212,7 @@ def _build(where: str, make: Callable[[], Sample]) -> _Item:
         return _Item(where, error=str(err))
 
 
-def _sample_problems(sample: Sample) -> list[str]:
+def sample_problems(sample: Sample) -> list[str]:
     """Structural problems: roles, empty answers, images in answers, image parts vs images."""
     problems = []
     for i, message in enumerate(sample.messages):
@@ -282,29 +238,6 @@ def _sample_problems(sample: Sample) -> list[str]:
 
 def _has_text(message: Message) -> bool:
     return any(isinstance(p, Text) and p.text.strip() for p in message.parts)
-
-
-def _image_problems(images: Sequence[PILImage.Image | str], loaded: dict[str, str | None]) -> list[str]:
-    """Load each image path once (decoded in full, so truncated files show); their errors."""
-    for path in images:
-        if isinstance(path, str) and path not in loaded:
-            try:
-                load_image(path)
-                loaded[path] = None
-            except VlchatError as err:
-                loaded[path] = str(err)
-    return [loaded[p] for p in images if isinstance(p, str) and loaded[p] is not None]
-
-
-def _length_problems(sample: Sample, template: Template, tokenizer_fn: Callable[[str], Sequence[int]],
-                     max_tokens: int, tokens_per_image: int) -> list[str]:
-    # Images are merged at each <ImageHere>, so the text around them is tokenized piece by piece.
-    pieces = template.render(sample.messages, add_generation_prompt=False).split(IMAGE_PLACEHOLDER)
-    count = sum(len(tokenizer_fn(p)) for p in pieces if p) + (len(pieces) - 1) * tokens_per_image
-    if count <= max_tokens:
-        return []
-    return [f"too long: {count} tokens with template {template.name} "
-            f"({tokens_per_image} an image), limit {max_tokens}"]
 
 
 # --- conversations with <image> markers ----------------------------------------------------------
