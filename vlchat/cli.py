@@ -5,7 +5,6 @@ Every user-fixable problem is a VlchatError, printed as one line with exit code 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import replace

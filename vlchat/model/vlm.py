@@ -6,7 +6,6 @@ embeddings into the text embeddings where the prompt has image slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from PIL import Image as PILImage

@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -40,7 +38,6 @@ from PIL import Image as PILImage
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
-from vlchat.images import image_key, load_image
 
 IMAGE_MARKER = "<image>"  # LLaVA's placeholder for an image inside a human turn
 # MiniGPT-4's stage-2 instructions (prompts/alignment.txt, https://github.com/Vision-CAIR/MiniGPT-4),
@@ -120,6 +117,8 @@ def read_minigpt4_stage1(path: str | os.PathLike) -> Iterator[Sample]:
     user [Image, Text(instruction)] -> assistant caption; the instruction is one of
     `INSTRUCTIONS`, chosen by the key (the same every run).
     """
+    from vlchat.train.data_minigpt4 import _shard_paths, _stage1_items
+
     return _checked(_stage1_items(_shard_paths(path)))
 
 
@@ -129,6 +128,8 @@ def read_minigpt4_stage2(path: str | os.PathLike) -> Iterator[Sample]:
     filter_cap.json is {"annotations": [{"image_id": "2", "caption": "..."}, ...]}; the user turn
     is [Image, Text(instruction)] as in stage 1.
     """
+    from vlchat.train.data_minigpt4 import _stage2_folder, _stage2_items
+
     return _checked(_stage2_items(_stage2_folder(path)))
 
 
@@ -139,6 +140,8 @@ def read_easy_vqa(split: str = "train", turns: int = 1) -> Iterator[Sample]:
     are cut into consecutive groups of `turns`. meta: "answer"/"qtype" of the last turn,
     "answers"/"qtypes" of all turns, "image_id", "split", "lang".
     """
+    from vlchat.train.data_easyvqa import _easy_vqa_items, _easy_vqa_split
+
     _easy_vqa_split(split)
     if turns < 1:
         raise VlchatError(f"turns must be at least 1, got {turns}")
@@ -163,6 +166,9 @@ def question_type(question: str) -> str:
 
 def dataset_items(spec: str | os.PathLike) -> Iterator[_Item]:
     """The records of `spec`; raises VlchatError now (not when iterated) if spec names nothing usable."""
+    from vlchat.train.data_easyvqa import _easy_vqa_items, _easy_vqa_split
+    from vlchat.train.data_minigpt4 import _shard_paths, _stage1_items, _stage2_items
+
     spec = os.fspath(spec)
     kind, _, arg = spec.partition(":")
     if kind == "easy_vqa":
@@ -406,168 +412,3 @@ def _jsonl_turn(message: object, j: int) -> tuple[str, str]:
     if role not in ("user", "assistant"):
         raise VlchatError(f"unknown role {role!r}{what}; expected 'user' or 'assistant'")
     return role, content
-
-
-# --- MiniGPT-4 stage 1: webdataset tar shards ----------------------------------------------------
-
-
-def _shard_paths(path: str | os.PathLike) -> list[Path]:
-    """A .tar, a folder of .tar files (sorted), or a brace range "shards/{00000..00003}.tar"."""
-    text = os.fspath(path)
-    found = _BRACES.search(text)
-    if found:
-        first, last = found.group(1), found.group(2)
-        width = len(first) if first.startswith("0") else 0
-        return [Path(text[: found.start()] + str(n).zfill(width) + text[found.end():])
-                for n in range(int(first), int(last) + 1)]
-    path = _existing(path)
-    if not path.is_dir():
-        return [path]
-    shards = sorted(path.glob("*.tar"))
-    if not shards:
-        raise VlchatError(f"no .tar shards (and no filter_cap.json) in {path}")
-    return shards
-
-
-def _stage1_items(shards: Sequence[Path]) -> Iterator[_Item]:
-    for shard in shards:
-        yield from _shard_items(shard)
-
-
-def _shard_items(shard: Path) -> Iterator[_Item]:
-    """Stream one shard (as webdataset does: a key's files are consecutive members)."""
-    try:
-        with tarfile.open(shard, "r|*") as tar:
-            for key, files in _tar_groups(tar):
-                where = f"{shard}: {key}"
-                yield _build(where, lambda: _stage1_sample(files, key, where))
-    except (tarfile.TarError, OSError, EOFError) as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        yield _Item(str(shard), error=f"cannot read tar shard ({reason})")
-
-
-def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for runs of members named KEY.EXT (EXT after the basename's first dot)."""
-    key, files = None, {}
-    for member in tar:
-        folder, _, base = member.name.rpartition("/")
-        stem, dot, ext = base.partition(".")
-        if not member.isfile() or not dot or not stem:
-            continue
-        name = f"{folder}/{stem}" if folder else stem
-        if name != key and files:
-            yield key, files
-            files = {}
-        key = name
-        files[ext.lower()] = tar.extractfile(member).read()
-    if files:
-        yield key, files
-
-
-def _stage1_sample(files: dict[str, bytes], key: str, where: str) -> Sample:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-    if ext is None:
-        expected = ", .".join(IMAGE_EXTENSIONS)
-        raise VlchatError(f"no image (.{expected}) with this key; found .{', .'.join(files)}")
-    caption = _tar_caption(files)
-    image = load_image(files[ext], name=f"{key}.{ext}")
-    return _caption_sample(image, Image(image_key(image)), caption, key, where)
-
-
-def _tar_caption(files: dict[str, bytes]) -> str:
-    if "json" in files:
-        return _field(_object(_parse_json(files["json"]), "the .json"), "caption", str, " in the .json")
-    if "txt" in files:
-        try:
-            return files["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise VlchatError("the .txt caption is not UTF-8 text") from None
-    raise VlchatError(f"no caption (.json or .txt) with this key; found .{', .'.join(files)}")
-
-
-def _caption_sample(image: PILImage.Image | str, part: Image, caption: str, key: str, where: str) -> Sample:
-    """user [Image, instruction] -> assistant caption; the instruction is chosen by `key`."""
-    instruction = INSTRUCTIONS[zlib.crc32(key.encode()) % len(INSTRUCTIONS)]
-    user = Message("user", [part, Text(instruction)])
-    answer = Message.text_message("assistant", caption.strip())
-    return Sample([user, answer], [image], where, {"key": key})
-
-
-# --- MiniGPT-4 stage 2: cc_sbu_align ------------------------------------------------------------
-
-
-def _stage2_folder(path: str | os.PathLike) -> Path:
-    folder = _existing(path)
-    if not (folder / "filter_cap.json").is_file():
-        raise VlchatError(f"no filter_cap.json in {folder} (expected MiniGPT-4's cc_sbu_align layout)")
-    return folder
-
-
-def _stage2_items(folder: Path) -> Iterator[_Item]:
-    captions = folder / "filter_cap.json"
-    data, error = _json_file(captions)
-    if error is None and not (isinstance(data, dict) and isinstance(data.get("annotations"), list)):
-        error = _Item(str(captions), error="expected {\"annotations\": [{\"image_id\", \"caption\"}, ...]}")
-    if error is not None:
-        yield error
-        return
-    for i, record in enumerate(data["annotations"]):
-        where = f"{captions}: item {i}"
-        yield _build(where, lambda: _stage2_sample(record, folder, where))
-
-
-def _stage2_sample(record: object, folder: Path, where: str) -> Sample:
-    record = _object(record, "annotation")
-    image_id = _field(record, "image_id", (str, int))
-    caption = _field(record, "caption", str)
-    path = str(folder / "image" / f"{image_id}.jpg")
-    sample = _caption_sample(path, Image(key=path, source=path), caption, str(image_id), where)
-    sample.meta = {"image_id": image_id}
-    return sample
-
-
-# --- easy-VQA -----------------------------------------------------------------------------------
-
-
-def _easy_vqa_split(split: str) -> str:
-    if split not in EASY_VQA_SPLITS:
-        raise VlchatError(f"unknown easy_vqa split {split!r}; choose train or test")
-    return split
-
-
-def _easy_vqa_items(split: str, turns: int) -> Iterator[_Item]:
-    questions, answers, image_ids, paths = _easy_vqa_data(split)
-    by_image: dict[int, list[tuple[str, str]]] = {}  # insertion order: the package's order
-    for question, answer, image_id in zip(questions, answers, image_ids):
-        by_image.setdefault(image_id, []).append((question, answer))
-    for image_id, pairs in by_image.items():
-        for start in range(0, len(pairs), turns):
-            where = f"easy_vqa:{split}: image {image_id} question {start}"
-            group = pairs[start : start + turns]
-            yield _build(where, lambda: _vqa_sample(paths.get(image_id), group, image_id, split, where))
-
-
-def _easy_vqa_data(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
-    """(questions, answers, image ids, {image id: png path}) from the easy_vqa package."""
-    try:
-        import easy_vqa
-    except ImportError:
-        raise VlchatError("easy_vqa is not installed; run: pip install easy-vqa==1.0") from None
-    if split == "train":
-        return (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths())
-    return (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
-
-
-def _vqa_sample(
-    path: str | None, pairs: Sequence[tuple[str, str]], image_id: int, split: str, where: str
-) -> Sample:
-    if path is None:
-        raise VlchatError(f"the easy_vqa package has no image {image_id}.png for this question")
-    messages = []
-    for i, (question, answer) in enumerate(pairs):
-        parts = [Image(key=path, source=path), Text(question)] if i == 0 else [Text(question)]
-        messages += [Message("user", parts), Message.text_message("assistant", answer)]
-    qtypes = [question_type(q) for q, _ in pairs]
-    meta = {"answer": pairs[-1][1], "qtype": qtypes[-1], "answers": [a for _, a in pairs],
-            "qtypes": qtypes, "image_id": image_id, "split": split, "lang": "en"}
-    return Sample(messages, [path], where, meta)

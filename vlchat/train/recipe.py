@@ -6,7 +6,7 @@ stage only decides defaults (stage 1: captions, projector only; stage 2: convers
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
