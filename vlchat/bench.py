@@ -111,7 +111,6 @@ class _Clock:
 def baseline_turns(chat, config) -> list[tuple[float, float]]:
     """The same conversation, MiniGPT-4's way: every turn embeds and prefills all of history."""
     from vlchat.chat.messages import Message
-    from vlchat.model.vlm import IMAGE_TOKEN_ID
 
     session = chat.session(generation=config)
     session.upload_img(EXAMPLE)
@@ -120,11 +119,9 @@ def baseline_turns(chat, config) -> list[tuple[float, float]]:
         session.ask(question)
         start = time.perf_counter()
         keys = session.position_keys(session.conversation())
-        ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in keys]])
-        images = [session._images[k[0]] for k in keys if isinstance(k, tuple) and k[1] == 0]
         clock = _Clock()
         with torch.inference_mode():
-            embeds = chat.model.embed(ids, torch.stack(images))
+            embeds = session.embed_keys(keys)
             out = lm.model.generate(inputs_embeds=embeds, max_new_tokens=config.max_new_tokens,
                                     min_new_tokens=config.min_new_tokens, do_sample=False, streamer=clock)
         end = time.perf_counter()

@@ -21,13 +21,13 @@ import torch
 
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.prompt import PositionKey, encode
+from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
 from vlchat.chat.templates import Template, get_template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
 from vlchat.model.language import LMState
-from vlchat.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel
+from vlchat.model.vlm import VisionLanguageModel
 
 SESSION_FORMAT = 1
 
@@ -181,15 +181,17 @@ class ChatSession:
             del self.messages[:2]  # the oldest user message and its answer
             dropped += 1
 
+    def embed_keys(self, keys: list[PositionKey]) -> torch.Tensor:
+        """Position keys -> (1, T, D) input embeddings (this session's images at their slots)."""
+        images = [self._images[key] for key in first_slots(keys)]
+        return self.chat.model.embed(torch.tensor([slot_ids(keys)]), torch.stack(images) if images else None)
+
     def _prefill(self, keys: list[PositionKey]) -> tuple[torch.Tensor, LMState]:
         """Reuse the cached prefix, prefill the rest; returns last logits (1, V) and the state."""
         common = reusable_prefix(self._cached, keys)
         state = self._state or LMState()
         state.trim(common)
-        tail = keys[common:]
-        ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in tail]])  # (1, T)
-        images = [self._images[k[0]] for k in tail if isinstance(k, tuple) and k[1] == 0]
-        embeds = self.chat.model.embed(ids, torch.stack(images) if images else None)  # (1, T, D)
+        embeds = self.embed_keys(keys[common:])  # (1, T, D)
         self.timings = Timings(prompt_tokens=len(keys), reused_tokens=common)
         self._state, self._cached = None, []  # until the answer completes
         return self.chat.model.lm.prefill(embeds, state)

@@ -12,6 +12,7 @@ from typing import Callable, Sequence, Union
 
 from vlchat.chat.messages import Message, Text
 from vlchat.chat.templates import Template
+from vlchat.model.vlm import IMAGE_TOKEN_ID
 
 PositionKey = Union[int, tuple[str, int]]
 Tokenize = Callable[[str], list[int]]
@@ -33,6 +34,16 @@ def encode(template: Template, messages: Sequence[Message], tokenize: Tokenize, 
         keys += piece
         trainable += [segment.trainable] * len(piece)
     return keys, trainable
+
+
+def slot_ids(keys: Sequence[PositionKey]) -> list[int]:
+    """Position keys -> token ids with IMAGE_TOKEN_ID at every image slot (what the model embeds)."""
+    return [IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in keys]
+
+
+def first_slots(keys: Sequence[PositionKey]) -> list[str]:
+    """The image keys in order of appearance (one per image, at its first slot)."""
+    return [k[0] for k in keys if isinstance(k, tuple) and k[1] == 0]
 
 
 def content_keys(message: Message, tokenize: Tokenize, tokens_per_image: int) -> list[PositionKey]:

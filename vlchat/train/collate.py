@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from vlchat.chat.messages import Message
-from vlchat.chat.prompt import encode
+from vlchat.chat.prompt import encode, slot_ids
 from vlchat.chat.templates import Template
 from vlchat.errors import VlchatError
 from vlchat.images import load_image, to_tensor
-from vlchat.model.vlm import IMAGE_TOKEN_ID
 from vlchat.train.data import Sample
 
 IGNORE = -100
@@ -41,7 +40,7 @@ def encode_sample(sample: Sample, template: Template, system: str | None, tokeni
     """Render a sample with `template` (+ system prompt) and mark what the loss sees."""
     messages = ([Message.text_message("system", system)] if system is not None else []) + sample.messages
     keys, trainable = encode(template, messages, tokenize, tokens_per_image, add_generation_prompt=False)
-    ids = [IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in keys]
+    ids = slot_ids(keys)
     labels = [k if t and not isinstance(k, tuple) else IGNORE for k, t in zip(keys, trainable)]
     n_images = sum(1 for k in keys if isinstance(k, tuple) and k[1] == 0)
     if n_images != len(sample.images):

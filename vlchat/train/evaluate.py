@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.prompt import encode
+from vlchat.chat.prompt import encode, slot_ids
 from vlchat.chat.templates import get_template
 from vlchat.images import image_key, load_image
-from vlchat.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel
+from vlchat.model.vlm import VisionLanguageModel
 
 
 @dataclass
@@ -106,8 +106,7 @@ class Answerer:
         parts = ([Image(image_key(image))] if self.with_image else []) + [Text(item.question)]
         keys, _ = encode(self.template, [Message("user", parts)], self.model.lm.tokenize,
                          self.model.tokens_per_image)
-        ids = [IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in keys]
-        return ids, self.model.pixels(image) if self.with_image else None
+        return slot_ids(keys), self.model.pixels(image) if self.with_image else None
 
     @torch.inference_mode()
     def answer(self, items: list[Item], max_new_tokens: int) -> list[str]:
