@@ -126,6 +126,40 @@ def bench(json_output: Annotated[bool, typer.Option("--json", help="Print one JS
 
 
 @app.command()
+def serve(host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+          api_key: Annotated[Optional[str], typer.Option(envvar="VLCHAT_API_KEY",
+                                                         help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+          model: Annotated[str, typer.Option(help="Model preset name or config file.")] = "default",
+          image_dir: Annotated[Optional[Path], typer.Option(help="Allow local image paths under this folder.")] = None,
+          allow_remote_images: Annotated[bool, typer.Option(help="Fetch http(s) image URLs (never private addresses).")] = False,
+          max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+          max_queue: Annotated[int, typer.Option(help="Requests waiting before 429.")] = 32,
+          timeout: Annotated[float, typer.Option(help="Seconds a request may run.")] = 300.0,
+          max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 32.0,
+          max_image_mb: Annotated[float, typer.Option(help="Largest image (decoded file bytes).")] = 20.0,
+          prefix_cache_tokens: Annotated[int, typer.Option(help="KV positions kept for prefix reuse (0 = off).")] = 16384,
+          max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 256,
+          home: Annotated[Optional[Path], typer.Option(help="Conversation store folder (default $VLCHAT_HOME or ~/.vlchat).")] = None,
+          ) -> None:
+    """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
+    from vlchat.config import ModelConfig
+    from vlchat.serve.server import build_app, serve as run_server
+    from vlchat.serve.serving import ServeConfig
+
+    if image_dir is not None and not image_dir.is_dir():
+        raise VlchatError(f"--image-dir {image_dir} is not a folder")
+    if not 0 < port < 65536:
+        raise VlchatError(f"--port must be 1..65535, got {port}")
+    config = ServeConfig(model=model, api_key=api_key or None, image_dir=image_dir and image_dir.resolve(),
+                         allow_remote_images=allow_remote_images, max_body_mb=max_body_mb, max_image_mb=max_image_mb,
+                         max_batch=max_batch, max_queue=max_queue, timeout_s=timeout,
+                         prefix_cache_tokens=prefix_cache_tokens, default_max_tokens=max_tokens, home=home)
+    name = ModelConfig.from_name(model).name  # a bad name fails here, before the server starts
+    run_server(build_app(config, lambda: open_chat(model), name), host, port)
+
+
+@app.command()
 def prepare(model: Model = "default") -> None:
     """Verify the packaged weights and build the LM cache (once), so later starts are fast."""
     import time

@@ -120,6 +120,50 @@ class TextStream:
         return delta
 
 
+# --- one sequence, one step at a time ------------------------------------------------------
+
+class SequenceDecoder:
+    """Picks a sequence's tokens one step at a time; `generate()` drives one, a batch scheduler many.
+
+    `step(logits)` takes the (1, V) logits at the current position and returns (text delta,
+    token to feed next or None). After None, or after `max_new_tokens` tokens, `finish_reason`
+    is set and `result(state)` gives the answer.
+    """
+
+    def __init__(self, lm: LanguageModel, config: GenerationConfig, stops: tuple[str, ...] = ()) -> None:
+        self.lm, self.config = lm, config
+        self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        self.stream, self.eos = TextStream(lm, stops + tuple(config.stop)), lm.eos_token_ids
+        self.finish_reason: str | None = None
+
+    def step(self, logits: torch.Tensor) -> tuple[str, int | None]:
+        config, steps = self.config, len(self.stream.ids)
+        processed = apply_repetition_penalty(logits, torch.tensor([self.stream.ids], dtype=torch.long),
+                                             config.repetition_penalty)
+        if steps < config.min_new_tokens:
+            processed = suppress(processed, self.eos)
+        token = int(next_token(processed, config, self.generator))
+        if token in self.eos:
+            return self._end("stop"), None
+        delta = self.stream.push(token)
+        if self.stream.stopped:
+            return delta + self._end("stop"), None
+        if len(self.stream.ids) >= config.max_new_tokens:
+            self.finish_reason = "length"  # the last token is still fed, so the cache holds it
+        return delta, token
+
+    def _end(self, reason: str) -> str:
+        self.finish_reason = reason
+        return self.stream.flush()
+
+    def tail(self) -> str:
+        """Text held back until the end (a possible stop-string prefix, a partial character)."""
+        return self.stream.flush()
+
+    def result(self, state: LMState) -> GenerationResult:
+        return finished(self.lm, self.stream, self.finish_reason or "length", state)
+
+
 # --- the iterator --------------------------------------------------------------------------
 
 def generate(
@@ -132,29 +176,19 @@ def generate(
 
         yield from beam_search(lm, logits, state, config, stops + tuple(config.stop))
         return
-    stops = stops + tuple(config.stop)
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    stream, eos = TextStream(lm, stops), lm.eos_token_ids
-    finish = "length"
-    for step in range(config.max_new_tokens):
-        processed = apply_repetition_penalty(logits, torch.tensor([stream.ids], dtype=torch.long),
-                                             config.repetition_penalty)
-        if step < config.min_new_tokens:
-            processed = suppress(processed, eos)
-        token = next_token(processed, config, generator)
-        if int(token) in eos:
-            finish = "stop"
-            break
-        delta = stream.push(int(token))
+    decoder = SequenceDecoder(lm, config, stops)
+    while True:
+        delta, token = decoder.step(logits)
         if delta:
             yield Chunk(delta)
-        if stream.stopped:
-            finish = "stop"
+        if token is None:
             break
-        logits, state = lm.decode(token, state)
-    if tail := stream.flush():
+        logits, state = lm.decode(torch.tensor([token]), state)
+        if decoder.finish_reason:
+            break
+    if tail := decoder.tail():
         yield Chunk(tail)
-    yield Chunk(finish_reason=finish, result=finished(lm, stream, finish, state))
+    yield Chunk(finish_reason=decoder.finish_reason, result=decoder.result(state))
 
 
 def finished(lm: LanguageModel, stream: TextStream, finish: str, state: LMState) -> GenerationResult:

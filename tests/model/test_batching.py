@@ -1,0 +1,54 @@
+"""DecodeBatch: rows of different lengths decode together exactly as they would alone."""
+
+import torch
+
+from vlchat.model.batching import DecodeBatch, prefix_state, state_bytes
+
+
+def prefill(lm, ids):
+    return lm.prefill(lm.embed(torch.tensor([ids])))
+
+
+def test_batched_decode_matches_solo_decode(tiny_model):
+    lm = tiny_model.lm
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    solo, states, logits = [], [], []
+    for ids in prompts:
+        first, state = prefill(lm, ids)
+        states.append(state)
+        logits.append(first)
+        steps, s = [], prefill(lm, ids)[1]
+        for token in (20, 21, 22):
+            out, s = lm.decode(torch.tensor([token]), s)
+            steps.append(out)
+        solo.append(steps)
+    batch = DecodeBatch.of(states)
+    for step, token in enumerate((20, 21, 22)):
+        out = batch.decode(lm, torch.tensor([token] * 3))  # (3, V)
+        for row in range(3):
+            torch.testing.assert_close(out[row:row + 1], solo[row][step], atol=1e-4, rtol=1e-4)
+    assert batch.lengths == [6, 9, 4]
+
+
+def test_row_cuts_back_to_a_solo_state_that_continues_correctly(tiny_model):
+    lm = tiny_model.lm
+    (_, a), (_, b) = prefill(lm, [5, 6]), prefill(lm, [7, 8, 9, 10])
+    batch = DecodeBatch.of([a, b])
+    batch.decode(lm, torch.tensor([30, 31]))
+    row = batch.row(0)
+    assert row.length == 3 and row.cache.get_seq_length() == 3
+    expected, _ = lm.decode(torch.tensor([40]), prefill(lm, [5, 6, 30])[1])
+    got, _ = lm.decode(torch.tensor([40]), row)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_state_copies_and_counts_bytes(tiny_model):
+    lm = tiny_model.lm
+    _, state = prefill(lm, [5, 6, 7, 8])
+    head = prefix_state(state, 2)
+    assert head.length == 2 and head.cache.get_seq_length() == 2
+    assert state_bytes(head) * 2 == state_bytes(state)
+    expected, _ = prefill(lm, [5, 6, 9])
+    got, _ = lm.prefill(lm.embed(torch.tensor([[9]])), head)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert state.length == 4  # the source is untouched

@@ -1,0 +1,171 @@
+"""HTTP routes (FastAPI): they only translate HTTP to the serving layer and back.
+
+Every failure leaves as OpenAI's error object `{"error": {"message", "type", "param", "code"}}`
+with its status: 400 bad request, 401 key, 404 unknown model/route/conversation, 413 too large,
+422 schema, 429 queue full, 503 loading, 504 timeout; a bug is a 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from vlchat.serve import protocol as p
+from vlchat.serve.conversations import Conversations
+from vlchat.serve.serving import ApiError, ChatService, complete, sse
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/redoc")  # no API key needed
+ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
+
+
+def create_app(service: ChatService, conversations: Conversations) -> FastAPI:
+    app = FastAPI(title="vlchat", version="0.1.0", responses=ERRORS,
+                  description="OpenAI-compatible chat completions with images, plus stored conversations.")
+    app.state.service, app.state.conversations = service, conversations
+    add_error_handlers(app)
+    add_guards(app, service)
+    add_openai_routes(app)
+    add_conversation_routes(app)
+    return app
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def schema_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        if first.get("type") == "json_invalid":
+            return error_response(ApiError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json"))
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return error_response(ApiError(422, message, where or None, "invalid_schema"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return error_response(ApiError(error.status_code, str(error.detail)))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(ApiError(500, "internal server error"))
+
+
+def add_guards(app: FastAPI, service: ChatService) -> None:
+    """Body size (413) and API key (401) checks, before any route reads the body."""
+    limit = int(service.config.max_body_mb * 2**20)
+    key = service.config.api_key
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return error_response(ApiError(413, f"the request body is larger than {service.config.max_body_mb:g} MB",
+                                           code="request_too_large"))
+        if key and request.url.path.startswith("/v1") and not authorized(request, key):
+            return error_response(ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                           code="invalid_api_key"))
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limit:
+                    return error_response(ApiError(413, f"the request body is larger than {service.config.max_body_mb:g} MB",
+                                                   code="request_too_large"))
+            request._body = body  # replayed to the route (Starlette caches the body here)
+        return await call_next(request)
+
+
+def authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def add_openai_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        """Readiness: 200 once the model is loaded, 503 while it loads (or if loading failed)."""
+        service: ChatService = request.app.state.service
+        status = "ok" if service.ready else ("error" if service.load_error else "loading")
+        body = {"status": status, "model": service.model_id}
+        if service.ready:
+            scheduler = service.scheduler
+            body["batch"] = {"max": scheduler.max_batch, "active": len(scheduler.active), "peak": scheduler.peak_batch,
+                             "waiting": scheduler.waiting.qsize()}
+            body["prefix_cache"] = vars(service.scheduler.prefix_cache.stats())
+        return JSONResponse(body, status_code=200 if service.ready else 503)
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def models(request: Request) -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=request.app.state.service.model_id)])
+
+    @app.get("/v1/models/{model}", response_model=p.ModelCard)
+    async def model(model: str, request: Request) -> p.ModelCard:
+        request.app.state.service.check_model(model)
+        return p.ModelCard(id=model)
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        """OpenAI chat completions; `stream: true` answers with Server-Sent Events."""
+        service: ChatService = request.app.state.service
+        run = await service.run(lambda emit: service.completion_job(body, emit), request.is_disconnected)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(run, service.model_id, usage), media_type="text/event-stream")
+        return await complete(run, service.model_id)
+
+
+def add_conversation_routes(app: FastAPI) -> None:
+    @app.get("/v1/conversations")
+    def list_conversations(request: Request, limit: int = Query(50, ge=0, le=1000), offset: int = Query(0, ge=0)) -> dict:
+        return request.app.state.conversations.list(limit, offset)
+
+    @app.post("/v1/conversations")
+    def create_conversation(body: p.ConversationCreate, request: Request) -> dict:
+        return request.app.state.conversations.create(body)
+
+    @app.get("/v1/conversations/{conversation_id}")
+    def get_conversation(conversation_id: str, request: Request) -> dict:
+        return request.app.state.conversations.get(conversation_id)
+
+    @app.patch("/v1/conversations/{conversation_id}")
+    def update_conversation(conversation_id: str, body: p.ConversationUpdate, request: Request) -> dict:
+        return request.app.state.conversations.update(conversation_id, body)
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    def delete_conversation(conversation_id: str, request: Request) -> dict:
+        return request.app.state.conversations.delete(conversation_id)
+
+    @app.post("/v1/conversations/{conversation_id}/messages", response_model=p.ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def reply(conversation_id: str, body: p.ConversationReply, request: Request):
+        """Add a user message (or regenerate the last answer) and answer it; both are stored."""
+        state = request.app.state
+        run = await state.conversations.reply(conversation_id, body, request.is_disconnected)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(run, state.service.model_id, usage), media_type="text/event-stream")
+        return await complete(run, state.service.model_id)
+
+    @app.get("/v1/images/{key}", response_class=FileResponse)
+    def image(key: str, request: Request) -> FileResponse:
+        """A stored conversation image by content hash (PNG)."""
+        path = request.app.state.conversations.store.image_path(key) if len(key) == 64 else None
+        if path is None or not Path(path).is_file():
+            raise ApiError(404, f"no stored image {key[:16]!r}", "key", "image_not_found")
+        return FileResponse(path, media_type="image/png")

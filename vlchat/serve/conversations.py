@@ -1,0 +1,124 @@
+"""Stored conversations (`/v1/conversations`, a vlchat extension used by the web UI).
+
+A reply appends the user's message once generation has started (the prompt fits and the model
+accepted it) and the assistant's answer when it ends, each in its own transaction: a server
+killed midway loses at most the answer being generated. An answer stopped by the client is
+kept as far as it got, as ChatGPT and MiniGPT-4's demo keep a stopped answer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vlchat.chat.messages import Image, Message, Text
+from vlchat.errors import VlchatError
+from vlchat.images import load_image
+from vlchat.serve import protocol as p
+from vlchat.serve.serving import ApiError, ChatService, Disconnected, Prompt, Run
+from vlchat.serve.scheduler import Job
+from vlchat.serve.store import ConversationStore, NotFound
+
+
+class Conversations:
+    def __init__(self, service: ChatService, store: ConversationStore) -> None:
+        self.service, self.store = service, store
+
+    def _call(self, method: Callable, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except NotFound as error:
+            raise ApiError(404, str(error), "conversation_id", "conversation_not_found") from None
+        except VlchatError as error:
+            raise ApiError(400, str(error)) from None
+
+    def list(self, limit: int, offset: int) -> dict:
+        return {"object": "list", "data": self._call(self.store.list, limit, offset)}
+
+    def get(self, conversation_id: str) -> dict:
+        return self._call(self.store.get, conversation_id)
+
+    def delete(self, conversation_id: str) -> dict:
+        if not self._call(self.store.delete, conversation_id):
+            raise ApiError(404, f"no conversation {conversation_id!r}", "conversation_id", "conversation_not_found")
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    def update(self, conversation_id: str, body: p.ConversationUpdate) -> dict:
+        return self._call(self.store.update, conversation_id, title=body.title, settings=body.settings)
+
+    def create(self, body: p.ConversationCreate) -> dict:
+        messages = [{"role": m.role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
+                    for i, m in enumerate(body.messages)]
+        return self._call(self.store.create, body.title or "New chat", body.system, body.template,
+                          body.settings, messages)
+
+    def stored_parts(self, content, param: str) -> list[dict]:
+        """OpenAI content -> stored parts; images are decoded, checked and saved by content hash."""
+        images: dict = {}
+        parts = self.service.parts(content, images, param)
+        out = []
+        for part in parts:
+            if isinstance(part, Text):
+                out.append({"type": "text", "text": part.text})
+            else:
+                path = self._call(self.store.save_image, part.key, images[part.key])
+                out.append({"type": "image", "key": part.key, "path": path})
+        return out
+
+    # --- replies -------------------------------------------------------------------------
+    def reply_job(self, conversation_id: str, body: p.ConversationReply, emit) -> tuple[Job, dict | None, int]:
+        """(job, user message to store or None, messages to keep) for a reply; runs in a worker thread."""
+        self.service.require_ready()
+        conversation = self.get(conversation_id)
+        stored = conversation["messages"]
+        if body.regenerate:
+            while stored and stored[-1]["role"] == "assistant":
+                stored = stored[:-1]
+            new = None
+        elif body.content is None or body.content == "" or body.content == []:
+            raise ApiError(400, "content is required (or set regenerate: true)", "content")
+        else:
+            new = {"role": "user", "parts": self.stored_parts(body.content, "content")}
+            stored = stored + [new]
+        prompt = self.prompt(conversation.get("system"), stored)
+        generation = self.service.generation(body, body.max_tokens)
+        job = self.service.job(prompt, conversation.get("template"), generation, emit)
+        return job, new, len(stored) - (1 if new else 0)  # keep: regenerate drops the old answer
+
+    def prompt(self, system: str | None, stored: list[dict]) -> Prompt:
+        prompt = Prompt([Message("system", [Text(system)])] if system is not None else [])
+        for message in stored:
+            parts = []
+            for part in message["parts"]:
+                if part["type"] == "text":
+                    parts.append(Text(part["text"]))
+                    continue
+                path = self.store.image_path(part["key"])
+                if path is None:
+                    raise ApiError(400, f"image {part['key'][:12]}… of this conversation is missing from the store")
+                prompt.images[part["key"]] = load_image(path)
+                parts.append(Image(part["key"], str(path)))
+            prompt.messages.append(Message(message["role"], parts))
+        return prompt
+
+    async def reply(self, conversation_id: str, body: p.ConversationReply, disconnected: Disconnected) -> Run:
+        """Start a reply; the user message is stored now, the answer when the run ends."""
+        pending: dict = {}
+
+        def build(emit):
+            job, pending["new"], pending["keep"] = self.reply_job(conversation_id, body, emit)
+            return job
+
+        run = await self.service.run(build, disconnected)
+        self._call(self.store.truncate, conversation_id, pending["keep"])  # regenerate: the old answer goes
+        if pending["new"] is not None:
+            self._call(self.store.append, conversation_id, [pending["new"]])
+        run.on_end = lambda ended: self._store_answer(conversation_id, ended)
+        return run
+
+    def _store_answer(self, conversation_id: str, run: Run) -> None:
+        text = "".join(run.text).strip()
+        if text or run.finished is not None:
+            try:
+                self.store.append(conversation_id, [{"role": "assistant", "parts": [{"type": "text", "text": text}]}])
+            except NotFound:  # deleted while the answer was being generated
+                pass

@@ -1,0 +1,33 @@
+"""Wiring for `vlchat serve`: the service, the store and the app, run by uvicorn.
+
+uvicorn starts listening at once and the model loads in the background, so `/health` answers
+503 ("loading") until it is ready, as vLLM and Ollama do while they load weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fastapi import FastAPI
+
+from vlchat.serve.api import create_app
+from vlchat.serve.conversations import Conversations
+from vlchat.serve.serving import ChatService, ServeConfig
+from vlchat.serve.store import ConversationStore, vlchat_home
+
+
+def build_app(config: ServeConfig, load_chat: Callable[[], object], model_name: str) -> FastAPI:
+    home = config.home or vlchat_home()
+    store = ConversationStore(home / "vlchat.db")
+    service = ChatService(config, load_chat, model_name)
+    return create_app(service, Conversations(service, store))
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    import uvicorn
+
+    logging.getLogger("vlchat").setLevel(logging.INFO)
+    print(f"vlchat: serving on http://{host}:{port} (OpenAI API under /v1; the model loads in the background)",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,307 @@
+"""The serving logic behind the HTTP routes: OpenAI requests -> scheduler jobs -> responses.
+
+Routes (api.py) only translate HTTP. Here: the model loads in the background (503 until it is
+ready), requests become `Job`s (messages, decoded images, generation settings), and the
+scheduler's events, which arrive on its worker thread, are handed to the asyncio loop through a
+queue. A client that goes away cancels its job, so its row leaves the decode batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.templates import get_template
+from vlchat.config import GenerationConfig
+from vlchat.errors import VlchatError
+from vlchat.images import DEFAULT_MAX_PIXELS, image_key
+from vlchat.serve import protocol as p
+from vlchat.serve.image_source import ImageInputError, ImagePolicy, resolve_image
+from vlchat.serve.prefix_cache import PrefixCache
+from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started
+
+log = logging.getLogger(__name__)
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server limits and policies; every field is a `vlchat serve` option."""
+
+    model: str = "default"  # a preset name or a model config file
+    api_key: str | None = None
+    image_dir: Path | None = None
+    allow_remote_images: bool = False
+    max_body_mb: float = 32.0
+    max_image_mb: float = 20.0
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 8
+    max_queue: int = 32
+    timeout_s: float = 300.0
+    prefix_cache_tokens: int = 16384
+    default_max_tokens: int = 256
+    home: Path | None = None  # the conversation store's folder; None: $VLCHAT_HOME or ~/.vlchat
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_mb", "max_image_mb", "max_batch", "max_queue", "timeout_s", "default_max_tokens"):
+            if getattr(self, name) <= 0:
+                raise VlchatError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(image_dir=self.image_dir, allow_remote=self.allow_remote_images,
+                           max_bytes=int(self.max_image_mb * 2**20), max_pixels=self.max_image_pixels)
+
+
+class ApiError(Exception):
+    """An error the API reports as OpenAI-style JSON with `status`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable_error", 504: "timeout_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error")
+        return p.ErrorResponse(error=p.ErrorBody(message=self.message, type=kind, param=self.param,
+                                                 code=self.code)).model_dump()
+
+
+@dataclass
+class Prompt:
+    """A conversation ready for the scheduler."""
+
+    messages: list[Message]
+    images: dict = field(default_factory=dict)  # image key -> PIL image
+
+
+class ChatService:
+    def __init__(self, config: ServeConfig, load_chat: Callable[[], object], model_name: str) -> None:
+        self.config = config
+        self.model_id = f"vlchat-{model_name}"
+        self.chat = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self._loader = threading.Thread(target=self._load, args=(load_chat,), daemon=True, name="vlchat-load")
+        self._loader.start()
+
+    def _load(self, load_chat: Callable[[], object]) -> None:
+        try:
+            self.chat = load_chat()
+            self.scheduler = Scheduler(self.chat, PrefixCache(self.config.prefix_cache_tokens),
+                                       self.config.max_batch, self.config.max_queue)
+            log.info("model %s loaded", self.model_id)
+        except Exception as error:  # reported by /health and every request (503), never a crash
+            self.load_error = str(error) if isinstance(error, VlchatError) else f"{type(error).__name__}: {error}"
+            log.error("cannot load the model: %s", self.load_error)
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def require_ready(self) -> Scheduler:
+        if self.scheduler is None:
+            raise ApiError(503, f"the model failed to load: {self.load_error}" if self.load_error
+                           else "the model is still loading; retry in a few seconds", code="model_loading")
+        return self.scheduler
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
+                           "model", "model_not_found")
+
+    # --- requests -> jobs ----------------------------------------------------------------
+    def generation(self, request, max_tokens: int | None) -> GenerationConfig:
+        fields = {"max_new_tokens": max_tokens or self.config.default_max_tokens,
+                  "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed,
+                  "num_beams": request.num_beams, "top_k": getattr(request, "top_k", None),
+                  "min_new_tokens": getattr(request, "min_tokens", None),
+                  "repetition_penalty": getattr(request, "repetition_penalty", None),
+                  "stop": stop_strings(getattr(request, "stop", None))}
+        try:
+            return GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
+        except VlchatError as error:
+            raise ApiError(400, str(error), param=str(error).split()[0]) from None
+
+    def prompt(self, messages: list[p.ChatMessage]) -> Prompt:
+        """OpenAI messages -> vlchat messages (consecutive user messages merged) and their images."""
+        prompt = Prompt([])
+        for i, raw in enumerate(messages):
+            role = {"developer": "system"}.get(raw.role, raw.role)
+            if role not in ("system", "user", "assistant"):
+                raise ApiError(400, f"messages[{i}].role {raw.role!r} is not supported; use system, user or assistant",
+                               f"messages[{i}].role")
+            parts = self.parts(raw.content, prompt.images, f"messages[{i}].content")
+            if not parts and role != "system":
+                raise ApiError(400, f"messages[{i}] has no content", f"messages[{i}].content")
+            if prompt.messages and prompt.messages[-1].role == role == "user":
+                prompt.messages[-1].parts.extend(parts)
+            else:
+                prompt.messages.append(Message(role, parts))
+        return prompt
+
+    def parts(self, content, images: dict, param: str) -> list:
+        if content is None:
+            return []
+        if isinstance(content, str):
+            return [Text(content)]
+        out = []
+        for j, part in enumerate(content):
+            if isinstance(part, p.TextPart):
+                out.append(Text(part.text))
+                continue
+            image = self.image(part.image_url.url, f"{param}[{j}].image_url")
+            key = image_key(image)
+            images[key] = image
+            out.append(Image(key))
+        return out
+
+    def image(self, url: str, param: str):
+        try:
+            return resolve_image(url, self.config.image_policy, param=param)
+        except ImageInputError as error:
+            raise ApiError(error.status, str(error), param) from None
+        except VlchatError as error:
+            raise ApiError(400, str(error), param) from None
+
+    def job(self, prompt: Prompt, template: str | None, generation: GenerationConfig, emit) -> Job:
+        try:
+            chosen = get_template(template or self.chat.model.config.template)
+            chosen.segments(prompt.messages)  # refuses a bad role order now
+        except VlchatError as error:
+            raise ApiError(400, str(error), "template" if template and "template" in str(error) else "messages") from None
+        if not prompt.messages or prompt.messages[-1].role != "user":
+            raise ApiError(400, "the last message must be a user message (the one to answer)", "messages")
+        return Job(prompt.messages, prompt.images, chosen, generation, emit, self.config.timeout_s)
+
+    def completion_job(self, request: p.ChatCompletionRequest, emit) -> Job:
+        """Validate a chat-completions request (raises ApiError) and build its job."""
+        self.require_ready()
+        self.check_model(request.model)
+        if request.n not in (None, 1):
+            raise ApiError(400, f"n must be 1 (vlchat returns one choice per request), got {request.n}", "n")
+        generation = self.generation(request, request.max_completion_tokens or request.max_tokens)
+        return self.job(self.prompt(request.messages), request.template, generation, emit)
+
+    # --- running jobs --------------------------------------------------------------------
+    async def run(self, build: Callable[[Callable], Job], disconnected: Disconnected) -> "Run":
+        """Build and queue a job (in a thread: images may be fetched and decoded), wait until it starts."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = await asyncio.to_thread(build, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            self.require_ready().submit(job)
+        except QueueFull as error:
+            raise ApiError(429, f"{error}; retry later", code="queue_full") from None
+        run = Run(job, events, disconnected)
+        first = await run.next()
+        if isinstance(first, Failed):
+            raise ApiError(first.status, first.message, code=first.code)
+        return run
+
+
+class Run:
+    """A queued job's events as an async stream. `close()` (always called by the consumer)
+    cancels the job if it is still going and calls `on_end` once, e.g. to store the answer."""
+
+    def __init__(self, job: Job, events: asyncio.Queue, disconnected: Disconnected) -> None:
+        self.job, self.events, self.disconnected = job, events, disconnected
+        self.text: list[str] = []
+        self.finished: Finished | None = None
+        self.done = False
+        self.on_end: Callable[["Run"], None] | None = None
+
+    async def next(self):
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await self.disconnected():
+                    raise ClientGone() from None
+                continue
+            if isinstance(event, Delta):
+                self.text.append(event.text)
+            self.finished = event if isinstance(event, Finished) else None
+            self.done = isinstance(event, (Finished, Failed))
+            return event
+
+    async def rest(self) -> AsyncIterator:
+        while not self.done:
+            yield await self.next()
+
+    def close(self) -> None:
+        if not self.done:
+            self.job.cancelled.set()
+            self.done = True
+        if self.on_end is not None:
+            end, self.on_end = self.on_end, None
+            end(self)
+
+
+class ClientGone(Exception):
+    pass
+
+
+def stop_strings(stop) -> tuple[str, ...] | None:
+    if stop is None:
+        return None
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 4 or not all(stops):
+        raise ApiError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+    return stops
+
+
+def usage(u) -> p.Usage:
+    return p.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                   total_tokens=u.prompt_tokens + u.completion_tokens,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=u.cached_tokens))
+
+
+async def complete(run: Run, model_id: str) -> p.ChatCompletion:
+    """Collect a run into one chat.completion object."""
+    try:
+        async for event in run.rest():
+            if isinstance(event, Failed):
+                raise ApiError(event.status, event.message, code=event.code)
+    except ClientGone:
+        raise ApiError(499, "the client closed the connection") from None
+    finally:
+        run.close()
+    message = p.ResponseMessage(content="".join(run.text))
+    return p.ChatCompletion(model=model_id, choices=[p.Choice(message=message, finish_reason=run.finished.finish_reason)],
+                            usage=usage(run.finished.usage))
+
+
+async def sse(run: Run, model_id: str, include_usage: bool) -> AsyncIterator[str]:
+    """A run as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    head = p.ChatCompletionChunk(id=p.completion_id(), created=p.now(), model=model_id, choices=[])
+
+    def chunk(**fields) -> str:
+        return f"data: {head.model_copy(update=fields).model_dump_json(exclude_none=True)}\n\n"
+
+    yield chunk(choices=[p.ChunkChoice(delta=p.Delta(role="assistant", content=""))])
+    try:
+        async for event in run.rest():
+            if isinstance(event, Delta):
+                yield chunk(choices=[p.ChunkChoice(delta=p.Delta(content=event.text))])
+            elif isinstance(event, Finished):
+                yield chunk(choices=[p.ChunkChoice(delta=p.Delta(), finish_reason=event.finish_reason)])
+                if include_usage:
+                    yield chunk(choices=[], usage=usage(event.usage))
+            elif isinstance(event, Failed):
+                yield f"data: {json.dumps(ApiError(event.status, event.message, code=event.code).body())}\n\n"
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        return
+    finally:  # also when the client goes away and the server cancels this generator
+        run.close()
+
