@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlchat-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup prepare demo test bench train-default
+.PHONY: setup prepare browser demo test bench load train-default
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -20,14 +21,23 @@ $(STAMP): pyproject.toml Makefile
 prepare: setup
 	$(BIN)/vlchat prepare
 
+# The web UI and the OpenAI-compatible API, one process: open the printed address in a browser.
 demo: prepare
-	$(BIN)/vlchat chat --image vlchat/examples/shapes.png
+	$(BIN)/vlchat serve --port 7860
 
-test: prepare
+# The web UI tests drive Debian's Chromium through Playwright (never a browser download).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: prepare browser
 	$(BIN)/python -m pytest -q
 
 bench: prepare
 	$(BIN)/vlchat bench
+
+# Serving under load on loopback: serial vs 8 concurrent streaming clients vs no batching (a few minutes).
+load: prepare
+	$(BIN)/python -m vlchat.serve.loadtest
 
 # Reproduce the committed default projector (about 55 minutes on 2 CPU cores) and its report.
 train-default: setup

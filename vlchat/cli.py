@@ -155,8 +155,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to bind (loopback by d
                          allow_remote_images=allow_remote_images, max_body_mb=max_body_mb, max_image_mb=max_image_mb,
                          max_batch=max_batch, max_queue=max_queue, timeout_s=timeout,
                          prefix_cache_tokens=prefix_cache_tokens, default_max_tokens=max_tokens, home=home)
-    name = ModelConfig.from_name(model).name  # a bad name fails here, before the server starts
-    run_server(build_app(config, lambda: open_chat(model), name), host, port)
+    preset = ModelConfig.from_name(model)  # a bad name fails here, before the server starts
+    run_server(build_app(config, lambda: open_chat(model), preset.name, preset.template), host, port)
 
 
 @app.command()

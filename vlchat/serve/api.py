@@ -13,12 +13,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from vlchat.serve import protocol as p
 from vlchat.serve.conversations import Conversations
 from vlchat.serve.serving import ApiError, ChatService, complete, sse
+from vlchat.serve.webui import add_webui
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/redoc")  # no API key needed
@@ -33,6 +34,7 @@ def create_app(service: ChatService, conversations: Conversations) -> FastAPI:
     add_guards(app, service)
     add_openai_routes(app)
     add_conversation_routes(app)
+    add_webui(app)
     return app
 
 
@@ -161,6 +163,13 @@ def add_conversation_routes(app: FastAPI) -> None:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(run, state.service.model_id, usage), media_type="text/event-stream")
         return await complete(run, state.service.model_id)
+
+    @app.get("/v1/conversations/{conversation_id}/export")
+    def export(conversation_id: str, request: Request, format: str = Query("markdown", pattern="^(markdown|json)$")) -> Response:
+        """The conversation as a Markdown transcript or JSON, as a download."""
+        text, media = request.app.state.conversations.export(conversation_id, format)
+        name = f"{conversation_id}.{'json' if format == 'json' else 'md'}"
+        return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/images/{key}", response_class=FileResponse)
     def image(key: str, request: Request) -> FileResponse:

@@ -8,9 +8,13 @@ kept as far as it got, as ChatGPT and MiniGPT-4's demo keep a stopped answer.
 
 from __future__ import annotations
 
+import json
+import threading
+from datetime import datetime, timezone
 from typing import Callable
 
 from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
 from vlchat.images import load_image
 from vlchat.serve import protocol as p
@@ -22,6 +26,8 @@ from vlchat.serve.store import ConversationStore, NotFound
 class Conversations:
     def __init__(self, service: ChatService, store: ConversationStore) -> None:
         self.service, self.store = service, store
+        self.answering: set[str] = set()  # conversations with an answer in progress
+        self.lock = threading.Lock()
 
     def _call(self, method: Callable, *args, **kwargs):
         try:
@@ -43,11 +49,26 @@ class Conversations:
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     def update(self, conversation_id: str, body: p.ConversationUpdate) -> dict:
-        return self._call(self.store.update, conversation_id, title=body.title, settings=body.settings)
+        system = {"system": body.system} if "system" in body.model_fields_set else {}
+        return self._call(self.store.update, conversation_id, title=body.title, settings=body.settings, **system)
+
+    def export(self, conversation_id: str, form: str) -> tuple[str, str]:
+        """(text, media type) of a conversation as Markdown or JSON."""
+        conversation = self.get(conversation_id)
+        if form == "json":
+            return json.dumps(conversation, ensure_ascii=False, indent=2), "application/json"
+        if form != "markdown":
+            raise ApiError(400, f"format must be markdown or json, got {form!r}", "format")
+        return to_markdown(conversation), "text/markdown; charset=utf-8"
 
     def create(self, body: p.ConversationCreate) -> dict:
         messages = [{"role": m.role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
                     for i, m in enumerate(body.messages)]
+        try:  # refuse now a history no reply could continue (e.g. starting with an answer)
+            get_template(body.template or self.service.model_template).segments(
+                self.prompt(body.system, messages, load_images=False).messages, add_generation_prompt=False)
+        except VlchatError as error:
+            raise ApiError(400, str(error), "messages") from None
         return self._call(self.store.create, body.title or "New chat", body.system, body.template,
                           body.settings, messages)
 
@@ -84,41 +105,73 @@ class Conversations:
         job = self.service.job(prompt, conversation.get("template"), generation, emit)
         return job, new, len(stored) - (1 if new else 0)  # keep: regenerate drops the old answer
 
-    def prompt(self, system: str | None, stored: list[dict]) -> Prompt:
+    def prompt(self, system: str | None, stored: list[dict], load_images: bool = True) -> Prompt:
+        """Stored messages -> a prompt. Consecutive user messages merge (an answer interrupted by
+        a crash or stopped before any text leaves a user message unanswered)."""
         prompt = Prompt([Message("system", [Text(system)])] if system is not None else [])
         for message in stored:
-            parts = []
-            for part in message["parts"]:
-                if part["type"] == "text":
-                    parts.append(Text(part["text"]))
-                    continue
-                path = self.store.image_path(part["key"])
-                if path is None:
-                    raise ApiError(400, f"image {part['key'][:12]}… of this conversation is missing from the store")
-                prompt.images[part["key"]] = load_image(path)
-                parts.append(Image(part["key"], str(path)))
-            prompt.messages.append(Message(message["role"], parts))
+            parts = [Text(part["text"]) if part["type"] == "text" else self.image_part(part, prompt, load_images)
+                     for part in message["parts"]]
+            if prompt.messages and prompt.messages[-1].role == message["role"] == "user":
+                prompt.messages[-1].parts.extend(parts)
+            else:
+                prompt.messages.append(Message(message["role"], parts))
         return prompt
 
+    def image_part(self, part: dict, prompt: Prompt, load: bool) -> Image:
+        path = self.store.image_path(part["key"])
+        if load:
+            if path is None:
+                raise ApiError(400, f"image {part['key'][:12]}… of this conversation is missing from the store")
+            prompt.images[part["key"]] = load_image(path)
+        return Image(part["key"], str(path) if path else None)
+
     async def reply(self, conversation_id: str, body: p.ConversationReply, disconnected: Disconnected) -> Run:
-        """Start a reply; the user message is stored now, the answer when the run ends."""
+        """Start a reply; the user message is stored now, the answer when the run ends.
+        One reply per conversation at a time (409 otherwise), so stored turns never interleave."""
+        with self.lock:
+            if conversation_id in self.answering:
+                raise ApiError(409, "an answer is already being generated in this conversation; "
+                               "wait for it or stop it", "conversation_id", "conversation_busy")
+            self.answering.add(conversation_id)
         pending: dict = {}
 
         def build(emit):
             job, pending["new"], pending["keep"] = self.reply_job(conversation_id, body, emit)
             return job
 
-        run = await self.service.run(build, disconnected)
-        self._call(self.store.truncate, conversation_id, pending["keep"])  # regenerate: the old answer goes
-        if pending["new"] is not None:
-            self._call(self.store.append, conversation_id, [pending["new"]])
+        try:
+            run = await self.service.run(build, disconnected)
+            if body.regenerate:
+                self._call(self.store.truncate, conversation_id, pending["keep"])  # the old answer goes
+            if pending["new"] is not None:
+                self._call(self.store.append, conversation_id, [pending["new"]])
+        except BaseException:
+            self.answering.discard(conversation_id)
+            raise
         run.on_end = lambda ended: self._store_answer(conversation_id, ended)
         return run
 
     def _store_answer(self, conversation_id: str, run: Run) -> None:
         text = "".join(run.text).strip()
-        if text or run.finished is not None:
-            try:
+        try:
+            if text or run.finished is not None:
                 self.store.append(conversation_id, [{"role": "assistant", "parts": [{"type": "text", "text": text}]}])
-            except NotFound:  # deleted while the answer was being generated
-                pass
+        except NotFound:  # deleted while the answer was being generated
+            pass
+        finally:
+            self.answering.discard(conversation_id)
+
+
+def to_markdown(conversation: dict) -> str:
+    """A readable transcript; images appear as links to the server's stored copy."""
+    created = datetime.fromtimestamp(conversation["created"], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# {conversation['title']}", "", f"*{created}*", ""]
+    if conversation.get("system"):
+        lines += [f"**System:** {conversation['system']}", ""]
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    for message in conversation["messages"]:
+        parts = [part["text"] if part["type"] == "text" else f"![image](/v1/images/{part['key']})"
+                 for part in message["parts"]]
+        lines += [f"**{names[message['role']]}:** " + "\n\n".join(parts), ""]
+    return "\n".join(lines)

@@ -164,9 +164,12 @@ class ConversationCreate(BaseModel):
 
 
 class ConversationUpdate(BaseModel):
+    """Fields left out stay as they are; `"system": null` goes back to the template's default."""
+
     model_config = ConfigDict(extra="forbid")
 
     title: str | None = Field(default=None, max_length=200)
+    system: str | None = None
     settings: dict[str, Any] | None = None
 
 

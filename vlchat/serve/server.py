@@ -17,10 +17,11 @@ from vlchat.serve.serving import ChatService, ServeConfig
 from vlchat.serve.store import ConversationStore, vlchat_home
 
 
-def build_app(config: ServeConfig, load_chat: Callable[[], object], model_name: str) -> FastAPI:
+def build_app(config: ServeConfig, load_chat: Callable[[], object], model_name: str,
+              template: str = "chatml") -> FastAPI:
     home = config.home or vlchat_home()
     store = ConversationStore(home / "vlchat.db")
-    service = ChatService(config, load_chat, model_name)
+    service = ChatService(config, load_chat, model_name, template)
     return create_app(service, Conversations(service, store))
 
 
@@ -28,6 +29,7 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     import uvicorn
 
     logging.getLogger("vlchat").setLevel(logging.INFO)
-    print(f"vlchat: serving on http://{host}:{port} (OpenAI API under /v1; the model loads in the background)",
-          flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"vlchat: web UI at http://{shown}:{port}/ , OpenAI-compatible API at http://{shown}:{port}/v1 "
+          "(the model loads in the background; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -62,7 +62,7 @@ class ServeConfig:
 class ApiError(Exception):
     """An error the API reports as OpenAI-style JSON with `status`."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
              413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
              503: "service_unavailable_error", 504: "timeout_error"}
 
@@ -85,9 +85,11 @@ class Prompt:
 
 
 class ChatService:
-    def __init__(self, config: ServeConfig, load_chat: Callable[[], object], model_name: str) -> None:
+    def __init__(self, config: ServeConfig, load_chat: Callable[[], object], model_name: str,
+                 template: str = "chatml") -> None:
         self.config = config
         self.model_id = f"vlchat-{model_name}"
+        self.model_template = template  # the model's conversation template, known before it loads
         self.chat = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
@@ -175,7 +177,7 @@ class ChatService:
 
     def job(self, prompt: Prompt, template: str | None, generation: GenerationConfig, emit) -> Job:
         try:
-            chosen = get_template(template or self.chat.model.config.template)
+            chosen = get_template(template or self.model_template)
             chosen.segments(prompt.messages)  # refuses a bad role order now
         except VlchatError as error:
             raise ApiError(400, str(error), "template" if template and "template" in str(error) else "messages") from None

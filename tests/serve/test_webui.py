@@ -1,0 +1,159 @@
+"""The web UI end to end in real headless Chromium (Debian's /usr/bin/chromium via Playwright),
+against a real `vlchat serve` with the default model. Screenshots go to test-output/webui/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import EXAMPLES, REPO
+from serve_helpers import default_server  # noqa: F401 (fixture)
+
+CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
+SHOTS = REPO / "test-output" / "webui"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, default_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    page.goto(default_server.url)
+    page.wait_for_selector("body[data-ready=true]")
+    page.fill("#max-tokens", "48")  # short answers keep the suite fast
+    yield page
+    context.close()
+
+
+def ask(page, text: str) -> str:
+    """Type a question, press Enter, wait for the streamed answer to finish; returns it."""
+    answers = page.locator(".message.assistant").count()
+    page.fill("#question", text)
+    page.press("#question", "Enter")
+    page.wait_for_selector("#stop:not([disabled])")  # streaming has started
+    page.wait_for_selector("#send:not([disabled])")  # ... and ended
+    assert page.locator(".message.assistant").count() == answers + 1, page.inner_text("#error")
+    return page.locator(".message.assistant").last.inner_text()
+
+
+def test_upload_ask_restart_text_chat_and_reload(page):
+    page.set_input_files("#image-input", str(EXAMPLES / "shapes.png"))
+    page.wait_for_selector("#attachments img")
+    page.screenshot(path=SHOTS / "1-image-attached.png")
+    first = ask(page, "What colour is the square?")
+    assert first.strip()
+    assert page.locator(".message.user img").count() == 1
+    page.screenshot(path=SHOTS / "2-answered.png")
+
+    page.click("#restart")
+    assert page.locator(".message").count() == 0
+    assert ask(page, "Hello! Who are you?").strip()
+    page.screenshot(path=SHOTS / "3-text-only.png")
+
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    titles = page.locator("#conversations .open").all_inner_texts()
+    assert any(t.startswith("What colour is the square") for t in titles), titles
+    assert any(t.startswith("Hello! Who are you") for t in titles), titles
+    page.locator("#conversations .open", has_text="What colour is the square").click()
+    page.wait_for_selector(".message.user img")
+    assert page.locator(".message.assistant").first.inner_text() == first
+    page.screenshot(path=SHOTS / "4-restored.png")
+
+
+def test_corrupt_upload_shows_an_error_and_the_server_keeps_serving(page, default_server, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes((EXAMPLES / "shapes.png").read_bytes()[:300])
+    page.set_input_files("#image-input", str(bad))
+    page.wait_for_selector("#attachments img")
+    page.fill("#question", "What is this?")
+    page.press("#question", "Enter")
+    error = page.wait_for_selector("#error:not([hidden])")
+    assert "corrupt" in error.inner_text() or "not an image" in error.inner_text()
+    assert "Traceback" not in page.content()
+    assert page.locator(".message").count() == 0
+    page.screenshot(path=SHOTS / "5-bad-upload.png")
+    assert httpx.get(f"{default_server.url}/health").status_code == 200
+    page.click("#attachments button")  # remove the broken image, ask again
+    assert ask(page, "What is this?").strip()
+
+
+def test_over_long_message_is_a_clear_error(page):
+    page.fill("#question", "word " * 9000)
+    page.press("#question", "Enter")
+    error = page.wait_for_selector("#error:not([hidden])")
+    assert "context window" in error.inner_text()
+
+
+def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(page, default_server):
+    page.fill("#max-tokens", "1024")
+    page.fill("#question", "Write a very long story about a cat who travels the world.")
+    page.press("#question", "Enter")
+    page.wait_for_function("document.querySelector('.message.assistant')?.textContent.length > 20")
+    page.keyboard.press("Escape")  # stop, keyboard only
+    page.wait_for_selector("#send:not([disabled])")
+    partial = page.locator(".message.assistant").last.inner_text()
+    assert partial.strip()
+    page.wait_for_timeout(1500)  # the server notices the closed stream and stores what was said
+    conversation = httpx.get(f"{default_server.url}/v1/conversations?limit=1").json()["data"][0]
+    stored = httpx.get(f"{default_server.url}/v1/conversations/{conversation['id']}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert partial.strip().startswith(stored[1]["parts"][0]["text"][:20])
+
+    page.fill("#max-tokens", "32")
+    page.click("#regenerate")
+    page.wait_for_selector("#stop:not([disabled])")
+    page.wait_for_selector("#send:not([disabled])")
+    assert page.locator(".message.assistant").count() == 1
+    stored = httpx.get(f"{default_server.url}/v1/conversations/{conversation['id']}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+
+
+def test_persona_chinese_keyboard_only_and_export(page):
+    page.select_option("#persona", "zhubajie")
+    assert "猪八戒" in page.input_value("#system")
+    page.focus("#question")
+    page.keyboard.type("你好，师父在哪里？")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#stop:not([disabled])")
+    page.wait_for_selector("#send:not([disabled])")
+    assert "你好，师父在哪里？" in page.locator(".message.user").last.inner_text()
+    assert page.locator(".message.assistant").last.inner_text().strip()
+    with page.expect_download() as download:
+        page.click("#export-json")
+    exported = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+    assert "猪八戒" in exported["system"] and exported["messages"][0]["parts"][0]["text"] == "你好，师父在哪里？"
+    with page.expect_download() as download:
+        page.click("#export-md")
+    assert "**User:** 你好，师父在哪里？" in Path(download.value.path()).read_text(encoding="utf-8")
+    page.screenshot(path=SHOTS / "6-persona-chinese.png")
+
+
+def test_phone_width_and_example_images(page):
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(300)
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    page.click("#examples button >> nth=0")
+    page.wait_for_selector("#attachments img")
+    assert ask(page, "What animal is this?").strip()
+    page.click("#toggle-sidebar")
+    page.wait_for_timeout(400)
+    assert page.locator("#conversations .open").first.is_visible()
+    page.screenshot(path=SHOTS / "7-phone.png", full_page=True)
