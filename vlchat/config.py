@@ -135,6 +135,9 @@ def check_keys(kind: type, data: Any, what: str) -> None:
 PRESETS: dict[str, ModelConfig] = {"default": ModelConfig()}
 
 
+MAX_BEAMS = 16  # each beam holds a KV cache; more would let one request exhaust memory
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding parameters. temperature == 0 means greedy; num_beams > 1 means (deterministic)
@@ -158,8 +161,9 @@ class GenerationConfig:
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+            (0.01 <= self.repetition_penalty <= 100,
+             f"repetition_penalty must be between 0.01 and 100, got {self.repetition_penalty}"),
+            (1 <= self.num_beams <= MAX_BEAMS, f"num_beams must be between 1 and {MAX_BEAMS}, got {self.num_beams}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
         ]
         for ok, message in checks:

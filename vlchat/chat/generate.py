@@ -55,6 +55,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop[:, 0] = False  # and always the likeliest (top_p may round to 0 in float32)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
@@ -64,7 +65,10 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
     if config.temperature == 0:
         return logits.argmax(-1)
     logits = top_k_top_p_filter(logits / config.temperature, config.top_k, config.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all():  # a temperature so small that logits overflow: the limit is greedy
+        return logits.nan_to_num(nan=float("-inf")).argmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def suppress(logits: torch.Tensor, token_ids: set[int]) -> torch.Tensor:

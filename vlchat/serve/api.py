@@ -58,7 +58,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return error_response(ApiError(error.status_code, str(error.detail)))
+        response = error_response(ApiError(error.status_code, str(error.detail)))
+        response.headers.update(error.headers or {})  # e.g. 405's Allow
+        return response
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def bad_text(request: Request, error: UnicodeEncodeError) -> JSONResponse:
+        return error_response(ApiError(400, "the request holds text that is not valid Unicode (a lone surrogate)",
+                                       code="invalid_text"))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception) -> JSONResponse:
@@ -134,7 +141,8 @@ def add_openai_routes(app: FastAPI) -> None:
 
 def add_conversation_routes(app: FastAPI) -> None:
     @app.get("/v1/conversations")
-    def list_conversations(request: Request, limit: int = Query(50, ge=0, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    def list_conversations(request: Request, limit: int = Query(50, ge=0, le=1000),
+                           offset: int = Query(0, ge=0, le=2**63 - 1)) -> dict:
         return request.app.state.conversations.list(limit, offset)
 
     @app.post("/v1/conversations")
@@ -164,7 +172,8 @@ def add_conversation_routes(app: FastAPI) -> None:
             return StreamingResponse(sse(run, state.service.model_id, usage), media_type="text/event-stream")
         return await complete(run, state.service.model_id)
 
-    @app.get("/v1/conversations/{conversation_id}/export")
+    @app.get("/v1/conversations/{conversation_id}/export",
+             responses={200: {"content": {"text/markdown": {}, "application/json": {}}}})
     def export(conversation_id: str, request: Request, format: str = Query("markdown", pattern="^(markdown|json)$")) -> Response:
         """The conversation as a Markdown transcript or JSON, as a download."""
         text, media = request.app.state.conversations.export(conversation_id, format)

@@ -62,8 +62,13 @@ class Conversations:
         return to_markdown(conversation), "text/markdown; charset=utf-8"
 
     def create(self, body: p.ConversationCreate) -> dict:
-        messages = [{"role": m.role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
-                    for i, m in enumerate(body.messages)]
+        roles = [{"developer": "system"}.get(m.role, m.role) for m in body.messages]
+        for i, role in enumerate(roles):
+            if role not in ("system", "user", "assistant"):
+                raise ApiError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
+                               f"messages[{i}].role")
+        messages = [{"role": role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
+                    for i, (role, m) in enumerate(zip(roles, body.messages))]
         try:  # refuse now a history no reply could continue (e.g. starting with an answer)
             get_template(body.template or self.service.model_template).segments(
                 self.prompt(body.system, messages, load_images=False).messages, add_generation_prompt=False)

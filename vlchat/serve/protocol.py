@@ -8,11 +8,12 @@ are accepted and ignored, as clients such as LangChain and Open WebUI send them.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ImageURL(BaseModel):
@@ -153,14 +154,30 @@ class ErrorResponse(BaseModel):
 
 # --- /v1/conversations (a vlchat extension) --------------------------------------------------
 
+def small_settings(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """UI settings are a small JSON object: at most 16 levels deep and 16 KB."""
+    def depth(value: Any) -> int:
+        if isinstance(value, dict):
+            return 1 + max(map(depth, value.values()), default=0)
+        if isinstance(value, list):
+            return 1 + max(map(depth, value), default=0)
+        return 0
+
+    if settings is not None and (depth(settings) > 16 or len(json.dumps(settings, default=str)) > 16384):
+        raise ValueError("settings must be a JSON object at most 16 levels deep and 16 KB long")
+    return settings
+
+
 class ConversationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: str | None = Field(default=None, max_length=200)
     system: str | None = None
-    template: str | None = None
+    template: str | None = Field(default=None, max_length=64)
     settings: dict[str, Any] = Field(default_factory=dict)
     messages: list[ChatMessage] = Field(default_factory=list)
+
+    _check_settings = field_validator("settings")(small_settings)
 
 
 class ConversationUpdate(BaseModel):
@@ -171,6 +188,8 @@ class ConversationUpdate(BaseModel):
     title: str | None = Field(default=None, max_length=200)
     system: str | None = None
     settings: dict[str, Any] | None = None
+
+    _check_settings = field_validator("settings")(small_settings)
 
 
 class ConversationReply(BaseModel):

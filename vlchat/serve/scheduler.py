@@ -93,6 +93,10 @@ class QueueFull(Exception):
     pass
 
 
+class ContextTooLong(VlchatError):
+    code = "context_length_exceeded"
+
+
 class Scheduler:
     def __init__(self, chat, prefix_cache: PrefixCache | None = None, max_batch: int = 8,
                  max_queue: int = 32) -> None:
@@ -157,10 +161,18 @@ class Scheduler:
         except VlchatError as error:
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
             return None
+        except Exception:  # a bug: this request fails, the others go on
+            log.exception("cannot start a request")
+            job.emit(Failed("internal error while reading the prompt"))
+            return None
         job.usage = Usage(prompt_tokens=len(keys), cached_tokens=common)
         job.emit(Started(job.usage))
         if job.config.num_beams > 1:
-            self._beam(job, keys, logits, state)
+            try:
+                self._beam(job, keys, logits, state)
+            except Exception:
+                log.exception("beam search failed")
+                job.emit(Failed("internal error during beam search"))
             return None
         return Active(job, keys, SequenceDecoder(self.lm, job.config, job.template.stop), logits), state
 
@@ -170,10 +182,8 @@ class Scheduler:
         keys = encode(job.template, job.messages, self.lm.tokenize, model.tokens_per_image)[0]
         window = self.lm.context_window
         if len(keys) + job.config.max_new_tokens > window:
-            error = VlchatError(f"this conversation needs {len(keys)} prompt tokens + max_tokens "
-                                f"{job.config.max_new_tokens}, more than the context window of {window} tokens")
-            error.code = "context_length_exceeded"
-            raise error
+            raise ContextTooLong(f"this conversation needs {len(keys)} prompt tokens + max_tokens "
+                                 f"{job.config.max_new_tokens}, more than the context window of {window} tokens")
         common, state = self.prefix_cache.lookup(keys)
         rest = keys[common:]
         embeddings = {key: self.chat.image_embeddings(image)[1] for key, image in job.images.items()}
@@ -194,7 +204,13 @@ class Scheduler:
         """Pick one token for every active row, retire finished rows, feed the rest together."""
         keep, tokens = [], []
         for row, active in enumerate(self.active):
-            token = self._pick(active)
+            try:
+                token = self._pick(active)
+            except Exception:  # a bug in one row's sampling fails that request only
+                log.exception("sampling failed")
+                active.job.emit(Failed("internal error while generating"))
+                active.job.cancelled.set()
+                token = None
             if token is None:
                 self._retire(row, active)
             else:

@@ -27,6 +27,7 @@ from vlchat.serve.prefix_cache import PrefixCache
 from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started
 
 log = logging.getLogger(__name__)
+API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # GenerationConfig -> request
 Disconnected = Callable[[], Awaitable[bool]]
 
 
@@ -62,11 +63,12 @@ class ServeConfig:
 class ApiError(Exception):
     """An error the API reports as OpenAI-style JSON with `status`."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
              503: "service_unavailable_error", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        message = message.encode("utf-8", "replace").decode("utf-8")  # echoed input may hold surrogates
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -123,7 +125,7 @@ class ChatService:
 
     # --- requests -> jobs ----------------------------------------------------------------
     def generation(self, request, max_tokens: int | None) -> GenerationConfig:
-        fields = {"max_new_tokens": max_tokens or self.config.default_max_tokens,
+        fields = {"max_new_tokens": self.config.default_max_tokens if max_tokens is None else max_tokens,
                   "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed,
                   "num_beams": request.num_beams, "top_k": getattr(request, "top_k", None),
                   "min_new_tokens": getattr(request, "min_tokens", None),
@@ -132,7 +134,10 @@ class ChatService:
         try:
             return GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
         except VlchatError as error:
-            raise ApiError(400, str(error), param=str(error).split()[0]) from None
+            message = str(error)
+            for ours, theirs in API_NAMES.items():
+                message = message.replace(ours, theirs)
+            raise ApiError(400, message, param=message.split()[0]) from None
 
     def prompt(self, messages: list[p.ChatMessage]) -> Prompt:
         """OpenAI messages -> vlchat messages (consecutive user messages merged) and their images."""
@@ -155,11 +160,11 @@ class ChatService:
         if content is None:
             return []
         if isinstance(content, str):
-            return [Text(content)]
+            return [Text(valid_text(content, param))]
         out = []
         for j, part in enumerate(content):
             if isinstance(part, p.TextPart):
-                out.append(Text(part.text))
+                out.append(Text(valid_text(part.text, f"{param}[{j}].text")))
                 continue
             image = self.image(part.image_url.url, f"{param}[{j}].image_url")
             key = image_key(image)
@@ -259,7 +264,16 @@ def stop_strings(stop) -> tuple[str, ...] | None:
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if len(stops) > 4 or not all(stops):
         raise ApiError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-    return stops
+    return tuple(valid_text(s, "stop") for s in stops)
+
+
+def valid_text(text: str, param: str) -> str:
+    """Refuse text that is not valid Unicode (JSON can carry lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)", param) from None
+    return text
 
 
 def usage(u) -> p.Usage:
