@@ -341,7 +341,8 @@ function personaOf(system) {
 
 function setUpSettings() {
   const select = $("#persona");
-  const names = { default: "Template default", none: "No system prompt", custom: "Custom" };
+  const names = { default: "Template default", none: "No system prompt", custom: "Custom",
+                  assistant: "Vision assistant", zhubajie: "Zhu Bajie 猪八戒 (role-play)", chinese: "中文助手 (Chinese)" };
   const options = ["default", ...Object.keys(state.config.personas), "none", "custom"];
   select.replaceChildren(...options.map((name) => new Option(names[name] || name, name)));
   select.addEventListener("change", () => {
