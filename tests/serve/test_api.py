@@ -169,23 +169,30 @@ def test_schema_violations_are_422(tiny_server):
                                     "max_tokens": "many"}), 422, "max_tokens")
 
 
-def test_concurrent_requests_are_batched(tiny_server):
-    body = {"model": "vlchat-tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "min_tokens": 200}
+def test_concurrent_requests_are_batched(default_server):
+    body = {"model": "vlchat-default", "messages": [{"role": "user", "content": "go"}], "max_tokens": 60, "min_tokens": 60}
     results = []
-    threads = [threading.Thread(target=lambda: results.append(post(tiny_server, body).status_code)) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(post(default_server, body).status_code)) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert results == [200] * 4
-    assert tiny_server.health()["batch"]["peak"] >= 2
+    assert default_server.health()["batch"]["peak"] >= 2
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_model_file, tmp_path_factory):
-    """API key, one request at a time, one waiting, half-second timeout."""
-    server = Server(tmp_path_factory.mktemp("strict"), "--model", str(tiny_model_file), "--api-key", "s3cret",
-                    "--max-batch", "1", "--max-queue", "1", "--timeout", "0.5")
+def strict_server(tmp_path_factory):
+    """The default model (slow enough to keep a request running) behind an API key, one request
+    at a time, one waiting, a 3 s timeout."""
+    server = Server(tmp_path_factory.mktemp("strict"), "--api-key", "s3cret", "--max-batch", "1",
+                    "--max-queue", "1", "--timeout", "3")
     yield server
     server.stop()
+
+
+KEY = {"Authorization": "Bearer s3cret"}
+LONG = {"model": "vlchat-default", "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 450, "min_tokens": 450}  # ~10 s of decoding on 2 cores
+SHORT = {"model": "vlchat-default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
 def test_api_key(strict_server):
@@ -193,22 +200,31 @@ def test_api_key(strict_server):
         client(strict_server).models.list()
     with pytest.raises(openai.AuthenticationError):
         client(strict_server, api_key="wrong").models.list()
-    assert [m.id for m in client(strict_server, api_key="s3cret").models.list()] == ["vlchat-tiny"]
+    assert [m.id for m in client(strict_server, api_key="s3cret").models.list()] == ["vlchat-default"]
     assert_error(httpx.get(f"{strict_server.url}/v1/models"), 401)
+    assert_error(post(strict_server, SHORT, headers={"Authorization": "Bearer s3cre"}), 401)
     assert httpx.get(f"{strict_server.url}/health").status_code == 200  # readiness stays open
 
 
-def test_full_queue_is_429_and_a_slow_request_504(strict_server):
-    body = {"model": "vlchat-tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 450, "min_tokens": 450}
-    headers = {"Authorization": "Bearer s3cret"}
+def test_full_queue_is_429(strict_server):
     statuses = []
-    threads = [threading.Thread(target=lambda: statuses.append(post(strict_server, body, headers=headers).status_code))
-               for _ in range(2)]
-    [t.start() for t in threads]
-    time.sleep(0.2)  # one running, one waiting: the queue (size 1) is full
-    assert_error(post(strict_server, body, headers=headers), 429)["code"] == "queue_full"
-    [t.join() for t in threads]
-    assert 504 in statuses  # 450 tokens take longer than the 0.5 s timeout
+    waiting = threading.Thread(target=lambda: statuses.append(post(strict_server, SHORT, headers=KEY).status_code))
+    with httpx.stream("POST", f"{strict_server.url}/v1/chat/completions", json={**LONG, "stream": True},
+                      headers=KEY, timeout=60) as running:
+        assert running.status_code == 200  # headers come once the request is running
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while strict_server.health()["batch"]["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert_error(post(strict_server, SHORT, headers=KEY), 429)["code"] == "queue_full"
+    waiting.join()  # leaving the stream cancelled the running answer: the waiting one was served
+    assert statuses == [200]
+
+
+def test_a_request_past_the_timeout_is_504(strict_server):
+    started = time.monotonic()
+    assert_error(post(strict_server, LONG, headers=KEY), 504)["code"] == "timeout"
+    assert time.monotonic() - started < 8
 
 
 def test_503_while_the_model_loads(tmp_path):
