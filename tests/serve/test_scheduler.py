@@ -102,3 +102,11 @@ def test_a_full_queue_refuses(tiny_model):
         blocker_job.cancelled.set()
     finally:
         scheduler.close()
+
+
+def test_beam_search_stops_at_its_deadline(scheduler):
+    collector = Collector()
+    config = GenerationConfig(max_new_tokens=400, min_new_tokens=400, num_beams=4)
+    scheduler.submit(job("go", config, collector, timeout_s=0.3))
+    assert collector.done.wait(30)
+    assert isinstance(collector.events[-1], Failed) and collector.events[-1].status == 504

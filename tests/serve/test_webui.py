@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import EXAMPLES, REPO
-from serve_helpers import default_server  # noqa: F401 (fixture)
+from serve_helpers import Server, default_server  # noqa: F401 (fixture)
 
 CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "webui"
@@ -157,3 +157,43 @@ def test_phone_width_and_example_images(page):
     page.wait_for_timeout(400)
     assert page.locator("#conversations .open").first.is_visible()
     page.screenshot(path=SHOTS / "7-phone.png", full_page=True)
+
+
+def test_conversations_survive_a_server_restart(browser, tmp_path):
+    """Sidebar conversations live in the server's SQLite store, not in the browser."""
+    first = Server(tmp_path)
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(90_000)
+        page.goto(first.url)
+        page.wait_for_selector("body[data-ready=true]")
+        page.fill("#max-tokens", "32")
+        answer = ask(page, "Remember the word pineapple.")
+        page.close()
+    finally:
+        first.stop()
+    second = Server(tmp_path)  # same store, new process (and a new port: no browser state carries over)
+    try:
+        page = browser.new_page()
+        page.goto(second.url)
+        page.wait_for_selector("body[data-ready=true]")
+        page.locator("#conversations .open", has_text="Remember the word pineapple").click()
+        page.wait_for_selector(".message.assistant")
+        assert page.locator(".message.user").inner_text() == "Remember the word pineapple."
+        assert page.locator(".message.assistant").inner_text() == answer
+        page.close()
+    finally:
+        second.stop()
+
+
+def test_every_control_is_reachable_with_the_tab_key(page):
+    reached = set()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        reached.add(page.evaluate("document.activeElement.id || document.activeElement.className"))
+    wanted = {"new-chat", "question", "add-image", "send", "regenerate", "restart", "export-md", "export-json",
+              "persona", "system", "num-beams", "temperature", "top-p", "max-tokens"}
+    assert wanted <= reached, wanted - reached
+    page.focus("#temperature")
+    page.keyboard.press("ArrowRight")  # sliders move with the arrow keys
+    assert page.input_value("#temperature") == "0.1"

@@ -7,7 +7,7 @@ prompt; the answer's ids are returned and prefilled with the next turn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -38,8 +38,9 @@ def step_scores(lm: LanguageModel, logits: torch.Tensor, beams: list[list[int]],
 
 
 def beam_search(lm: LanguageModel, logits: torch.Tensor, state: LMState, config: GenerationConfig,
-                stops: tuple[str, ...]) -> Iterator[Chunk]:
-    """Yield the best hypothesis's text as one chunk, then the finish chunk."""
+                stops: tuple[str, ...], interrupted: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+    """Yield the best hypothesis's text as one chunk, then the finish chunk. `interrupted()` is
+    asked every step (a server's cancel or timeout); when true the search ends as if at max length."""
     width, eos = config.num_beams, lm.eos_token_ids
     work = state.fork()
     work.repeat(width)
@@ -59,6 +60,9 @@ def beam_search(lm: LanguageModel, logits: torch.Tensor, state: LMState, config:
             elif len(live) < width:
                 rows.append(row), live.append(ids), live_scores.append(score)
         if not live or finished_enough(done, live_scores, width, step + 1):
+            break
+        if interrupted():
+            done += [Hypothesis(ids, s, "length") for ids, s in zip(live, live_scores)]
             break
         beams, scores = live, torch.tensor(live_scores)
         work.select(torch.tensor(rows))

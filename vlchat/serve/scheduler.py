@@ -192,7 +192,16 @@ class Scheduler:
         return keys, embeds, common, state
 
     def _beam(self, job: Job, keys: list[PositionKey], logits: torch.Tensor, state) -> None:
-        for chunk in beam_search(self.lm, logits, state, job.config, job.template.stop + tuple(job.config.stop)):
+        def interrupted() -> bool:
+            return job.cancelled.is_set() or time.monotonic() > job.deadline
+
+        stops = job.template.stop + tuple(job.config.stop)
+        for chunk in beam_search(self.lm, logits, state, job.config, stops, interrupted):
+            if time.monotonic() > job.deadline:
+                job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
+                return
+            if job.cancelled.is_set():
+                return
             if chunk.text:
                 job.emit(Delta(chunk.text))
             if chunk.result is not None:
