@@ -144,7 +144,7 @@ def serve(host: Annotated[str, typer.Option(help="Address to bind (loopback by d
           ) -> None:
     """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
     from vlchat.config import ModelConfig
-    from vlchat.serve.server import build_app, serve as run_server
+    from vlchat.serve.server import build_app, check_address, serve as run_server
     from vlchat.serve.serving import ServeConfig
 
     if image_dir is not None and not image_dir.is_dir():
@@ -156,6 +156,7 @@ def serve(host: Annotated[str, typer.Option(help="Address to bind (loopback by d
                          max_batch=max_batch, max_queue=max_queue, timeout_s=timeout,
                          prefix_cache_tokens=prefix_cache_tokens, default_max_tokens=max_tokens, home=home)
     preset = ModelConfig.from_name(model)  # a bad name fails here, before the server starts
+    check_address(host, port)
     run_server(build_app(config, lambda: open_chat(model), preset.name, preset.template), host, port)
 
 

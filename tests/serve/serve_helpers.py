@@ -37,13 +37,13 @@ def data_url(path: Path) -> str:
 class Server:
     """A `vlchat serve` subprocess; `url` is its base address."""
 
-    def __init__(self, home: Path, *args: str, wait: bool = True) -> None:
+    def __init__(self, home: Path, *args: str, wait: bool = True, env: dict | None = None) -> None:
         self.home, self.args, self.port = home, args, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(home / f"server-{self.port}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vlchat.cli", "serve", "--port", str(self.port), "--home", str(home), *args],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         if wait:
             self.wait_ready()
 

@@ -241,3 +241,40 @@ def test_503_while_the_model_loads(tmp_path):
             "model": "vlchat-default", "messages": [{"role": "user", "content": "hi"}]}), 503)
         assert error["code"] == "model_loading"
         release.set()
+
+
+def test_503_from_a_real_server_while_it_prepares_the_model(tmp_path):
+    """An empty $VLCHAT_HOME makes the server convert the packaged GGUF first (~15-35 s), so it
+    is certainly still loading when asked."""
+    server = Server(tmp_path, wait=False, env={"VLCHAT_HOME": str(tmp_path / "fresh-home")})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"{server.url}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(server).chat.completions.create(model="vlchat-default", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "model_loading"
+    finally:
+        server.stop()
+
+
+def test_serve_command_refuses_bad_options(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, words in [(["--port", port], "cannot listen"), (["--image-dir", str(tmp_path / "nope")], "not a folder"),
+                            (["--max-batch", "0"], "max-batch"), (["--model", "nope"], "unknown model")]:
+            done = subprocess.run([sys.executable, "-m", "vlchat.cli", "serve", "--home", str(tmp_path), *args],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

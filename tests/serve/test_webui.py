@@ -61,6 +61,10 @@ def test_upload_ask_restart_text_chat_and_reload(page):
     assert first.strip()
     assert page.locator(".message.user img").count() == 1
     page.screenshot(path=SHOTS / "2-answered.png")
+    page.click("#examples button >> nth=1")  # a second image, at a later turn
+    page.wait_for_selector("#attachments img")
+    assert ask(page, "And what is in this picture?").strip()
+    assert page.locator(".message.user img").count() == 2
 
     page.click("#restart")
     assert page.locator(".message").count() == 0
@@ -75,6 +79,7 @@ def test_upload_ask_restart_text_chat_and_reload(page):
     page.locator("#conversations .open", has_text="What colour is the square").click()
     page.wait_for_selector(".message.user img")
     assert page.locator(".message.assistant").first.inner_text() == first
+    assert page.locator(".message.user img").count() == 2
     page.screenshot(path=SHOTS / "4-restored.png")
 
 

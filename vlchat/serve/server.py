@@ -7,10 +7,12 @@ uvicorn starts listening at once and the model loads in the background, so `/hea
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Callable
 
 from fastapi import FastAPI
 
+from vlchat.errors import VlchatError
 from vlchat.serve.api import create_app
 from vlchat.serve.conversations import Conversations
 from vlchat.serve.serving import ChatService, ServeConfig
@@ -23,6 +25,17 @@ def build_app(config: ServeConfig, load_chat: Callable[[], object], model_name: 
     store = ConversationStore(home / "vlchat.db")
     service = ChatService(config, load_chat, model_name, template)
     return create_app(service, Conversations(service, store))
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail with one line, before the model loads, if the address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise VlchatError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
