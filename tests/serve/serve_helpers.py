@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from conftest import EXAMPLES, REPO, tiny_config
+from vlchat.serve.loadtest import stop_process
 
 
 def free_port() -> int:
@@ -72,12 +73,7 @@ class Server:
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.process)
         self.log.close()
 
 
