@@ -202,3 +202,21 @@ def test_every_control_is_reachable_with_the_tab_key(page):
     page.focus("#temperature")
     page.keyboard.press("ArrowRight")  # sliders move with the arrow keys
     assert page.input_value("#temperature") == "0.1"
+
+
+def test_a_server_with_an_api_key_asks_for_it_once(browser, tmp_path):
+    server = Server(tmp_path, "--api-key", "open sesame")
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(90_000)
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("open sesame")))
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready=true]")
+        page.fill("#max-tokens", "16")
+        assert ask(page, "Hello?").strip()
+        assert len(asked) == 1 and "API key" in asked[0]
+        assert page.locator("#error").is_hidden()
+        page.close()
+    finally:
+        server.stop()
