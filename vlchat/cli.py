@@ -51,8 +51,9 @@ def system_prompt(system: str | None, persona: str | None) -> str | None:
     return get_persona(persona) if persona is not None else system
 
 
-def open_model(model: str, projector: str | None = None):
-    """Load a preset (slow part), optionally with other projector weights (a `<stem>` path)."""
+def open_model(model: str, projector: str | None = None, adapter: str | None = None):
+    """Load a preset (slow part), optionally with other projector weights (a `<stem>` path) and
+    a LoRA adapter directory for the LM."""
     from vlchat.config import ModelConfig
     from vlchat.model.projector import read_projector_config
     from vlchat.model.vlm import load_model
@@ -60,6 +61,8 @@ def open_model(model: str, projector: str | None = None):
     config = ModelConfig.from_name(model)
     if projector is not None:
         config = replace(config, projector=read_projector_config(projector), projector_weights=projector)
+    if adapter is not None:
+        config = replace(config, lm=replace(config.lm, adapter=adapter))
     return load_model(config)
 
 
@@ -174,6 +177,8 @@ def prepare(model: Model = "default") -> None:
 @app.command("eval")
 def evaluate(projector: Annotated[Optional[str], typer.Option(
                  help="Projector weights stem (e.g. runs/stage2/projector); default: the model's.")] = None,
+             adapter: Annotated[Optional[str], typer.Option(
+                 help="LoRA adapter directory from a `lm: lora` stage 2 (e.g. runs/stage2/lora).")] = None,
              suite: Annotated[list[str], typer.Option(help="easy_vqa and/or synth (repeatable).")] = ["easy_vqa", "synth"],
              limit: Annotated[Optional[int], typer.Option(help="easy-vqa test questions (evenly spread); all if unset.")] = 1000,
              scenes: Annotated[int, typer.Option(help="Held-out synthetic scenes per language.")] = 200,
@@ -188,8 +193,8 @@ def evaluate(projector: Annotated[Optional[str], typer.Option(
     unknown = set(suite) - {"easy_vqa", "synth"} or set(lang) - {"en", "zh"}
     if unknown:
         raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
-    report = run_eval(open_model(model, projector), suite, limit, scenes, lang, batch_size)
-    title = f"vlchat evaluation ({projector or 'default projector'})"
+    report = run_eval(open_model(model, projector, adapter), suite, limit, scenes, lang, batch_size)
+    title = f"vlchat evaluation ({projector or 'default projector'}{f', adapter {adapter}' if adapter else ''})"
     write_report(report, out, title)
     print(markdown(report, title))
 

@@ -65,6 +65,9 @@ class LMConfig:
     # "auto": bfloat16 where the CPU computes it natively (AVX512-BF16/AMX; ~2x faster decoding
     # here) or on a GPU, else float32. "float32" | "bfloat16" force one.
     dtype: str = "auto"
+    # A LoRA adapter trained by stage 2 with `lm: lora` (a peft directory, local or
+    # "package:<module>/<dir>"), merged into the LM weights at load: no runtime cost.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -324,3 +324,26 @@ def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
     for word in words:
         assert word in errors[0], errors[0]
     assert not (tmp_path / "out").exists()  # nothing was written: it stopped before training
+
+
+def test_a_trained_lora_adapter_is_merged_at_load(tiny_lm_dir, tiny_model_file, tmp_path):
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    from vlchat.model.vlm import load_model
+
+    recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", max_steps=3, lr=0.05)
+    assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
+    base = tiny_config(tiny_lm_dir)
+    adapted = replace(base, lm=replace(base.lm, adapter=str(tmp_path / "out" / "lora")))
+    plain, merged = load_model(base).lm, load_model(adapted).lm
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert not torch.allclose(plain.prefill(plain.embed(ids))[0], merged.prefill(merged.embed(ids))[0])
+    reference = PeftModel.from_pretrained(load_model(base).lm.model, str(tmp_path / "out" / "lora"))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits[:, -1].float()
+    torch.testing.assert_close(merged.prefill(merged.embed(ids))[0], expected, atol=1e-4, rtol=1e-4)
+    missing = replace(base, lm=replace(base.lm, adapter=str(tmp_path / "nothing")))
+    with pytest.raises(VlchatError, match="LoRA adapter"):
+        load_model(missing)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlchat.assets import lm_directory
+from vlchat.assets import lm_directory, resolve
 from vlchat.config import LMConfig
 from vlchat.errors import VlchatError
 
@@ -140,5 +140,17 @@ def load_language_model(config: LMConfig) -> LanguageModel:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(config.dtype))
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
+    if config.adapter:
+        model = merge_adapter(model, config.adapter)
     model.eval().requires_grad_(False)
     return LanguageModel(model, tokenizer, config.context_window)
+
+
+def merge_adapter(model: nn.Module, spec: str) -> nn.Module:
+    """Fold a peft LoRA adapter into the weights (W + B·A·alpha/r), returning a plain HF model."""
+    from peft import PeftModel
+
+    path = resolve(spec)
+    if not (path / "adapter_config.json").is_file():
+        raise VlchatError(f"LoRA adapter {spec!r} not found (expected a peft directory with adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
