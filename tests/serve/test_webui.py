@@ -108,7 +108,8 @@ def test_over_long_message_is_a_clear_error(page):
 
 
 def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(page, default_server):
-    page.fill("#max-tokens", "1024")
+    page.fill("#max-tokens", "512")
+    page.fill("#min-tokens", "512")  # the default model answers in a few words: make this one long
     page.fill("#question", "Write a very long story about a cat who travels the world.")
     page.press("#question", "Enter")
     page.wait_for_function("document.querySelector('.message.assistant')?.textContent.length > 20")
@@ -123,6 +124,7 @@ def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(page, default_
     assert partial.strip().startswith(stored[1]["parts"][0]["text"][:20])
 
     page.fill("#max-tokens", "32")
+    page.fill("#min-tokens", "0")
     page.click("#regenerate")
     page.wait_for_selector("#stop:not([disabled])")
     page.wait_for_selector("#send:not([disabled])")
@@ -197,7 +199,7 @@ def test_every_control_is_reachable_with_the_tab_key(page):
         page.keyboard.press("Tab")
         reached.add(page.evaluate("document.activeElement.id || document.activeElement.className"))
     wanted = {"new-chat", "question", "add-image", "send", "regenerate", "restart", "export-md", "export-json",
-              "persona", "system", "num-beams", "temperature", "top-p", "max-tokens"}
+              "persona", "system", "num-beams", "temperature", "top-p", "max-tokens", "min-tokens"}
     assert wanted <= reached, wanted - reached
     page.focus("#temperature")
     page.keyboard.press("ArrowRight")  # sliders move with the arrow keys

@@ -201,6 +201,7 @@ class ConversationReply(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
+    min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None

@@ -169,6 +169,7 @@ function generationSettings() {
   return {
     num_beams: Number($("#num-beams").value), temperature: Number($("#temperature").value),
     top_p: Number($("#top-p").value), max_tokens: Number($("#max-tokens").value),
+    min_tokens: Math.min(Number($("#min-tokens").value), Number($("#max-tokens").value)),
   };
 }
 
@@ -353,7 +354,7 @@ function setUpSettings() {
   });
   $("#system").addEventListener("input", () => { select.value = personaOf($("#system").value); });
   $("#system").addEventListener("change", saveSystem);
-  for (const id of ["num-beams", "temperature", "top-p", "max-tokens"]) {
+  for (const id of ["num-beams", "temperature", "top-p", "max-tokens", "min-tokens"]) {
     const input = $(`#${id}`);
     input.addEventListener("input", () => { $(`#${id}-value`).value = input.value; });
   }
