@@ -46,10 +46,14 @@ class Chat:
                            generation or GenerationConfig())
 
     @torch.inference_mode()
-    def image_embeddings(self, image) -> tuple[str, torch.Tensor]:
-        """A loaded RGB image -> (content key, (N, D) embeddings), encoded once per content."""
-        key = image_key(image)
+    def image_embeddings(self, image, key: str | None = None) -> tuple[str, torch.Tensor]:
+        """A loaded RGB image -> (content key, (N, D) embeddings), encoded once per content.
+
+        A caller that knows the key already passes it (hashing a large image costs); it may then
+        give a path instead of the image, read only if the embeddings are not cached."""
+        key = key or image_key(image)
         if key not in self.images:
+            image = image if hasattr(image, "mode") else load_image(image)
             self.images[key] = self.model.encode_images(self.model.pixels(image)[None])[0]
             if len(self.images) > self.max_cached_images:
                 self.images.popitem(last=False)

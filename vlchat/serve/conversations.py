@@ -16,9 +16,8 @@ from typing import Callable
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
-from vlchat.images import load_image
 from vlchat.serve import protocol as p
-from vlchat.serve.serving import ApiError, ChatService, Disconnected, Prompt, Run
+from vlchat.serve.serving import ApiError, ChatService, Disconnected, Prompt, Run, api_role
 from vlchat.serve.scheduler import Job
 from vlchat.serve.store import ConversationStore, NotFound
 
@@ -62,16 +61,12 @@ class Conversations:
         return to_markdown(conversation), "text/markdown; charset=utf-8"
 
     def create(self, body: p.ConversationCreate) -> dict:
-        roles = [{"developer": "system"}.get(m.role, m.role) for m in body.messages]
-        for i, role in enumerate(roles):
-            if role not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
-                               f"messages[{i}].role")
+        roles = [api_role(m.role, i) for i, m in enumerate(body.messages)]
         messages = [{"role": role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
                     for i, (role, m) in enumerate(zip(roles, body.messages))]
         try:  # refuse now a history no reply could continue (e.g. starting with an answer)
             get_template(body.template or self.service.model_template).segments(
-                self.prompt(body.system, messages, load_images=False).messages, add_generation_prompt=False)
+                self.prompt(body.system, messages).messages, add_generation_prompt=False)
         except VlchatError as error:
             raise ApiError(400, str(error), "messages") from None
         return self._call(self.store.create, body.title or "New chat", body.system, body.template,
@@ -110,12 +105,12 @@ class Conversations:
         job = self.service.job(prompt, conversation.get("template"), generation, emit)
         return job, new, len(stored) - (1 if new else 0)  # keep: regenerate drops the old answer
 
-    def prompt(self, system: str | None, stored: list[dict], load_images: bool = True) -> Prompt:
+    def prompt(self, system: str | None, stored: list[dict]) -> Prompt:
         """Stored messages -> a prompt. Consecutive user messages merge (an answer interrupted by
         a crash or stopped before any text leaves a user message unanswered)."""
         prompt = Prompt([Message("system", [Text(system)])] if system is not None else [])
         for message in stored:
-            parts = [Text(part["text"]) if part["type"] == "text" else self.image_part(part, prompt, load_images)
+            parts = [Text(part["text"]) if part["type"] == "text" else self.image_part(part, prompt)
                      for part in message["parts"]]
             if prompt.messages and prompt.messages[-1].role == message["role"] == "user":
                 prompt.messages[-1].parts.extend(parts)
@@ -123,13 +118,12 @@ class Conversations:
                 prompt.messages.append(Message(message["role"], parts))
         return prompt
 
-    def image_part(self, part: dict, prompt: Prompt, load: bool) -> Image:
+    def image_part(self, part: dict, prompt: Prompt) -> Image:
         path = self.store.image_path(part["key"])
-        if load:
-            if path is None:
-                raise ApiError(400, f"image {part['key'][:12]}… of this conversation is missing from the store")
-            prompt.images[part["key"]] = load_image(path)
-        return Image(part["key"], str(path) if path else None)
+        if path is None:
+            raise ApiError(400, f"image {part['key'][:12]}… of this conversation is missing from the store")
+        prompt.images[part["key"]] = path  # read by the worker only if its embeddings are not cached
+        return Image(part["key"], str(path))
 
     async def reply(self, conversation_id: str, body: p.ConversationReply, disconnected: Disconnected) -> Run:
         """Start a reply; the user message is stored now, the answer when the run ends.

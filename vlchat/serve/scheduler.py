@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Union
 
 import torch
@@ -71,7 +72,7 @@ Event = Union[Started, Delta, Finished, Failed]
 @dataclass
 class Job:
     messages: list[Message]
-    images: dict[str, PILImage]  # image key -> decoded image, encoded on the worker
+    images: dict[str, PILImage | Path]  # image key -> image (or its stored file), encoded on the worker
     template: Template
     config: GenerationConfig
     emit: Callable[[Event], None]
@@ -186,8 +187,8 @@ class Scheduler:
                                  f"{job.config.max_new_tokens}, more than the context window of {window} tokens")
         common, state = self.prefix_cache.lookup(keys)
         rest = keys[common:]
-        embeddings = {key: self.chat.image_embeddings(image)[1] for key, image in job.images.items()}
-        images = [embeddings[key] for key in first_slots(rest)]
+        # only the images after the reused prefix are embedded
+        images = [self.chat.image_embeddings(job.images[key], key)[1] for key in first_slots(rest)]
         embeds = model.embed(torch.tensor([slot_ids(rest)]), torch.stack(images) if images else None)
         return keys, embeds, common, state
 

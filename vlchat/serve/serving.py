@@ -64,8 +64,9 @@ class ApiError(Exception):
     """An error the API reports as OpenAI-style JSON with `status`."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             503: "service_unavailable_error", 504: "timeout_error"}
+             405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+             504: "timeout_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         message = message.encode("utf-8", "replace").decode("utf-8")  # echoed input may hold surrogates
@@ -143,10 +144,7 @@ class ChatService:
         """OpenAI messages -> vlchat messages (consecutive user messages merged) and their images."""
         prompt = Prompt([])
         for i, raw in enumerate(messages):
-            role = {"developer": "system"}.get(raw.role, raw.role)
-            if role not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages[{i}].role {raw.role!r} is not supported; use system, user or assistant",
-                               f"messages[{i}].role")
+            role = api_role(raw.role, i)
             parts = self.parts(raw.content, prompt.images, f"messages[{i}].content")
             if not parts and role != "system":
                 raise ApiError(400, f"messages[{i}] has no content", f"messages[{i}].content")
@@ -256,6 +254,15 @@ class Run:
 
 class ClientGone(Exception):
     pass
+
+
+def api_role(role: str, index: int) -> str:
+    """An OpenAI message role as ours (`developer` is a system message); 400 for the others."""
+    ours = {"developer": "system"}.get(role, role)
+    if ours not in ("system", "user", "assistant"):
+        raise ApiError(400, f"messages[{index}].role {role!r} is not supported; use system, user or assistant",
+                       f"messages[{index}].role")
+    return ours
 
 
 def stop_strings(stop) -> tuple[str, ...] | None:
