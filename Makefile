@@ -44,9 +44,5 @@ load: prepare
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml
 	$(BIN)/vlchat train stage2 --config configs/train/stage2.yaml
-	mkdir -p vlchat/weights
-	cp runs/stage2/projector.safetensors vlchat/weights/default-projector.safetensors
-	cp runs/stage2/projector.json vlchat/weights/default-projector.json
-	mkdir -p vlchat/weights/default-lora
-	cp runs/stage2/lora/adapter_config.json runs/stage2/lora/adapter_model.safetensors vlchat/weights/default-lora/
+	$(BIN)/python -m vlchat.train.export runs/stage2 vlchat/weights
 	$(BIN)/vlchat eval --out reports/default-model

@@ -194,7 +194,7 @@ def evaluate(projector: Annotated[Optional[str], typer.Option(
     if unknown:
         raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
     report = run_eval(open_model(model, projector, adapter), suite, limit, scenes, lang, batch_size)
-    title = f"vlchat evaluation ({projector or 'default projector'}{f', adapter {adapter}' if adapter else ''})"
+    title = f"vlchat evaluation ({projector or 'default model: projector + LoRA adapter'}{f', adapter {adapter}' if adapter else ''})"
     write_report(report, out, title)
     print(markdown(report, title))
 

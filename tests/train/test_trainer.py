@@ -347,3 +347,38 @@ def test_a_trained_lora_adapter_is_merged_at_load(tiny_lm_dir, tiny_model_file, 
     missing = replace(base, lm=replace(base.lm, adapter=str(tmp_path / "nothing")))
     with pytest.raises(VlchatError, match="LoRA adapter"):
         load_model(missing)
+
+
+def test_export_ships_the_run_in_bfloat16_and_it_loads(tiny_lm_dir, tiny_model_file, tmp_path):
+    """`make train-default`'s export: half-size bfloat16 files that load and answer like the run."""
+    from dataclasses import replace
+
+    from vlchat.model.vlm import load_model
+
+    recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", max_steps=3, lr=0.05)
+    assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
+    out, shipped = tmp_path / "out", tmp_path / "weights"
+    result = subprocess.run([sys.executable, "-m", "vlchat.train.export", str(out), str(shipped)],
+                            capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    exported = load_file(shipped / "default-projector.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert set(exported) == set(projector_weights(out))
+    adapter = load_file(shipped / "default-lora" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    base = replace(tiny_config(tiny_lm_dir), lm=replace(tiny_config(tiny_lm_dir).lm, dtype="float32"))
+    run = replace(base, projector_weights=str(out / "projector"), lm=replace(base.lm, adapter=str(out / "lora")))
+    ship = replace(base, projector_weights=str(shipped / "default-projector"),
+                   lm=replace(base.lm, adapter=str(shipped / "default-lora")))
+    image = PILImage.new("RGB", (64, 64), (200, 30, 30))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits = []
+    for config in (run, ship):
+        vlm = load_model(config)
+        with torch.no_grad():
+            images = vlm.encode_images(vlm.pixels(image).unsqueeze(0))
+            logits.append(vlm.lm.prefill(torch.cat([images, vlm.lm.embed(ids)], dim=1))[0])
+    torch.testing.assert_close(logits[0], logits[1], atol=0.05, rtol=0.02)  # bfloat16 keeps ~3 digits
+    missing = subprocess.run([sys.executable, "-m", "vlchat.train.export", str(tmp_path / "none"), str(shipped)],
+                             capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT)
+    assert missing.returncode == 2 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr

@@ -62,3 +62,37 @@ def collate(items: list[Encoded], image_size: int, pad_id: int) -> Batch:
             image = load_image(image) if isinstance(image, str) else image
             pixels.append(to_tensor(image, image_size))
     return Batch(ids, labels, mask, torch.stack(pixels) if pixels else None)
+
+
+def length_groups(items: list[Encoded], groups: int) -> list[list[Encoded]]:
+    """Split a batch into at most `groups` runs of similar length, padding the fewest tokens.
+
+    A right-padded batch costs rows x longest row: one Chinese sample (~275 tokens, its characters
+    take several tokens each) among English ones (~200) pads them all to its length. Sorting by
+    length and cutting where padding is least (a small dynamic programme) removes most of it; each
+    group is then its own forward/backward, weighted by its share of supervised tokens.
+    """
+    ordered = sorted(items, key=lambda item: len(item.ids))
+    n = len(ordered)
+    lengths = [len(item.ids) for item in ordered]
+    # best[g][i]: least padded tokens for the first i rows in g runs; cut[g][i]: where the last run starts
+    best = [[0] + [float("inf")] * n] + [[float("inf")] * (n + 1) for _ in range(groups)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    for g in range(1, groups + 1):
+        for i in range(1, n + 1):
+            for start in range(i):
+                cost = best[g - 1][start] + (i - start) * lengths[i - 1]
+                if cost < best[g][i]:
+                    best[g][i], cut[g][i] = cost, start
+    g = min(range(1, groups + 1), key=lambda k: (best[k][n], k))  # fewest runs among the cheapest
+    runs, end = [], n
+    for level in range(g, 0, -1):
+        start = cut[level][end]
+        runs.append(ordered[start:end])
+        end = start
+    return [run for run in reversed(runs) if run]
+
+
+def supervised_tokens(batch: Batch) -> int:
+    """Positions the loss sees (labels are compared one step ahead, as in LanguageModel.loss)."""
+    return int((batch.labels[:, 1:] != IGNORE).sum())

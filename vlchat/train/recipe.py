@@ -44,6 +44,7 @@ class TrainConfig:
     max_tokens: int = 512  # longer samples are refused by `vlchat data check` and skipped here
     batch_size: int = 8  # per process
     grad_accum: int = 1
+    length_groups: int = 2  # a batch runs as up to this many similar-length groups (collate.length_groups)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -61,6 +62,7 @@ class TrainConfig:
             (self.lm in ("frozen", "lora", "full"), f"lm must be frozen, lora or full, got {self.lm!r}"),
             (len(self.data) > 0, "data: give at least one data source"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (1 <= self.length_groups <= 8, f"length_groups must be 1..8, got {self.length_groups}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),

@@ -7,6 +7,7 @@ number of processes that divides the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from vlchat.model.projector import Projector, load_projector, save_projector
 from vlchat.model.vlm import VisionLanguageModel, load_model
 from vlchat.train import distributed
 from vlchat.train.checkpoint import latest_checkpoint, load_trainable_state, save_checkpoint, trainable_state
-from vlchat.train.collate import Batch, collate, encode_sample
+from vlchat.train.collate import Batch, collate, encode_sample, length_groups, supervised_tokens
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
 from vlchat.train.recipe import TrainConfig
@@ -129,11 +130,14 @@ class BatchMaker:
             return None
         return encoded
 
-    def __call__(self, indices: list[int]) -> Batch:
+    def __call__(self, indices: list[int]) -> list[Batch]:
+        """The samples at `indices` as one or more padded batches of similar length."""
         items = [e for e in (self.encode(i) for i in indices) if e is not None]
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
-        return collate(items, self.vlm.config.vision.image_size, self.pad_id)
+        groups = 1 if self.config.deepspeed else self.config.length_groups  # DeepSpeed steps per backward
+        return [collate(group, self.vlm.config.vision.image_size, self.pad_id)
+                for group in length_groups(items, groups)]
 
 
 def lr_lambda(config: TrainConfig):
@@ -228,13 +232,18 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
     for step in range(start, config.max_steps):
         loss_sum = 0.0
         for micro in range(config.grad_accum):
-            batch = batches(sample_indices(step, micro, config, world, total))
-            with autocast:
-                loss = wrapped(*(to_device(t, world.device) for t in
-                                 (batch.ids, batch.labels, batch.attention_mask, batch.pixels)))
-            backward_and_step(wrapped, module, loss, optimizer, scheduler, config, micro == config.grad_accum - 1)
-            loss_sum += loss.item() / config.grad_accum
-            seen += batch.ids.shape[0] * world.size
+            groups = batches(sample_indices(step, micro, config, world, total))
+            weights = group_weights(groups)
+            for number, (batch, weight) in enumerate(zip(groups, weights)):
+                last_group = number == len(groups) - 1
+                with gradient_sync(wrapped, last_group):
+                    with autocast:
+                        loss = wrapped(*(to_device(t, world.device) for t in
+                                         (batch.ids, batch.labels, batch.attention_mask, batch.pixels)))
+                    backward_and_step(wrapped, module, loss * weight, optimizer, scheduler, config,
+                                      last_group and micro == config.grad_accum - 1)
+                loss_sum += loss.item() * weight / config.grad_accum
+                seen += batch.ids.shape[0] * world.size
         loss_value = distributed.mean_across(loss_sum, world)
         rate = seen / (time.perf_counter() - began)
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")
@@ -249,6 +258,20 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
             }, config.keep_checkpoints)
     bar.close()
+
+
+def group_weights(groups: list[Batch]) -> list[float]:
+    """Each group's share of the supervised tokens: the weighted group losses sum to the batch's mean."""
+    counts = [supervised_tokens(batch) for batch in groups]
+    total = sum(counts)
+    return [count / total for count in counts] if total else [1 / len(groups)] * len(groups)
+
+
+def gradient_sync(wrapped, sync: bool):
+    """DDP all-reduces on the last group's backward only, so ranks may split batches differently."""
+    if sync or not isinstance(wrapped, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
 
 
 def to_device(tensor, device):
