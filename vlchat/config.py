@@ -69,15 +69,10 @@ class LMConfig:
     # A LoRA adapter trained by stage 2 with `lm: lora` (a peft directory, local or
     # "package:<module>/<dir>"), merged into the LM weights at load: no runtime cost.
     adapter: str | None = None
-    # "auto": "eager" on CPU (PyTorch's CPU flash-attention kernel made a 2-core training step
-    # 1.4x slower and batched decoding 1.25x slower here), "sdpa" on a GPU. "eager" | "sdpa" force one.
-    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise VlchatError(f"lm dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.attention not in ("auto", "eager", "sdpa"):
-            raise VlchatError(f"lm attention must be auto, eager or sdpa, got {self.attention!r}")
 
 
 def _default_vision() -> VisionConfig:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from vlchat.config import LMConfig
-from vlchat.errors import VlchatError
-from vlchat.model.language import LanguageModel, LMState, load_language_model, resolve_attention
+from vlchat.model.language import LanguageModel, LMState, load_language_model
 
 ATOL = 1e-4  # parity in float32; the shipped bfloat16 model is checked separately below
 PROMPT = "<|im_start|>user\nWhat colour is the cat on the mat?<|im_end|>\n<|im_start|>assistant\n"
@@ -183,17 +182,9 @@ def test_prefill_does_not_track_gradients(lm):
     assert not logits.requires_grad and logits.dtype == torch.float32
 
 
-def test_attention_auto_is_eager_on_cpu_and_choices_are_checked(tiny_model):
-    """CPU runs use the eager kernel (faster here than PyTorch's CPU flash attention)."""
-    assert resolve_attention("auto") == ("sdpa" if torch.cuda.is_available() else "eager")
-    assert resolve_attention("sdpa") == "sdpa"
-    assert tiny_model.lm.model.config._attn_implementation == resolve_attention("auto")
-    with pytest.raises(VlchatError, match="attention must be auto, eager or sdpa"):
-        LMConfig(attention="flash")
-
-
 def test_eager_and_sdpa_agree_on_padded_batches(tiny_model):
-    """Left-padded rows (the batching path) give the same logits with either kernel."""
+    """Left-padded rows (the batching path) give the same logits with either kernel (training
+    uses eager on CPU, serving sdpa)."""
     model = tiny_model.lm.model
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -202,5 +193,5 @@ def test_eager_and_sdpa_agree_on_padded_batches(tiny_model):
         model.set_attn_implementation(kernel)
         with torch.inference_mode():
             outputs[kernel] = model(input_ids=ids, attention_mask=mask).logits[:, 2:]
-    model.set_attn_implementation(resolve_attention("auto"))
+    model.set_attn_implementation("sdpa")
     assert torch.allclose(outputs["sdpa"], outputs["eager"], atol=1e-4)

@@ -382,3 +382,14 @@ def test_export_ships_the_run_in_bfloat16_and_it_loads(tiny_lm_dir, tiny_model_f
     missing = subprocess.run([sys.executable, "-m", "vlchat.train.export", str(tmp_path / "none"), str(shipped)],
                              capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT)
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
+
+
+def test_training_attention_is_eager_on_cpu_unless_asked(tiny_model_file):
+    """CPU training uses the eager kernel (1.4x faster steps here); the loaded model stays sdpa."""
+    data = (DataSource("synth:qa", samples=4),)
+    for asked, expected in (("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")):
+        config = TrainConfig(stage="stage2", model=str(tiny_model_file), data=data, attention=asked)
+        vlm = build_model(config, torch.device("cpu"))
+        assert vlm.lm.model.config._attn_implementation == expected
+    with pytest.raises(VlchatError, match="attention must be auto, eager or sdpa"):
+        TrainConfig(stage="stage2", data=data, attention="flash")

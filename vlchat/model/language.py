@@ -128,12 +128,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_attention(name: str) -> str:
-    if name == "auto":
-        return "sdpa" if torch.cuda.is_available() else "eager"
-    return name
-
-
 def load_language_model(config: LMConfig) -> LanguageModel:
     """Load the LM (frozen, eval mode) from a package GGUF, a local directory or the hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,8 +138,7 @@ def load_language_model(config: LMConfig) -> LanguageModel:
     where = lm_directory(config.source, config.sha256)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(config.dtype),
-                                                     attn_implementation=resolve_attention(config.attention))
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(config.dtype))
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
     if config.adapter:

@@ -64,7 +64,7 @@ def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageMode
         torch.manual_seed(config.seed)
         vlm.projector = start_projector(config, base.projector)
     vlm.projector.requires_grad_(True).train()
-    configure_lm(vlm, config)
+    configure_lm(vlm, config, device)
     return vlm.to(device)
 
 
@@ -79,7 +79,14 @@ def start_projector(config: TrainConfig, projector: ProjectorConfig) -> Projecto
                           f"{config.init_projector}.safetensors and .json; run stage 1 first?)") from None
 
 
-def configure_lm(vlm: VisionLanguageModel, config: TrainConfig) -> None:
+def training_attention(config: TrainConfig, device: torch.device) -> str:
+    if config.attention == "auto":
+        return "eager" if device.type == "cpu" else "sdpa"
+    return config.attention
+
+
+def configure_lm(vlm: VisionLanguageModel, config: TrainConfig, device: torch.device) -> None:
+    vlm.lm.model.set_attn_implementation(training_attention(config, device))
     if config.lm == "full":
         vlm.lm.model.requires_grad_(True).train()
     elif config.lm == "lora":
