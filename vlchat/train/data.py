@@ -96,6 +96,8 @@ def read_llava_json(
     or absent for a text-only sample; each `<image>` in a human turn becomes that image's part, in
     place ("<image>\nQ" -> [Image, Text(Q)], "Q\n<image>" -> [Text(Q), Image]).
     """
+    from vlchat.train.data_llava import _llava_items
+
     return _checked(_llava_items(_existing(path), image_folder))
 
 
@@ -107,6 +109,8 @@ def read_jsonl(path: str | os.PathLike, image_folder: str | os.PathLike | None =
     "content"}) an `<image>` marks where each image goes; a question without markers gets its
     images in front (MiniGPT-4's order). Other keys ("answer", "id", "qtype", ...) go to `meta`.
     """
+    from vlchat.train.data_llava import _jsonl_items
+
     return _checked(_jsonl_items(_existing(path), image_folder))
 
 
@@ -167,6 +171,7 @@ def question_type(question: str) -> str:
 def dataset_items(spec: str | os.PathLike) -> Iterator[_Item]:
     """The records of `spec`; raises VlchatError now (not when iterated) if spec names nothing usable."""
     from vlchat.train.data_easyvqa import _easy_vqa_items, _easy_vqa_split
+    from vlchat.train.data_llava import _jsonl_items, _llava_items
     from vlchat.train.data_minigpt4 import _shard_paths, _stage1_items, _stage2_items
 
     spec = os.fspath(spec)
@@ -343,72 +348,3 @@ def _parse_json(text: bytes) -> object:
         raise VlchatError(f"not valid JSON: {err.msg} (column {err.colno})") from None
     except UnicodeDecodeError:
         raise VlchatError("not UTF-8 text") from None
-
-
-# --- LLaVA JSON ---------------------------------------------------------------------------------
-
-
-def _llava_items(path: Path, image_folder: str | os.PathLike | None) -> Iterator[_Item]:
-    data, error = _json_file(path)
-    if error is None and not isinstance(data, list):
-        error = _Item(str(path), error=f"expected a JSON list of samples, found {type(data).__name__}")
-    if error is not None:
-        yield error
-        return
-    folder = Path(image_folder) if image_folder is not None else path.parent
-    for i, record in enumerate(data):
-        where = f"{path}: item {i}"
-        yield _build(where, lambda: _llava_sample(record, folder, where))
-
-
-def _llava_sample(record: object, folder: Path, where: str) -> Sample:
-    record = _object(record, "item")
-    conversations = _field(record, "conversations", list)
-    turns = [_llava_turn(turn, j) for j, turn in enumerate(conversations)]
-    paths = _image_paths(record.get("image"), folder)
-    meta = {"id": record["id"]} if "id" in record else {}
-    return Sample(_messages(turns, _path_images(paths)), list(paths), where, meta)
-
-
-def _llava_turn(turn: object, j: int) -> tuple[str, str]:
-    what = f" in conversations[{j}]"
-    turn = _object(turn, f"conversations[{j}]")
-    speaker, value = _field(turn, "from", str, what), _field(turn, "value", str, what)
-    if speaker not in LLAVA_ROLES:
-        raise VlchatError(f"unknown speaker {speaker!r}{what}; expected 'human' or 'gpt'")
-    return LLAVA_ROLES[speaker], value
-
-
-# --- JSONL --------------------------------------------------------------------------------------
-
-
-def _jsonl_items(path: Path, image_folder: str | os.PathLike | None) -> Iterator[_Item]:
-    folder = Path(image_folder) if image_folder is not None else path.parent
-    with open(path, "rb") as lines:
-        for n, line in enumerate(lines, 1):
-            if line.strip():
-                where = f"{path}:line {n}"
-                yield _build(where, lambda: _jsonl_sample(_parse_json(line), folder, where))
-
-
-def _jsonl_sample(record: object, folder: Path, where: str) -> Sample:
-    record = _object(record)
-    paths = _image_paths(record.get("image", record.get("images")), folder)
-    if "messages" in record:
-        turns = [_jsonl_turn(m, j) for j, m in enumerate(_field(record, "messages", list))]
-    else:
-        what = " (give question and answer, or messages)"
-        question, answer = _field(record, "question", str, what), _field(record, "answer", str, what)
-        turns = [("user", question), ("assistant", answer)]
-    messages = _messages(turns, _path_images(paths), images_first="messages" not in record)
-    meta = {k: v for k, v in record.items() if k not in ("image", "images", "question", "messages")}
-    return Sample(messages, list(paths), where, meta)
-
-
-def _jsonl_turn(message: object, j: int) -> tuple[str, str]:
-    what = f" in messages[{j}]"
-    message = _object(message, f"messages[{j}]")
-    role, content = _field(message, "role", str, what), _field(message, "content", str, what)
-    if role not in ("user", "assistant"):
-        raise VlchatError(f"unknown role {role!r}{what}; expected 'user' or 'assistant'")
-    return role, content
