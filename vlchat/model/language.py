@@ -99,19 +99,31 @@ class LanguageModel(nn.Module):
         """One step: (B,) token ids -> next logits (B, V), state advanced by one."""
         return self.prefill(self.embed(token_ids[:, None]), state)
 
-    def loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is not -100.
 
         embeds (B, T, D), attention_mask (B, T), labels (B, T) aligned with the inputs (position
         t's logits predict labels[t + 1]). The LM head runs only on supervised positions: most of
         a VLM sample is prompt and image, and the 49152-wide head is ~20% of the model's FLOPs.
+        attention_mask may instead be (B, 1, T, T) bool (True = may attend) with position_ids
+        (B, T): packed independent turns (train/collate.py).
         """
-        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state  # (B, T, D)
+        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=self._mask(attention_mask, embeds.dtype),
+                                          position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1)
         supervised = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (n, V)
         return F.cross_entropy(logits.float(), targets[supervised])
+
+
+    def _mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A 4D bool mask as the attention kernel takes it: sdpa takes bool as is; eager adds the
+        mask to the scores, so it becomes 0 / the most negative `dtype` value (as HF's own masks)."""
+        if attention_mask.ndim != 4 or self.model.config._attn_implementation != "eager":
+            return attention_mask
+        additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
 
 
 def cpu_has_native_bf16() -> bool:

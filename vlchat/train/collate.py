@@ -2,11 +2,19 @@
 
 Labels come from the template's trainable segments (assistant answers and their end markers);
 everything else, image slots included, is -100 (ignored by the loss).
+
+Independent turns (a data source's `independent_turns: true`): a conversation of questions that
+do not depend on each other is packed as one shared prefix (system prompt, image) and one branch
+per question-answer turn. Each branch is tokenized as that turn asked alone and attends only to
+the prefix and itself, at the positions it would have alone, so it trains exactly the
+single-question prompt while the image is encoded and attended once for all turns. In an
+ordinary multi-turn sample a later answer can be read off an earlier one ("Where is the red
+circle?" gives away "Is there a red circle?"), which teaches the model to look at the text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,27 +33,78 @@ class Encoded:
     ids: list[int]  # IMAGE_TOKEN_ID at image slots
     labels: list[int]  # IGNORE where no loss
     images: list  # PIL images or paths, in slot order
+    branches: list[int] | None = None  # independent turns: 0 = shared prefix, k = turn k
+    positions: list[int] | None = None  # independent turns: position ids (each branch restarts after the prefix)
 
 
 @dataclass
 class Batch:
     ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T), 0 on right padding
+    attention_mask: torch.Tensor  # (B, T), 0 on right padding; or (B, 1, T, T) bool, True = may attend
     pixels: torch.Tensor | None  # (n_images, 3, S, S) in slot order across the batch
+    position_ids: torch.Tensor | None = None  # (B, T) with a 4D mask (independent turns), else None
 
 
 def encode_sample(sample: Sample, template: Template, system: str | None, tokenize,
                   tokens_per_image: int) -> Encoded:
     """Render a sample with `template` (+ system prompt) and mark what the loss sees."""
-    messages = ([Message.text_message("system", system)] if system is not None else []) + sample.messages
-    keys, trainable = encode(template, messages, tokenize, tokens_per_image, add_generation_prompt=False)
-    ids = slot_ids(keys)
-    labels = [k if t and not isinstance(k, tuple) else IGNORE for k, t in zip(keys, trainable)]
+    head = [Message.text_message("system", system)] if system is not None else []
+    keys, trainable = encode(template, head + sample.messages, tokenize, tokens_per_image,
+                             add_generation_prompt=False)
     n_images = sum(1 for k in keys if isinstance(k, tuple) and k[1] == 0)
     if n_images != len(sample.images):
         raise VlchatError(f"{sample.source}: {n_images} image placeholder(s) but {len(sample.images)} image(s)")
-    return Encoded(ids, labels, list(sample.images))
+    encoded = Encoded(slot_ids(keys), _labels(keys, trainable), list(sample.images))
+    if sample.meta.get("independent_turns"):
+        packed = _independent_turns(sample.messages, head, template, tokenize, tokens_per_image)
+        return replace(packed, images=encoded.images) if packed else encoded
+    return encoded
+
+
+def _labels(keys: list, trainable: list[bool]) -> list[int]:
+    return [k if t and not isinstance(k, tuple) else IGNORE for k, t in zip(keys, trainable)]
+
+
+def _turns_alone(messages: list[Message]) -> list[list[Message]] | None:
+    """Each user/assistant pair as its own conversation, the first user message's images in
+    front of every question; None if the sample is not pairs with images in the first turn only."""
+    pairs = list(zip(messages[::2], messages[1::2]))
+    if (len(messages) % 2 or any(u.role != "user" or a.role != "assistant" for u, a in pairs)
+            or any(m.images for m in messages[1:])):
+        return None
+    images = messages[0].images
+    return [[replace(user, parts=(images if i else []) + user.parts), answer]
+            for i, (user, answer) in enumerate(pairs)]
+
+
+def _independent_turns(messages, head, template, tokenize, tokens_per_image) -> Encoded | None:
+    """Shared prefix + one branch per turn (module docstring); None when the turns cannot be
+    split so (then the sample trains as an ordinary conversation)."""
+    turns = _turns_alone(messages)
+    if turns is None or len(turns) < 2:
+        return None
+    rendered = [encode(template, head + turn, tokenize, tokens_per_image, add_generation_prompt=False)
+                for turn in turns]
+    prefix = _common_prefix([keys for keys, _ in rendered])
+    if any(isinstance(k, tuple) for keys, _ in rendered for k in keys[prefix:]):
+        return None  # an image slot past the shared prefix: the image is not in front of the question
+    keys, trainable = rendered[0][0][:prefix], rendered[0][1][:prefix]
+    branches, positions = [0] * prefix, list(range(prefix))
+    for number, (turn_keys, turn_trainable) in enumerate(rendered, start=1):
+        keys, trainable = keys + turn_keys[prefix:], trainable + turn_trainable[prefix:]
+        branches += [number] * (len(turn_keys) - prefix)
+        positions += range(prefix, len(turn_keys))
+    return Encoded(slot_ids(keys), _labels(keys, trainable), [], branches, positions)
+
+
+def _common_prefix(sequences: list[list]) -> int:
+    """Length of the longest prefix all `sequences` share (< the shortest's length)."""
+    shortest = min(len(s) for s in sequences)
+    for i in range(shortest):
+        if any(s[i] != sequences[0][i] for s in sequences[1:]):
+            return i
+    return shortest - 1  # keep one token in every branch
 
 
 def collate(items: list[Encoded], image_size: int, pad_id: int) -> Batch:
@@ -61,7 +120,32 @@ def collate(items: list[Encoded], image_size: int, pad_id: int) -> Batch:
         for image in item.images:
             image = load_image(image) if isinstance(image, str) else image
             pixels.append(to_tensor(image, image_size))
-    return Batch(ids, labels, mask, torch.stack(pixels) if pixels else None)
+    pixels = torch.stack(pixels) if pixels else None
+    if any(item.branches for item in items):
+        return Batch(ids, labels, branch_mask(items, width), pixels, branch_positions(items, width))
+    return Batch(ids, labels, mask, pixels)
+
+
+def branch_mask(items: list[Encoded], width: int) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query t may attend key s: causal, and within the shared prefix
+    or its own branch. Padding queries see key 0 only (a row with no key would softmax to NaN)."""
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = torch.zeros((len(items), 1, width, width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        n = len(item.ids)
+        branch = torch.tensor(item.branches or [0] * n)
+        same = (branch[:, None] == branch[None, :]) | (branch[None, :] == 0)  # (n, n)
+        allowed[row, 0, :n, :n] = same & causal[:n, :n]
+        allowed[row, 0, n:, 0] = True
+    return allowed
+
+
+def branch_positions(items: list[Encoded], width: int) -> torch.Tensor:
+    """(B, T) position ids: each branch continues from the end of the shared prefix."""
+    positions = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        positions[row, :len(item.ids)] = torch.tensor(item.positions or range(len(item.ids)))
+    return positions
 
 
 def length_groups(items: list[Encoded], groups: int) -> list[list[Encoded]]:

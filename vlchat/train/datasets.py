@@ -31,7 +31,7 @@ class SyntheticSamples(Sequence):
         lang = self.source.lang if self.source.lang != "both" else ("en", "zh")[seed % 2]
         if self.kind == "caption":
             return self.synth.caption_sample(seed, lang)
-        return self.synth.qa_sample(seed, lang, self.source.turns)
+        return tagged(self.synth.qa_sample(seed, lang, self.source.turns), self.source)
 
 
 class Concatenated(Sequence):
@@ -61,7 +61,14 @@ def file_samples(source: DataSource) -> list[Sample]:
         samples = list(open_dataset(source.spec))
     if not samples:
         raise VlchatError(f"data source {source.spec!r} has no samples")
-    return samples[: source.samples] if source.samples else samples
+    return [tagged(s, source) for s in (samples[: source.samples] if source.samples else samples)]
+
+
+def tagged(sample: Sample, source: DataSource) -> Sample:
+    """Marks the sample for the collator when its source's turns are independent questions."""
+    if source.independent_turns:
+        sample.meta["independent_turns"] = True
+    return sample
 
 
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:

@@ -24,6 +24,9 @@ class DataSource:
     lang: str = "en"  # synthetic sources: en | zh | both
     turns: int = 1  # questions per conversation (synthetic qa, easy_vqa)
     seed_offset: int = 0  # synthetic sources: first seed
+    # Turns are separate questions about the first turn's image: train each as if asked alone
+    # (shared-prefix packing, train/collate.py). For QA sets, not for real conversations.
+    independent_turns: bool = False
 
 
 @dataclass(frozen=True)

@@ -278,12 +278,39 @@ def _ask_exists(scene: Scene, rng: random.Random) -> Asked:
     return {"colour": colour, "shape": shape}, "yes" if (colour, shape) in present else "no"
 
 
-_ASK: dict[str, Callable[[Scene, random.Random], Asked | None]] = {
+def _ask_exists_binding(scene: Scene, rng: random.Random) -> Asked:
+    """Training's "is there a ...?": yes half the time as in `_ask_exists`, but half of the "no"
+    questions pair one object's colour with another object's shape (a red circle and a blue star:
+    "a red star?"), which only binding each colour to its shape can answer."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    swapped = sorted({(a.colour, b.shape) for a in scene.objects for b in scene.objects} - present)
+    if rng.random() < 0.5:
+        colour, shape = rng.choice(sorted(present))
+    elif swapped and rng.random() < 0.5:
+        colour, shape = rng.choice(swapped)
+    else:
+        return _ask_exists_absent(scene, rng, present)
+    return {"colour": colour, "shape": shape}, "yes" if (colour, shape) in present else "no"
+
+
+def _ask_exists_absent(scene: Scene, rng: random.Random, present: set[tuple[str, str]]) -> Asked:
+    colour, shape = rng.choice([(c, s) for c in COLOURS if c != scene.background for s in SHAPES
+                                if (c, s) not in present])
+    return {"colour": colour, "shape": shape}, "no"
+
+
+Asker = Callable[[Scene, random.Random], Asked | None]
+_ASK: dict[str, Asker] = {
     "colour": _ask_about_shape("colour"), "shape": _ask_shape,
     "count": lambda scene, rng: ({}, str(len(scene.objects))), "position": _ask_position,
     "exists": _ask_exists, "word": lambda scene, rng: ({}, scene.word) if scene.word else None,
     "size": _ask_about_shape("size"),
 }
+# Training asks "is there ...?" with binding negatives; evaluation keeps `_ASK`, so held-out
+# questions are the same as before this change.
+_TRAIN_ASK: dict[str, Asker] = {**_ASK, "exists": _ask_exists_binding}
+# The types a training sample asks again once every type has been asked (the hardest ones).
+FOCUS_QTYPES = ("colour", "position", "exists")
 
 
 def _say(key: str, field: str, lang: str) -> str:
@@ -293,11 +320,12 @@ def _say(key: str, field: str, lang: str) -> str:
     return _EN_WHERE[key] if field == "where" else key
 
 
-def questions(scene: Scene, rng: random.Random, lang: str = "en") -> list[tuple[str, str, str]]:
+def questions(scene: Scene, rng: random.Random, lang: str = "en", qtypes: tuple[str, ...] = QTYPES,
+              askers: dict[str, Asker] = _ASK) -> list[tuple[str, str, str]]:
     """One (question, answer, qtype) per qtype that applies to the scene, in a shuffled order."""
     out = []
-    for qtype in QTYPES:
-        asked = _ASK[qtype](scene, rng)
+    for qtype in qtypes:
+        asked = askers[qtype](scene, rng)
         if asked:
             fields = {k: _say(v, k, lang) for k, v in asked[0].items()}
             question = rng.choice(_PHRASES[lang][qtype]).format(**fields)
@@ -360,9 +388,9 @@ def qa_sample(seed: int, lang: str = "en", turns: int = 1) -> Sample:
         raise VlchatError(f"turns must be at least 1, got {turns}")
     scene, image, part = _image_sample(seed)
     rng = random.Random(f"{seed}:qa:{lang}")
-    asked: list[tuple[str, str, str]] = []
-    while len(asked) < turns:  # more turns than qtypes: ask again with other targets and phrasings
-        asked += questions(scene, rng, lang)
+    asked = questions(scene, rng, lang, askers=_TRAIN_ASK)
+    while len(asked) < turns:  # more turns than qtypes: the hardest types again, other targets and phrasings
+        asked += questions(scene, rng, lang, FOCUS_QTYPES, _TRAIN_ASK)  # exists always applies
     messages = []
     for i, (question, answer, _) in enumerate(asked[:turns]):
         messages.append(Message("user", ([part] if i == 0 else []) + [Text(question)]))

@@ -43,14 +43,14 @@ class TrainModule(nn.Module):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, ids, labels, attention_mask, pixels):
+    def forward(self, ids, labels, attention_mask, pixels, position_ids=None):
         images = None
         if pixels is not None:
             with torch.no_grad():
                 features = self.vlm.vision(pixels)  # (n, N, 1280)
             images = self.vlm.projector(features)  # (n, N, D)
         embeds = self.vlm.embed(ids, images)  # (B, T, D)
-        return self.vlm.lm.loss(embeds, attention_mask, labels)
+        return self.vlm.lm.loss(embeds, attention_mask, labels, position_ids)
 
 
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
@@ -246,7 +246,8 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
                 with gradient_sync(wrapped, last_group):
                     with autocast:
                         loss = wrapped(*(to_device(t, world.device) for t in
-                                         (batch.ids, batch.labels, batch.attention_mask, batch.pixels)))
+                                         (batch.ids, batch.labels, batch.attention_mask, batch.pixels,
+                                                                     batch.position_ids)))
                     backward_and_step(wrapped, module, loss * weight, optimizer, scheduler, config,
                                       last_group and micro == config.grad_accum - 1)
                 loss_sum += loss.item() * weight / config.grad_accum
