@@ -45,4 +45,4 @@ train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml
 	$(BIN)/vlchat train stage2 --config configs/train/stage2.yaml
 	$(BIN)/python -m vlchat.train.export runs/stage2 vlchat/weights
-	$(BIN)/vlchat eval --out reports/default-model
+	$(BIN)/vlchat eval --limit 1000 --scenes 100 --out reports/default-model

@@ -150,3 +150,24 @@ def test_cli_stage_mismatch_is_one_error_line(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {path} is a stage2 recipe; run it with `vlchat train stage2`"]
+
+
+def test_independent_turns_reach_the_collator_from_the_recipe():
+    """The data source's key marks its samples; other sources' samples stay ordinary conversations."""
+    from vlchat.train.datasets import build_samples
+
+    samples = build_samples([DataSource("synth:qa", samples=2, turns=3, independent_turns=True),
+                             DataSource("synth:qa", samples=2, turns=3, seed_offset=10)])
+    assert [bool(samples[i].meta.get("independent_turns")) for i in range(4)] == [True, True, False, False]
+    assert load_config(REPO / "configs/train/stage2.yaml").data[0].independent_turns
+
+
+def test_repeat_lists_a_source_several_times_and_refuses_less_than_once():
+    from vlchat.train.datasets import build_samples
+
+    samples = build_samples([DataSource("synth:qa", samples=2), DataSource("synth:qa", samples=3, repeat=2,
+                                                                          seed_offset=10)])
+    assert len(samples) == 2 + 3 * 2
+    assert [samples[i].source for i in range(2, 8)] == [samples[i].source for i in (2, 3, 4)] * 2
+    with pytest.raises(VlchatError, match="repeat must be at least 1"):
+        build_samples([DataSource("synth:qa", samples=2, repeat=0)])

@@ -72,5 +72,10 @@ def tagged(sample: Sample, source: DataSource) -> Sample:
 
 
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
-    parts = [SyntheticSamples(s) if s.spec.startswith("synth:") else file_samples(s) for s in sources]
+    parts: list[Sequence[Sample]] = []
+    for source in sources:
+        if source.repeat < 1:
+            raise VlchatError(f"data source {source.spec!r}: repeat must be at least 1, got {source.repeat}")
+        part = SyntheticSamples(source) if source.spec.startswith("synth:") else file_samples(source)
+        parts += [part] * source.repeat
     return Concatenated(parts)

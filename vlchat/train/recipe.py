@@ -27,6 +27,7 @@ class DataSource:
     # Turns are separate questions about the first turn's image: train each as if asked alone
     # (shared-prefix packing, train/collate.py). For QA sets, not for real conversations.
     independent_turns: bool = False
+    repeat: int = 1  # list the source this many times per epoch (its share of the mix)
 
 
 @dataclass(frozen=True)
