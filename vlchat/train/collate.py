@@ -55,11 +55,11 @@ def encode_sample(sample: Sample, template: Template, system: str | None, tokeni
     n_images = sum(1 for k in keys if isinstance(k, tuple) and k[1] == 0)
     if n_images != len(sample.images):
         raise VlchatError(f"{sample.source}: {n_images} image placeholder(s) but {len(sample.images)} image(s)")
-    encoded = Encoded(slot_ids(keys), _labels(keys, trainable), list(sample.images))
+    images = list(sample.images)
+    packed = None
     if sample.meta.get("independent_turns"):
-        packed = _independent_turns(sample.messages, head, template, tokenize, tokens_per_image)
-        return replace(packed, images=encoded.images) if packed else encoded
-    return encoded
+        packed = _independent_turns(sample.messages, images, head, template, tokenize, tokens_per_image)
+    return packed or Encoded(slot_ids(keys), _labels(keys, trainable), images)
 
 
 def _labels(keys: list, trainable: list[bool]) -> list[int]:
@@ -78,7 +78,7 @@ def _turns_alone(messages: list[Message]) -> list[list[Message]] | None:
             for i, (user, answer) in enumerate(pairs)]
 
 
-def _independent_turns(messages, head, template, tokenize, tokens_per_image) -> Encoded | None:
+def _independent_turns(messages, images, head, template, tokenize, tokens_per_image) -> Encoded | None:
     """Shared prefix + one branch per turn (module docstring); None when the turns cannot be
     split so (then the sample trains as an ordinary conversation)."""
     turns = _turns_alone(messages)
@@ -95,7 +95,7 @@ def _independent_turns(messages, head, template, tokenize, tokens_per_image) -> 
         keys, trainable = keys + turn_keys[prefix:], trainable + turn_trainable[prefix:]
         branches += [number] * (len(turn_keys) - prefix)
         positions += range(prefix, len(turn_keys))
-    return Encoded(slot_ids(keys), _labels(keys, trainable), [], branches, positions)
+    return Encoded(slot_ids(keys), _labels(keys, trainable), images, branches, positions)
 
 
 def _common_prefix(sequences: list[list]) -> int:
