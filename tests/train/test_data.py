@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 import json
 import tarfile
 from pathlib import Path
@@ -438,3 +439,30 @@ def test_easy_vqa_test_split_and_turns():
     assert [texts(m) for m in grouped[0].messages[::2]] == [texts(s.messages[0]) for s in single[:3]]
     assert grouped[0].meta["answers"] == [s.meta["answer"] for s in single[:3]]
     assert [s.source for s in grouped] == [s.source for s in read_easy_vqa("test", turns=3)]
+
+
+def test_easy_vqa_balanced_yes_no_asks_about_what_is_there_half_the_time(easy_train):
+    """Each image keeps its question count and what-questions; its yes/no answers stay true to the
+    object its what-questions name, and about half of them now ask about that object."""
+    truth: dict[str, dict[str, str]] = {}  # image -> {"colour"/"shape": what-question answers}
+    for s in easy_train:
+        if s.meta["qtype"] != "yes/no":
+            truth.setdefault(s.images[0], {})[s.meta["qtype"]] = s.meta["answer"]
+    balanced = list(read_easy_vqa("train", turns=6, balance_yes_no=True))
+    asked = [(s.images[0], m.parts[-1].text, a) for s in balanced
+             for m, a in zip(s.messages[::2], s.meta["answers"])]
+    assert len(asked) == len(easy_train)
+    assert Counter(i for i, _, _ in asked) == Counter(s.images[0] for s in easy_train)
+    present = checked = 0
+    for image, question, answer in asked:
+        if question_type(question) != "yes/no" or len(truth.get(image, {})) < 2:
+            continue
+        names_it = any(f" {w} " in f" {question.rstrip('?')} " for w in truth[image].values())
+        negated = " not " in question or question.startswith("is no ")
+        assert answer == ("yes" if names_it != negated else "no"), (image, question, answer)
+        present += names_it
+        checked += 1
+    assert checked > 15000 and 0.42 < present / checked < 0.52, (checked, present)
+    # Without the option the package's questions stay as they are, in order.
+    plain = [a for s in read_easy_vqa("train", turns=6) for a in s.meta["answers"]]
+    assert plain == [s.meta["answer"] for s in easy_train]

@@ -171,3 +171,16 @@ def test_repeat_lists_a_source_several_times_and_refuses_less_than_once():
     assert [samples[i].source for i in range(2, 8)] == [samples[i].source for i in (2, 3, 4)] * 2
     with pytest.raises(VlchatError, match="repeat must be at least 1"):
         build_samples([DataSource("synth:qa", samples=2, repeat=0)])
+
+
+def test_balance_yes_no_reaches_the_easy_vqa_reader_and_refuses_other_sources():
+    from vlchat.train.datasets import build_samples
+
+    plain = build_samples([DataSource("easy_vqa:train", samples=20, turns=6)])
+    balanced = build_samples([DataSource("easy_vqa:train", samples=20, turns=6, balance_yes_no=True)])
+    assert [s.meta["answers"] for s in plain] != [s.meta["answers"] for s in balanced]
+    assert [s.meta["image_id"] for s in plain] == [s.meta["image_id"] for s in balanced]
+    with pytest.raises(VlchatError, match="balance_yes_no applies to easy_vqa sources only"):
+        build_samples([DataSource("synth:qa", samples=2, balance_yes_no=True)])
+    easy = [d for d in load_config(REPO / "configs/train/stage2.yaml").data if d.spec.startswith("easy_vqa")]
+    assert easy and all(d.balance_yes_no for d in easy)

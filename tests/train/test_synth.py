@@ -84,19 +84,22 @@ def test_exists_questions_are_balanced(scenes):
     assert 0.42 < answers.count("yes") / len(answers) < 0.58
 
 
-def test_training_exists_questions_add_binding_negatives_and_stay_balanced(scenes):
-    """Training swaps attributes between objects for half the "no" questions; answers stay exact."""
+def test_training_exists_questions_add_hard_negatives_and_stay_balanced(scenes):
+    """Training's "no" questions swap attributes between objects, or recolour a shape that is
+    there, for two thirds of them; answers stay exact."""
     asked = [(s, q, a) for s in scenes
              for q, a, qtype in questions(s, random.Random(s.seed), askers=synth._TRAIN_ASK) if qtype == "exists"]
     assert 0.42 < sum(a == "yes" for _, _, a in asked) / len(asked) < 0.58
-    swapped = 0
+    swapped = recoloured = 0
     for scene, question, answer in asked:
         named = [(c, sh) for c in COLOURS for sh in SHAPES if f" {c} {sh}?" in question]
         assert len(named) == 1, question
         colour, shape = named[0]
         assert answer == ("yes" if any((o.colour, o.shape) == (colour, shape) for o in scene.objects) else "no")
-        swapped += answer == "no" and {colour, shape} <= {x for o in scene.objects for x in (o.colour, o.shape)}
-    assert swapped > len(asked) / 10
+        colours, shapes = {o.colour for o in scene.objects}, {o.shape for o in scene.objects}
+        swapped += answer == "no" and colour in colours and shape in shapes
+        recoloured += answer == "no" and colour not in colours and shape in shapes
+    assert swapped > len(asked) / 12 and recoloured > len(asked) / 8, (swapped, recoloured, len(asked))
     # Evaluation's questions are unchanged by the training askers.
     assert questions(scenes[3], random.Random(3)) == questions(scenes[3], random.Random(3), askers=synth._ASK)
 

@@ -28,6 +28,8 @@ class DataSource:
     # (shared-prefix packing, train/collate.py). For QA sets, not for real conversations.
     independent_turns: bool = False
     repeat: int = 1  # list the source this many times per epoch (its share of the mix)
+    # easy_vqa: half of each image's yes/no questions ask about what it shows (train/data_easyvqa.py)
+    balance_yes_no: bool = False
 
 
 @dataclass(frozen=True)

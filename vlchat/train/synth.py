@@ -242,15 +242,22 @@ def _ask_exists(scene: Scene, rng: random.Random) -> Asked:
 
 
 def _ask_exists_binding(scene: Scene, rng: random.Random) -> Asked:
-    """Training's "is there a ...?": yes half the time as in `_ask_exists`, but half of the "no"
+    """Training's "is there a ...?": yes half the time as in `_ask_exists`; a third of the "no"
     questions pair one object's colour with another object's shape (a red circle and a blue star:
-    "a red star?"), which only binding each colour to its shape can answer."""
+    "a red star?"), which only binding each colour to its shape can answer, and a third name a
+    shape that is there in a colour it does not have ("a green circle?"), which only its colour
+    answers: the held-out misses of the v4 model were mostly such questions answered "yes"."""
     present = {(o.colour, o.shape) for o in scene.objects}
     swapped = sorted({(a.colour, b.shape) for a in scene.objects for b in scene.objects} - present)
-    if rng.random() < 0.5:
+    recoloured = sorted({(c, o.shape) for o in scene.objects for c in COLOURS if c != scene.background}
+                        - present)
+    kind = rng.random()
+    if kind < 0.5:
         colour, shape = rng.choice(sorted(present))
-    elif swapped and rng.random() < 0.5:
+    elif swapped and kind < 0.5 + 1 / 6:
         colour, shape = rng.choice(swapped)
+    elif recoloured and kind < 0.5 + 2 / 6:
+        colour, shape = rng.choice(recoloured)
     else:
         return _ask_exists_absent(scene, rng, present)
     return {"colour": colour, "shape": shape}, "yes" if (colour, shape) in present else "no"
