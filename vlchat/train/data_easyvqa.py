@@ -112,31 +112,24 @@ class YesNoBalancer:
                 labels[named[0]] = named[1]
         return labels
 
-    def _ask_present(self, labels: dict[str, str], kind: str, asked: set[str], rng: random.Random) -> Pair:
-        """A question about the image's `kind` ("colour"|"shape") in one of the split's forms, not yet asked."""
-        filled = {f.format_map(labels): f for f in self.forms if "{" + kind + "}" in f}
+    def _ask_present(self, labels: dict[str, str], asked: set[str], rng: random.Random) -> Pair:
+        """A question about the image's colour or shape in one of the split's forms, not yet asked."""
+        filled = {f.format_map(labels): f for f in self.forms
+                  if any("{" + k + "}" in f for k in labels) and all(k in labels for k in re.findall(r"{(\w+)}", f))}
         question = rng.choice(sorted(filled.keys() - asked) or sorted(filled))
         asked.add(question)
         return question, "no" if _NEGATED.search(filled[question]) else "yes"
 
     def _image(self, pairs: list[Pair], rng: random.Random) -> list[Pair]:
-        """The image's questions with colour and shape yes/no questions each balanced, shuffled."""
-        labels, out = self._labels(pairs), list(pairs)
-        for kind in ("colour", "shape"):
-            if kind in labels:
-                out = self._balance_kind(out, labels, kind, rng)
-        if out != pairs:
-            rng.shuffle(out)
-        return out
-
-    def _balance_kind(self, pairs: list[Pair], labels: dict[str, str], kind: str, rng: random.Random) -> list[Pair]:
-        yes_no = [i for i, (q, _) in enumerate(pairs)
-                  if question_type(q) == "yes/no" and (self._word(q) or ("",))[0] == kind]
-        absent = [i for i in yes_no if not self._present(*pairs[i])]
-        swap = len(absent) - (len(yes_no) + 1) // 2  # absent beyond half (rounded up)
-        if swap <= 0:
+        yes_no = [p for p in pairs if question_type(p[0]) == "yes/no"]
+        absent = [p for p in yes_no if not self._present(*p)]
+        swap = len(absent) - len(yes_no) // 2 - len(yes_no) % 2  # absent beyond half (rounded up)
+        labels = self._labels(pairs)
+        if swap <= 0 or not labels:
             return pairs
-        dropped = set(rng.sample(absent, swap))
-        kept = [p for i, p in enumerate(pairs) if i not in dropped]
+        dropped = set(rng.sample(range(len(absent)), swap))
+        kept = [p for p in pairs if p not in absent] + [p for i, p in enumerate(absent) if i not in dropped]
         asked = {q for q, _ in kept}
-        return kept + [self._ask_present(labels, kind, asked, rng) for _ in range(swap)]
+        out = kept + [self._ask_present(labels, asked, rng) for _ in range(swap)]
+        rng.shuffle(out)
+        return out

@@ -269,17 +269,6 @@ def _ask_exists_absent(scene: Scene, rng: random.Random, present: set[tuple[str,
     return {"colour": colour, "shape": shape}, "no"
 
 
-def _ask_has(attr: str, vocabulary: tuple[str, ...]) -> Callable[[Scene, random.Random], Asked]:
-    """Training's one-attribute "is there a blue shape?" / "is there a circle?" about any object,
-    yes half the time (easy-VQA asks so; without it the model read "shape" as a kind of shape)."""
-    def ask(scene: Scene, rng: random.Random) -> Asked:
-        present = sorted({getattr(o, attr) for o in scene.objects})
-        absent = [v for v in vocabulary if v not in present and v != scene.background]
-        value = rng.choice(present if rng.random() < 0.5 or not absent else absent)
-        return {attr: value}, "yes" if value in present else "no"
-    return ask
-
-
 Asker = Callable[[Scene, random.Random], Asked | None]
 _ASK: dict[str, Asker] = {
     "colour": _ask_about_shape("colour"), "shape": _ask_shape,
@@ -289,8 +278,7 @@ _ASK: dict[str, Asker] = {
 }
 # Training asks "is there ...?" with binding negatives; evaluation keeps `_ASK`, so held-out
 # questions are the same as before this change.
-_TRAIN_ASK: dict[str, Asker] = {**_ASK, "exists": _ask_exists_binding,
-                                 "has_colour": _ask_has("colour", COLOURS), "has_shape": _ask_has("shape", SHAPES)}
+_TRAIN_ASK: dict[str, Asker] = {**_ASK, "exists": _ask_exists_binding}
 # The types a training sample asks again once every type has been asked (the hardest ones).
 FOCUS_QTYPES = ("colour", "position", "exists")
 
@@ -322,7 +310,7 @@ def _vocab(lang: str) -> dict[str, frozenset[str]]:
         return frozenset(_say(v, "answer", lang) for v in values)
     return {"colour": names(COLOURS), "shape": names(SHAPES), "count": frozenset("1234"),
             "position": names(POSITIONS), "exists": names(("yes", "no")), "word": frozenset(WORDS),
-            "size": names(SIZES), "has_colour": names(("yes", "no")), "has_shape": names(("yes", "no"))}
+            "size": names(SIZES)}
 
 
 ANSWERS: dict[str, dict[str, frozenset[str]]] = {lang: _vocab(lang) for lang in ("en", "zh")}
@@ -359,7 +347,7 @@ def qa_sample(seed: int, lang: str = "en", turns: int = 1) -> Sample:
         raise VlchatError(f"turns must be at least 1, got {turns}")
     scene, image, part = _image_sample(seed)
     rng = random.Random(f"{seed}:qa:{lang}")
-    asked = questions(scene, rng, lang, QTYPES + (rng.choice(("has_colour", "has_shape")),), _TRAIN_ASK)
+    asked = questions(scene, rng, lang, askers=_TRAIN_ASK)
     while len(asked) < turns:  # more turns than qtypes: the hardest types again, other targets and phrasings
         asked += questions(scene, rng, lang, FOCUS_QTYPES, _TRAIN_ASK)  # exists always applies
     messages = []

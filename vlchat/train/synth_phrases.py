@@ -28,10 +28,6 @@ PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
                  "Read the word in this image."),
         "size": ("Is the {shape} small or large?", "What size is the {shape}?",
                  "How big is the {shape}: small or large?"),
-        # training only: one attribute, any object (easy-VQA's "is there a blue shape?")
-        "has_colour": ("Is there a {colour} shape?", "Does the image contain a {colour} shape?",
-                       "Is a {colour} shape present?"),
-        "has_shape": ("Is there a {shape}?", "Does the image contain a {shape}?", "Is a {shape} present?"),
     },
     "zh": {
         "colour": ("{shape}是什么颜色的？", "图中的{shape}是什么颜色？", "请告诉我{shape}的颜色。"),
@@ -41,8 +37,6 @@ PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
         "exists": ("图中有{colour}的{shape}吗？", "有没有{colour}{shape}？", "你能看到{colour}的{shape}吗？"),
         "word": ("图中写的是什么单词？", "图片上写着什么字？", "图中写了哪个单词？"),
         "size": ("{shape}是大的还是小的？", "图中的{shape}是大还是小？", "{shape}的大小是大还是小？"),
-        "has_colour": ("图中有{colour}的图形吗？", "有没有{colour}的图形？", "你能看到{colour}的图形吗？"),
-        "has_shape": ("图中有{shape}吗？", "有没有{shape}？", "你能看到{shape}吗？"),
     },
 }
 
