@@ -40,7 +40,7 @@ bench: prepare
 load: prepare
 	$(BIN)/python -m vlchat.serve.loadtest
 
-# Reproduce the committed default projector + LoRA adapter (about 58 minutes on 2 CPU cores) and its report.
+# Reproduce the committed default projector + LoRA adapter (about 54 minutes on 2 CPU cores) and its report.
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml
 	$(BIN)/vlchat train stage2 --config configs/train/stage2.yaml
