@@ -64,7 +64,7 @@ def _vqa_sample(
 # --- yes/no balance -----------------------------------------------------------------------------
 # About 4 in 5 of easy-VQA's yes/no questions ask about a colour or shape that is not in the image
 # (8 colours, 3 shapes, one object), so "absent" is a strong prior: a model trained on the split as
-# it is answered 15% of the test questions about what *is* there correctly (v4 default model).
+# it is answered 15% of the test questions about what *is* there correctly (the previous default).
 
 Pair = tuple[str, str]  # (question, answer)
 _NEGATED = re.compile(r"\b(not|no)\b")
@@ -114,8 +114,7 @@ class YesNoBalancer:
 
     def _ask_present(self, labels: dict[str, str], asked: set[str], rng: random.Random) -> Pair:
         """A question about the image's colour or shape in one of the split's forms, not yet asked."""
-        filled = {f.format_map(labels): f for f in self.forms
-                  if any("{" + k + "}" in f for k in labels) and all(k in labels for k in re.findall(r"{(\w+)}", f))}
+        filled = {f.format_map(labels): f for f in self.forms if re.findall(r"{(\w+)}", f)[0] in labels}
         question = rng.choice(sorted(filled.keys() - asked) or sorted(filled))
         asked.add(question)
         return question, "no" if _NEGATED.search(filled[question]) else "yes"
