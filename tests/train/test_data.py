@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-from collections import Counter
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
