@@ -466,3 +466,37 @@ def test_easy_vqa_balanced_yes_no_asks_about_what_is_there_half_the_time(easy_tr
     # Without the option the package's questions stay as they are, in order.
     plain = [a for s in read_easy_vqa("train", turns=6) for a in s.meta["answers"]]
     assert plain == [s.meta["answer"] for s in easy_train]
+
+
+def test_easy_vqa_explained_yes_no_answers_name_the_object_then_keep_the_verdict(easy_train):
+    """explain_yes_no: "It is {its colour | a its shape}, so {the same verdict}." for every
+    yes/no question it keeps (those whose attribute the image's questions reveal, nearly all)."""
+    truth: dict[str, dict[str, str]] = {}
+    for s in easy_train:
+        if s.meta["qtype"] != "yes/no":
+            truth.setdefault(s.images[0], {})[s.meta["qtype"]] = s.meta["answer"]
+
+    def by_image(samples):
+        out: dict[str, list[tuple[str, str]]] = {}
+        for s in samples:
+            out.setdefault(s.images[0], []).extend(zip((m.parts[-1].text for m in s.messages[::2]),
+                                                       s.meta["answers"]))
+        return out
+
+    balanced = by_image(read_easy_vqa("train", turns=6, balance_yes_no=True))
+    explained = by_image(read_easy_vqa("train", turns=6, balance_yes_no=True, explain_yes_no=True))
+    kept = checked = 0
+    for image, pairs in balanced.items():
+        plain = dict(pairs)
+        for question, answer in explained.get(image, []):
+            kept += 1
+            if question_type(question) != "yes/no":
+                assert answer == plain[question]
+                continue
+            reason, _, verdict = answer.rstrip(".").rpartition(", so ")
+            assert verdict == plain[question] and reason.startswith("It is "), answer
+            named = reason.removeprefix("It is ").removeprefix("a ")
+            if len(truth.get(image, {})) == 2:
+                assert named in truth[image].values(), (image, question, answer)
+                checked += 1
+    assert 0.95 < kept / sum(map(len, balanced.values())) < 1.0 and checked > 15000

@@ -7,12 +7,21 @@ import json
 from vlchat.chat.engine import Chat
 from vlchat.config import GenerationConfig
 from vlchat.train import synth
-from vlchat.train.evaluate import Answerer, Item, caption_recall, evaluate, markdown, normalise, write_report
+from vlchat.train.evaluate import (Answerer, Item, caption_recall, evaluate, markdown, normalise,
+                                   verdict, write_report)
 
 
 def test_normalise_ignores_case_space_and_punctuation():
     assert normalise(" Red. ") == "red" == normalise("RED!")
     assert normalise("红色。") == "红色"
+
+
+def test_a_reasoned_yes_no_reply_is_scored_by_its_verdict():
+    assert verdict("It is blue, so no.") == "no"
+    assert verdict("It is a circle, so Yes") == "Yes"
+    assert verdict("no") == "no" and verdict("blue") == "blue"
+    assert verdict("so no, it is blue") == "so no, it is blue"  # the verdict must come last
+    assert verdict("also no.") == "also no."  # a whole word "so"
 
 
 def test_caption_recall_counts_named_attributes():

@@ -173,7 +173,7 @@ def test_repeat_lists_a_source_several_times_and_refuses_less_than_once():
         build_samples([DataSource("synth:qa", samples=2, repeat=0)])
 
 
-def test_balance_yes_no_reaches_the_easy_vqa_reader_and_refuses_other_sources():
+def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     from vlchat.train.datasets import build_samples
 
     plain = build_samples([DataSource("easy_vqa:train", samples=20, turns=6)])
@@ -182,5 +182,11 @@ def test_balance_yes_no_reaches_the_easy_vqa_reader_and_refuses_other_sources():
     assert [s.meta["image_id"] for s in plain] == [s.meta["image_id"] for s in balanced]
     with pytest.raises(VlchatError, match="balance_yes_no applies to easy_vqa sources only"):
         build_samples([DataSource("synth:qa", samples=2, balance_yes_no=True)])
+    with pytest.raises(VlchatError, match="explain_yes_no applies to easy_vqa sources only"):
+        build_samples([DataSource("synth:qa", samples=2, explain_yes_no=True)])
+    explained = build_samples([DataSource("easy_vqa:train", samples=20, turns=6, explain_yes_no=True)])
+    assert any(a.endswith(", so no.") for s in explained for a in s.meta["answers"])
     easy = [d for d in load_config(REPO / "configs/train/stage2.yaml").data if d.spec.startswith("easy_vqa")]
-    assert easy and all(d.balance_yes_no for d in easy)
+    assert easy and all(d.balance_yes_no and not d.explain_yes_no for d in easy)
+    reasoned = load_config(REPO / "configs/train/stage2-reasoned.yaml").data
+    assert [d.explain_yes_no for d in reasoned if d.spec.startswith("easy_vqa")] == [True]

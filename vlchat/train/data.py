@@ -137,20 +137,23 @@ def read_minigpt4_stage2(path: str | os.PathLike) -> Iterator[Sample]:
     return _checked(_stage2_items(_stage2_folder(path)))
 
 
-def read_easy_vqa(split: str = "train", turns: int = 1, balance_yes_no: bool = False) -> Iterator[Sample]:
+def read_easy_vqa(split: str = "train", turns: int = 1, balance_yes_no: bool = False,
+                  explain_yes_no: bool = False) -> Iterator[Sample]:
     """easy-VQA from its package: one question (or up to `turns` questions about one image) a sample.
 
     Questions keep the package's order (grouped by image); with `turns` > 1 each image's questions
     are cut into consecutive groups of `turns`. meta: "answer"/"qtype" of the last turn,
     "answers"/"qtypes" of all turns, "image_id", "split", "lang". `balance_yes_no` (training):
     half of each image's yes/no questions ask about what it shows (data_easyvqa.YesNoBalancer).
+    `explain_yes_no` (training): yes/no answers name the image's colour or shape before the
+    verdict, "It is blue, so no." (data_easyvqa.YesNoBalancer.explain).
     """
     from vlchat.train.data_easyvqa import _easy_vqa_items, _easy_vqa_split
 
     _easy_vqa_split(split)
     if turns < 1:
         raise VlchatError(f"turns must be at least 1, got {turns}")
-    return _checked(_easy_vqa_items(split, turns, balance_yes_no))
+    return _checked(_easy_vqa_items(split, turns, balance_yes_no, explain_yes_no))
 
 
 def open_dataset(spec: str | os.PathLike) -> Iterator[Sample]:

@@ -56,7 +56,8 @@ def file_samples(source: DataSource) -> list[Sample]:
     from vlchat.train.data import open_dataset, read_easy_vqa
 
     if source.spec.startswith("easy_vqa:"):
-        samples = list(read_easy_vqa(source.spec.partition(":")[2], source.turns, source.balance_yes_no))
+        split = source.spec.partition(":")[2]
+        samples = list(read_easy_vqa(split, source.turns, source.balance_yes_no, source.explain_yes_no))
     else:
         samples = list(open_dataset(source.spec))
     if not samples:
@@ -76,8 +77,9 @@ def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
     for source in sources:
         if source.repeat < 1:
             raise VlchatError(f"data source {source.spec!r}: repeat must be at least 1, got {source.repeat}")
-        if source.balance_yes_no and not source.spec.startswith("easy_vqa:"):
-            raise VlchatError(f"data source {source.spec!r}: balance_yes_no applies to easy_vqa sources only")
+        for option in ("balance_yes_no", "explain_yes_no"):
+            if getattr(source, option) and not source.spec.startswith("easy_vqa:"):
+                raise VlchatError(f"data source {source.spec!r}: {option} applies to easy_vqa sources only")
         part = SyntheticSamples(source) if source.spec.startswith("synth:") else file_samples(source)
         parts += [part] * source.repeat
     return Concatenated(parts)

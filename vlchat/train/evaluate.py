@@ -7,6 +7,9 @@ Suites:
   and printed word that a generated description names).
 The baseline is the same LM with the image removed from the prompt: what can be guessed from
 the question alone (e.g. "yes" to every yes/no question).
+Answers are exact-match after `normalise`; a reply that gives its reason before a yes/no
+verdict ("It is blue, so no.", how the default model answers easy-VQA yes/no questions)
+is scored by its verdict.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ class Scores:
 
 def normalise(text: str) -> str:
     return re.sub(r"[\s\.\!\?。！？，,\"'“”]+", " ", text).strip().lower()
+
+
+def verdict(text: str) -> str:
+    """The answer a reply commits to: "no" for "It is blue, so no.", else the reply."""
+    found = re.search(r"\bso (yes|no)\W*$", text.strip(), re.IGNORECASE)
+    return found.group(1) if found else text
 
 
 def easy_vqa_items(limit: int | None) -> list[Item]:
@@ -137,8 +146,8 @@ class Answerer:
 def score(model: VisionLanguageModel, items: list[Item], with_image: bool, batch_size: int) -> Scores:
     answerer, scores = Answerer(model, with_image, batch_size), Scores()
     qa = [i for i in items if i.answer]
-    for item, said in zip(qa, answerer.answer(qa, max_new_tokens=8)):
-        scores.add(item.group, float(normalise(said) == normalise(item.answer)))
+    for item, said in zip(qa, answerer.answer(qa, max_new_tokens=16)):  # room for a reason
+        scores.add(item.group, float(normalise(verdict(said)) == normalise(item.answer)))
     captions = [i for i in items if not i.answer]
     for item, said in zip(captions, answerer.answer(captions, max_new_tokens=64)):
         scores.add(item.group, caption_recall(said, item.scene, item.group.split("/")[1]))

@@ -30,6 +30,8 @@ class DataSource:
     repeat: int = 1  # list the source this many times per epoch (its share of the mix)
     # easy_vqa: half of each image's yes/no questions ask about what it shows (train/data_easyvqa.py)
     balance_yes_no: bool = False
+    # easy_vqa: yes/no answers give their reason first: "It is blue, so no."
+    explain_yes_no: bool = False
 
 
 @dataclass(frozen=True)
