@@ -27,11 +27,12 @@ def _easy_vqa_items(split: str, turns: int, balance_yes_no: bool = False,
     by_image: dict[int, list[tuple[str, str]]] = {}  # insertion order: the package's order
     for question, answer, image_id in zip(questions, answers, image_ids):
         by_image.setdefault(image_id, []).append((question, answer))
-    balancer = YesNoBalancer(list(zip(questions, answers)))
-    if balance_yes_no:
-        by_image = balancer.balance(by_image)
-    if explain_yes_no:
-        by_image = {image_id: balancer.explain(pairs) for image_id, pairs in by_image.items()}
+    if balance_yes_no or explain_yes_no:  # training options; the test split is read as it is
+        balancer = YesNoBalancer(list(zip(questions, answers)))
+        if balance_yes_no:
+            by_image = balancer.balance(by_image)
+        if explain_yes_no:
+            by_image = {image_id: balancer.explain(pairs) for image_id, pairs in by_image.items()}
     for image_id, pairs in by_image.items():
         for start in range(0, len(pairs), turns):
             where = f"easy_vqa:{split}: image {image_id} question {start}"

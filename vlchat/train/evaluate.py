@@ -8,7 +8,7 @@ Suites:
 The baseline is the same LM with the image removed from the prompt: what can be guessed from
 the question alone (e.g. "yes" to every yes/no question).
 Answers are exact-match after `normalise`; a reply that gives its reason before a yes/no
-verdict ("It is blue, so no.", how the default model answers easy-VQA yes/no questions)
+verdict ("It is blue, so no.", as a model trained with `explain_yes_no` answers easy-VQA's)
 is scored by its verdict.
 """
 
