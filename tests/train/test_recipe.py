@@ -90,6 +90,7 @@ def test_plain_string_data_source(tmp_path):
     ({"lr": 0}, [], r"lr must be > 0"),
     ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
     ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
+    ({}, ["loss_weighting=sample"], r"loss_weighting must be token or answer, got 'sample'"),
     ({"data": [{"spec": "synth:qa", "sample": 3}]}, [], r"recipe.yaml: .*sample"),
     ({}, ["max_steps"], r"override 'max_steps' must look like key=value"),
     ({}, ["data.3.samples=10"], r"override 'data.3.samples=10' does not fit"),
@@ -182,8 +183,12 @@ def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     assert [s.meta["image_id"] for s in plain] == [s.meta["image_id"] for s in balanced]
     with pytest.raises(VlchatError, match="balance_yes_no applies to easy_vqa sources only"):
         build_samples([DataSource("synth:qa", samples=2, balance_yes_no=True)])
-    with pytest.raises(VlchatError, match="explain_yes_no applies to easy_vqa sources only"):
-        build_samples([DataSource("synth:qa", samples=2, explain_yes_no=True)])
+    for refused in (DataSource("synth:qa", samples=2, lang="zh", explain_yes_no=True),
+                    DataSource("synth:caption", samples=2, explain_yes_no=True)):
+        with pytest.raises(VlchatError, match="explain_yes_no applies to easy_vqa and English synth:qa"):
+            build_samples([refused])
+    synthetic = build_samples([DataSource("synth:qa", samples=20, turns=6, explain_yes_no=True)])
+    assert any(a.endswith(", so yes.") for s in synthetic for a in s.meta["answers"])
     explained = build_samples([DataSource("easy_vqa:train", samples=20, turns=6, explain_yes_no=True)])
     assert any(a.endswith(", so no.") for s in explained for a in s.meta["answers"])
     easy = [d for d in load_config(REPO / "configs/train/stage2.yaml").data if d.spec.startswith("easy_vqa")]

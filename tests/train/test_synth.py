@@ -104,6 +104,47 @@ def test_training_exists_questions_add_hard_negatives_and_stay_balanced(scenes):
     assert questions(scenes[3], random.Random(3)) == questions(scenes[3], random.Random(3), askers=synth._ASK)
 
 
+def test_explained_exists_answers_give_the_shape_colours_then_the_same_verdict():
+    """explain_yes_no: "is there a {colour} {shape}?" -> "The {shape} is {its colour}, so yes|no."
+    (or "There is no {shape}" / "The {shape}s are a and b"); the questions and verdicts are the
+    ones the plain sample asks and gives."""
+    kinds = set()
+    for seed in range(300):
+        plain, explained = qa_sample(seed, "en", 6), qa_sample(seed, "en", 6, explain_yes_no=True)
+        assert [m.parts[-1].text for m in plain.messages[::2]] == [m.parts[-1].text for m in explained.messages[::2]]
+        scene = explained.meta["scene"]
+        for qtype, bare, reasoned, question in zip(plain.meta["qtypes"], plain.meta["answers"],
+                                                   explained.meta["answers"], explained.messages[::2]):
+            if qtype != "exists":
+                assert reasoned == bare
+                continue
+            assert reasoned.endswith(f", so {bare}.")
+            shape = next(sh for sh in SHAPES if f" {sh}?" in question.parts[-1].text)
+            colours = [o.colour for o in scene.objects if o.shape == shape]
+            reason = reasoned.split(",")[0]
+            if not colours:
+                assert reason == f"There is no {shape}"
+            elif len(colours) == 1:
+                assert reason == f"The {shape} is {colours[0]}"
+            else:
+                assert reasoned.startswith(f"The {shape}") and all(c in reasoned for c in colours)
+            kinds.add(min(len(colours), 2))
+    assert kinds == {0, 1, 2}  # absent, one, several
+
+
+def test_explained_answers_are_english_only():
+    with pytest.raises(VlchatError, match="explain_yes_no is for English questions only"):
+        qa_sample(1, "zh", 6, explain_yes_no=True)
+
+
+def test_shape_reason_names_every_colour_and_the_plural():
+    two_crosses = Scene((SceneObject("cross", "red", "small", "left"), SceneObject("cross", "blue", "large", "right"),
+                         SceneObject("star", "green", "small", "top")), "white", None, 0)
+    assert synth.shape_reason(two_crosses, "cross") == "The crosses are red and blue"
+    assert synth.shape_reason(two_crosses, "star") == "The star is green"
+    assert synth.shape_reason(two_crosses, "heart") == "There is no heart"
+
+
 def test_training_samples_ask_the_hardest_types_again():
     qtypes = [q for seed in range(100) for q in qa_sample(seed, "en", turns=10).meta["qtypes"]]
     focus = sum(q in synth.FOCUS_QTYPES for q in qtypes) / len(qtypes)

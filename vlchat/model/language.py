@@ -100,8 +100,9 @@ class LanguageModel(nn.Module):
         return self.prefill(self.embed(token_ids[:, None]), state)
 
     def loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over positions whose label is not -100.
+             position_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions whose label is not -100 (weighted by
+        `weights` (B, T-1), one per target, when given: train/collate.answer_weights).
 
         embeds (B, T, D), attention_mask (B, T), labels (B, T) aligned with the inputs (position
         t's logits predict labels[t + 1]). The LM head runs only on supervised positions: most of
@@ -114,7 +115,10 @@ class LanguageModel(nn.Module):
         targets = labels[:, 1:]  # (B, T-1)
         supervised = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (n, V)
-        return F.cross_entropy(logits.float(), targets[supervised])
+        if weights is None:
+            return F.cross_entropy(logits.float(), targets[supervised])
+        weights = weights.to(logits.device)[supervised]  # (n,)
+        return (F.cross_entropy(logits.float(), targets[supervised], reduction="none") * weights).sum() / weights.sum()
 
 
     def _mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -31,7 +31,8 @@ class SyntheticSamples(Sequence):
         lang = self.source.lang if self.source.lang != "both" else ("en", "zh")[seed % 2]
         if self.kind == "caption":
             return self.synth.caption_sample(seed, lang)
-        return tagged(self.synth.qa_sample(seed, lang, self.source.turns), self.source)
+        sample = self.synth.qa_sample(seed, lang, self.source.turns, self.source.explain_yes_no)
+        return tagged(sample, self.source)
 
 
 class Concatenated(Sequence):
@@ -72,14 +73,22 @@ def tagged(sample: Sample, source: DataSource) -> Sample:
     return sample
 
 
+def check_yes_no_options(source: DataSource) -> None:
+    """balance_yes_no is easy-VQA's; explain_yes_no also applies to English synthetic QA."""
+    easy, synth_qa = source.spec.startswith("easy_vqa:"), source.spec == "synth:qa"
+    if source.balance_yes_no and not easy:
+        raise VlchatError(f"data source {source.spec!r}: balance_yes_no applies to easy_vqa sources only")
+    if source.explain_yes_no and not (easy or (synth_qa and source.lang == "en")):
+        raise VlchatError(f"data source {source.spec!r}: explain_yes_no applies to easy_vqa and "
+                          "English synth:qa sources only")
+
+
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
     parts: list[Sequence[Sample]] = []
     for source in sources:
         if source.repeat < 1:
             raise VlchatError(f"data source {source.spec!r}: repeat must be at least 1, got {source.repeat}")
-        for option in ("balance_yes_no", "explain_yes_no"):
-            if getattr(source, option) and not source.spec.startswith("easy_vqa:"):
-                raise VlchatError(f"data source {source.spec!r}: {option} applies to easy_vqa sources only")
+        check_yes_no_options(source)
         part = SyntheticSamples(source) if source.spec.startswith("synth:") else file_samples(source)
         parts += [part] * source.repeat
     return Concatenated(parts)

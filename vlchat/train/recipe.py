@@ -30,7 +30,8 @@ class DataSource:
     repeat: int = 1  # list the source this many times per epoch (its share of the mix)
     # easy_vqa: half of each image's yes/no questions ask about what it shows (train/data_easyvqa.py)
     balance_yes_no: bool = False
-    # easy_vqa: yes/no answers give their reason first: "It is blue, so no."
+    # easy_vqa, English synth:qa: yes/no answers give their reason first: "It is blue, so no.",
+    # "The star is red, so no."
     explain_yes_no: bool = False
 
 
@@ -57,6 +58,10 @@ class TrainConfig:
     batch_size: int = 8  # per process
     grad_accum: int = 1
     length_groups: int = 2  # a batch runs as up to this many similar-length groups (collate.length_groups)
+    # The loss is a mean over "token"s (every supervised token weighs the same) or "answer"s
+    # (every answer weighs the same, its tokens share it: collate.answer_weights), so long answers
+    # (a reason before a yes/no) do not take the gradient from one-word ones.
+    loss_weighting: str = "token"
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -76,6 +81,8 @@ class TrainConfig:
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.attention in ("auto", "eager", "sdpa"), f"attention must be auto, eager or sdpa, got {self.attention!r}"),
             (1 <= self.length_groups <= 8, f"length_groups must be 1..8, got {self.length_groups}"),
+            (self.loss_weighting in ("token", "answer"),
+             f"loss_weighting must be token or answer, got {self.loss_weighting!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),

@@ -279,6 +279,36 @@ _ASK: dict[str, Asker] = {
 # Training asks "is there ...?" with binding negatives; evaluation keeps `_ASK`, so held-out
 # questions are the same as before this change.
 _TRAIN_ASK: dict[str, Asker] = {**_ASK, "exists": _ask_exists_binding}
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def shape_reason(scene: Scene, shape: str) -> str:
+    """What the image shows of `shape`: "The star is red", "The circles are red and blue",
+    "There is no heart" (English; the reason an explained yes/no answer gives first)."""
+    colours = list(dict.fromkeys(o.colour for o in scene.objects if o.shape == shape))
+    count = sum(o.shape == shape for o in scene.objects)
+    if not count:
+        return f"There is no {shape}"
+    if count == 1:
+        return f"The {shape} is {colours[0]}"
+    listed = colours[0] if len(colours) == 1 else ", ".join(colours[:-1]) + " and " + colours[-1]
+    return f"The {_plural(shape)} are {listed}"
+
+
+def _explained(ask: Asker) -> Asker:
+    """An "is there a {colour} {shape}?" asker whose answer gives the reason first: "The star is
+    red, so no." The LM then compares the question's colour with one it has just generated,
+    as easy-VQA's explain_yes_no does (README, evaluation); English only."""
+    def explained(scene: Scene, rng: random.Random) -> Asked:
+        fields, verdict = ask(scene, rng)
+        return fields, f"{shape_reason(scene, fields['shape'])}, so {verdict}."
+    return explained
+
+
+_TRAIN_ASK_EXPLAINED: dict[str, Asker] = {**_TRAIN_ASK, "exists": _explained(_ask_exists_binding)}
 # The types a training sample asks again once every type has been asked (the hardest ones).
 FOCUS_QTYPES = ("colour", "position", "exists")
 
@@ -340,16 +370,20 @@ def caption_sample(seed: int, lang: str = "en") -> Sample:
     return Sample(messages, [image], source=f"synth:{seed}", meta={"lang": lang, "scene": scene})
 
 
-def qa_sample(seed: int, lang: str = "en", turns: int = 1) -> Sample:
-    """Stage 2: `turns` question-answer pairs about one image (the image comes with the first)."""
+def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool = False) -> Sample:
+    """Stage 2: `turns` question-answer pairs about one image (the image comes with the first).
+    `explain_yes_no` (English): "is there a ...?" is answered with its reason first."""
     _check_lang(lang)
     if turns < 1:
         raise VlchatError(f"turns must be at least 1, got {turns}")
+    if explain_yes_no and lang != "en":
+        raise VlchatError(f"explain_yes_no is for English questions only, not lang {lang!r}")
     scene, image, part = _image_sample(seed)
     rng = random.Random(f"{seed}:qa:{lang}")
-    asked = questions(scene, rng, lang, askers=_TRAIN_ASK)
+    askers = _TRAIN_ASK_EXPLAINED if explain_yes_no else _TRAIN_ASK
+    asked = questions(scene, rng, lang, askers=askers)
     while len(asked) < turns:  # more turns than qtypes: the hardest types again, other targets and phrasings
-        asked += questions(scene, rng, lang, FOCUS_QTYPES, _TRAIN_ASK)  # exists always applies
+        asked += questions(scene, rng, lang, FOCUS_QTYPES, askers)  # exists always applies
     messages = []
     for i, (question, answer, _) in enumerate(asked[:turns]):
         messages.append(Message("user", ([part] if i == 0 else []) + [Text(question)]))

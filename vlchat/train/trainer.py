@@ -27,7 +27,7 @@ from vlchat.model.projector import Projector, load_projector, save_projector
 from vlchat.model.vlm import VisionLanguageModel, load_model
 from vlchat.train import distributed
 from vlchat.train.checkpoint import latest_checkpoint, load_trainable_state, save_checkpoint, trainable_state
-from vlchat.train.collate import Batch, collate, encode_sample, length_groups, supervised_tokens
+from vlchat.train.collate import Batch, answer_weights, collate, encode_sample, length_groups, loss_mass
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
 from vlchat.train.recipe import TrainConfig
@@ -43,14 +43,14 @@ class TrainModule(nn.Module):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, ids, labels, attention_mask, pixels, position_ids=None):
+    def forward(self, ids, labels, attention_mask, pixels, position_ids=None, weights=None):
         images = None
         if pixels is not None:
             with torch.no_grad():
                 features = self.vlm.vision(pixels)  # (n, N, 1280)
             images = self.vlm.projector(features)  # (n, N, D)
         embeds = self.vlm.embed(ids, images)  # (B, T, D)
-        return self.vlm.lm.loss(embeds, attention_mask, labels, position_ids)
+        return self.vlm.lm.loss(embeds, attention_mask, labels, position_ids, weights)
 
 
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
@@ -143,8 +143,11 @@ class BatchMaker:
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
         groups = 1 if self.config.deepspeed else self.config.length_groups  # DeepSpeed steps per backward
-        return [collate(group, self.vlm.config.vision.image_size, self.pad_id)
-                for group in length_groups(items, groups)]
+        batches = [collate(group, self.vlm.config.vision.image_size, self.pad_id)
+                   for group in length_groups(items, groups)]
+        if self.config.loss_weighting == "answer":
+            batches = [replace(batch, weights=answer_weights(batch.labels)) for batch in batches]
+        return batches
 
 
 def lr_lambda(config: TrainConfig):
@@ -247,7 +250,7 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
                     with autocast:
                         loss = wrapped(*(to_device(t, world.device) for t in
                                          (batch.ids, batch.labels, batch.attention_mask, batch.pixels,
-                                                                     batch.position_ids)))
+                                          batch.position_ids, batch.weights)))
                     backward_and_step(wrapped, module, loss * weight, optimizer, scheduler, config,
                                       last_group and micro == config.grad_accum - 1)
                 loss_sum += loss.item() * weight / config.grad_accum
@@ -269,8 +272,9 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
 
 
 def group_weights(groups: list[Batch]) -> list[float]:
-    """Each group's share of the supervised tokens: the weighted group losses sum to the batch's mean."""
-    counts = [supervised_tokens(batch) for batch in groups]
+    """Each group's share of the loss mass (supervised tokens or answers): the weighted group
+    losses sum to the batch's mean."""
+    counts = [loss_mass(batch) for batch in groups]
     total = sum(counts)
     return [count / total for count in counts] if total else [1 / len(groups)] * len(groups)
 
