@@ -288,12 +288,12 @@ def _plural(shape: str) -> str:
 def shape_reason(scene: Scene, shape: str) -> str:
     """What the image shows of `shape`: "The star is red", "The circles are red and blue",
     "There is no heart" (English; the reason an explained yes/no answer gives first)."""
-    colours = list(dict.fromkeys(o.colour for o in scene.objects if o.shape == shape))
-    count = sum(o.shape == shape for o in scene.objects)
-    if not count:
+    named = [o.colour for o in scene.objects if o.shape == shape]
+    if not named:
         return f"There is no {shape}"
-    if count == 1:
-        return f"The {shape} is {colours[0]}"
+    if len(named) == 1:
+        return f"The {shape} is {named[0]}"
+    colours = list(dict.fromkeys(named))  # two red circles: "The circles are red"
     listed = colours[0] if len(colours) == 1 else ", ".join(colours[:-1]) + " and " + colours[-1]
     return f"The {_plural(shape)} are {listed}"
 
