@@ -174,6 +174,21 @@ def test_repeat_lists_a_source_several_times_and_refuses_less_than_once():
         build_samples([DataSource("synth:qa", samples=2, repeat=0)])
 
 
+def test_qtypes_reach_the_synthetic_source_and_refuse_other_sources(tmp_path):
+    from vlchat.train.datasets import build_samples
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("stage: stage2\ndata:\n  - {spec: 'synth:qa', samples: 4, turns: 3, qtypes: [exists]}\n")
+    source = load_config(path).data[0]
+    assert source.qtypes == ("exists",)
+    assert all(s.meta["qtypes"] == ["exists"] * 3 for s in build_samples([source]))
+    for refused, message in ((DataSource("easy_vqa:train", samples=2, qtypes=("exists",)), "synth:qa sources only"),
+                             (DataSource("synth:caption", samples=2, qtypes=("exists",)), "synth:qa sources only"),
+                             (DataSource("synth:qa", samples=2, qtypes=("smell",)), "unknown question types")):
+        with pytest.raises(VlchatError, match=message):
+            build_samples([refused])
+
+
 def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     from vlchat.train.datasets import build_samples
 

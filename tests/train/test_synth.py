@@ -132,6 +132,20 @@ def test_explained_exists_answers_give_the_shape_colours_then_the_same_verdict()
     assert kinds == {0, 1, 2}  # absent, one, several
 
 
+def test_qtypes_asks_only_those_types_and_the_default_is_unchanged():
+    for seed in range(40):
+        focused = qa_sample(seed, "en", 6, qtypes=("exists",))
+        assert focused.meta["qtypes"] == ["exists"] * 6
+        assert len(set(m.parts[-1].text for m in focused.messages[::2])) > 1  # other pairs or phrasings
+        two = qa_sample(seed, "zh", 6, qtypes=("position", "count"))
+        assert len(two.meta["qtypes"]) == 6 and set(two.meta["qtypes"]) <= {"position", "count"}
+        assert qa_sample(seed, "en", 6, qtypes=synth.QTYPES).messages == qa_sample(seed, "en", 6).messages
+    with pytest.raises(VlchatError, match="unknown question types"):
+        qa_sample(1, "en", 6, qtypes=("colour", "smell"))
+    with pytest.raises(VlchatError, match="must include one of shape, count, exists"):
+        qa_sample(1, "en", 6, qtypes=("word",))  # a scene without a word could ask nothing
+
+
 def test_explained_answers_are_english_only():
     with pytest.raises(VlchatError, match="explain_yes_no is for English questions only"):
         qa_sample(1, "zh", 6, explain_yes_no=True)

@@ -235,6 +235,28 @@ def test_lora_run_writes_the_adapter(tiny_model_file, tmp_path):
     assert not any("embed_tokens" in name or name.endswith("q_proj.base_layer.weight") for name in trained)
 
 
+def test_stage2_trains_on_from_an_adapter(tiny_model_file, tmp_path):
+    """init_adapter starts LoRA from a run's adapter: with a vanishing learning rate the new run
+    ends with the same adapter (a fresh one would start with lora_B at zero)."""
+    first = write_recipe(tmp_path / "first", tiny_model_file, lm="lora", max_steps=3, lr=0.05)
+    assert_ok(vlchat("train", "stage2", "--config", str(first)))
+    start = load_file(tmp_path / "first" / "out" / "lora" / "adapter_model.safetensors")
+    assert any("lora_B" in name and tensor.abs().max() > 1e-3 for name, tensor in start.items())
+    second = write_recipe(tmp_path / "second", tiny_model_file, lm="lora", max_steps=2, lr=1e-9,
+                          init_adapter=str(tmp_path / "first" / "out" / "lora"))
+    assert_ok(vlchat("train", "stage2", "--config", str(second)))
+    check_run(tmp_path / "second" / "out", "stage2", 2)
+    end = load_file(tmp_path / "second" / "out" / "lora" / "adapter_model.safetensors")
+    assert end.keys() == start.keys()
+    for name in start:
+        assert torch.allclose(end[name], start[name], rtol=0, atol=1e-6), name
+
+
+def test_init_adapter_needs_lora():
+    with pytest.raises(VlchatError, match="init_adapter needs lm: lora"):
+        TrainConfig(data=(DataSource("synth:qa", samples=4),), lm="frozen", init_adapter="runs/x/lora")
+
+
 # --- kill -9 and --resume ---------------------------------------------------------------------------
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_file, tmp_path):
@@ -303,9 +325,19 @@ def test_torchrun_two_processes(tiny_model_file, tmp_path):
 
 # --- clear errors before any compute ------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["missing data file", "unknown model", "bad yaml"])
+@pytest.mark.parametrize("case", ["missing data file", "unknown model", "bad yaml", "missing adapter",
+                                  "adapter of another shape"])
 def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
-    if case == "missing data file":
+    if case == "missing adapter":
+        recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", init_adapter=str(tmp_path / "no-lora"))
+        words = ["init_adapter", "no-lora", "adapter_config.json"]
+    elif case == "adapter of another shape":
+        (tmp_path / "lora").mkdir()
+        (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(
+            {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+        recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", init_adapter=str(tmp_path / "lora"))
+        words = ["init_adapter", "'r': 4", "'r': 8"]
+    elif case == "missing data file":
         recipe = write_recipe(tmp_path, tiny_model_file, data=[{"spec": "/no/such.json"}])
         words = ["dataset not found", "/no/such.json"]
     elif case == "unknown model":

@@ -31,7 +31,8 @@ class SyntheticSamples(Sequence):
         lang = self.source.lang if self.source.lang != "both" else ("en", "zh")[seed % 2]
         if self.kind == "caption":
             return self.synth.caption_sample(seed, lang)
-        sample = self.synth.qa_sample(seed, lang, self.source.turns, self.source.explain_yes_no)
+        sample = self.synth.qa_sample(seed, lang, self.source.turns, self.source.explain_yes_no,
+                                      self.source.qtypes or self.synth.QTYPES)
         return tagged(sample, self.source)
 
 
@@ -83,12 +84,23 @@ def check_yes_no_options(source: DataSource) -> None:
                           "English synth:qa sources only")
 
 
+def check_qtypes(source: DataSource) -> None:
+    if source.qtypes is None:
+        return
+    if source.spec != "synth:qa":
+        raise VlchatError(f"data source {source.spec!r}: qtypes applies to synth:qa sources only")
+    from vlchat.train import synth
+
+    synth.check_qtypes(source.qtypes)
+
+
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
     parts: list[Sequence[Sample]] = []
     for source in sources:
         if source.repeat < 1:
             raise VlchatError(f"data source {source.spec!r}: repeat must be at least 1, got {source.repeat}")
         check_yes_no_options(source)
+        check_qtypes(source)
         part = SyntheticSamples(source) if source.spec.startswith("synth:") else file_samples(source)
         parts += [part] * source.repeat
     return Concatenated(parts)

@@ -33,6 +33,7 @@ class DataSource:
     # easy_vqa, English synth:qa: yes/no answers give their reason first: "It is blue, so no.",
     # "The star is red, so no."
     explain_yes_no: bool = False
+    qtypes: tuple[str, ...] | None = None  # synth:qa: ask only these question types (None: all)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class TrainConfig:
     projector: str = "linear"  # linear | mlp2x_gelu
     position_tokens: int = 0  # learned per-token position embeddings in the projector (0 = none)
     init_projector: str | None = None  # start from these weights (stage 2 starts from stage 1)
+    # lm: lora: start the adapter from a run's `lora` folder (train on from an earlier run), not zero
+    init_adapter: str | None = None
     lm: str = "frozen"  # frozen | lora | full
     lora_r: int = 8
     lora_alpha: int = 16
@@ -77,6 +80,7 @@ class TrainConfig:
         checks = [
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.lm in ("frozen", "lora", "full"), f"lm must be frozen, lora or full, got {self.lm!r}"),
+            (self.init_adapter is None or self.lm == "lora", f"init_adapter needs lm: lora, not {self.lm!r}"),
             (len(self.data) > 0, "data: give at least one data source"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.attention in ("auto", "eager", "sdpa"), f"attention must be auto, eager or sdpa, got {self.attention!r}"),
@@ -119,6 +123,15 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node[last] = parse_value(value)
 
 
+def data_source(entry: dict[str, Any] | str) -> DataSource:
+    """One `data:` entry: a mapping of DataSource fields, or just a spec."""
+    if not isinstance(entry, dict):
+        return DataSource(spec=str(entry))
+    if isinstance(entry.get("qtypes"), (list, tuple)):  # a YAML list, kept as a tuple (hashable, like the rest)
+        entry = {**entry, "qtypes": tuple(entry["qtypes"])}
+    return DataSource(**entry)
+
+
 def build_config(raw: dict[str, Any], where: str) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known
@@ -128,7 +141,7 @@ def build_config(raw: dict[str, Any], where: str) -> TrainConfig:
     try:
         data = raw.get("data") or ()
         data = [data] if isinstance(data, (str, dict)) else data  # one source without a list around it
-        raw["data"] = tuple(DataSource(**d) if isinstance(d, dict) else DataSource(spec=str(d)) for d in data)
+        raw["data"] = tuple(data_source(d) for d in data)
         if "lora_targets" in raw:
             raw["lora_targets"] = tuple(raw["lora_targets"])
         floats = {"lr", "weight_decay", "lora_dropout"}  # YAML 1.1 reads `1e-4` (no dot) as a string

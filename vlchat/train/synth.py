@@ -311,6 +311,7 @@ def _explained(ask: Asker) -> Asker:
 _TRAIN_ASK_EXPLAINED: dict[str, Asker] = {**_TRAIN_ASK, "exists": _explained(_ask_exists_binding)}
 # The types a training sample asks again once every type has been asked (the hardest ones).
 FOCUS_QTYPES = ("colour", "position", "exists")
+ALWAYS_ASKABLE = ("shape", "count", "exists")  # every scene answers these (others may not apply)
 
 
 def _say(key: str, field: str, lang: str) -> str:
@@ -349,6 +350,16 @@ ANSWERS: dict[str, dict[str, frozenset[str]]] = {lang: _vocab(lang) for lang in 
 # --- samples -----------------------------------------------------------------------------------
 
 
+def check_qtypes(qtypes: tuple[str, ...]) -> None:
+    """Known question types, at least one of which every scene can answer."""
+    unknown = [q for q in qtypes if q not in QTYPES]
+    if unknown:
+        raise VlchatError(f"unknown question types {unknown}; expected some of {', '.join(QTYPES)}")
+    if not any(q in ALWAYS_ASKABLE for q in qtypes):
+        raise VlchatError(f"qtypes {list(qtypes)} must include one of {', '.join(ALWAYS_ASKABLE)}, "
+                          "which every scene can answer")
+
+
 def _check_lang(lang: str) -> None:
     if lang not in ("en", "zh"):
         raise VlchatError(f"unknown language {lang!r}; expected en or zh")
@@ -370,10 +381,13 @@ def caption_sample(seed: int, lang: str = "en") -> Sample:
     return Sample(messages, [image], source=f"synth:{seed}", meta={"lang": lang, "scene": scene})
 
 
-def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool = False) -> Sample:
-    """Stage 2: `turns` question-answer pairs about one image (the image comes with the first).
-    `explain_yes_no` (English): "is there a ...?" is answered with its reason first."""
+def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool = False,
+              qtypes: tuple[str, ...] = QTYPES) -> Sample:
+    """Stage 2: `turns` question-answer pairs about one image (the image comes with the first),
+    of the types `qtypes` (each once, then the hardest of them again). `explain_yes_no`
+    (English): "is there a ...?" is answered with its reason first."""
     _check_lang(lang)
+    check_qtypes(qtypes)
     if turns < 1:
         raise VlchatError(f"turns must be at least 1, got {turns}")
     if explain_yes_no and lang != "en":
@@ -381,9 +395,12 @@ def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool 
     scene, image, part = _image_sample(seed)
     rng = random.Random(f"{seed}:qa:{lang}")
     askers = _TRAIN_ASK_EXPLAINED if explain_yes_no else _TRAIN_ASK
-    asked = questions(scene, rng, lang, askers=askers)
-    while len(asked) < turns:  # more turns than qtypes: the hardest types again, other targets and phrasings
-        asked += questions(scene, rng, lang, FOCUS_QTYPES, askers)  # exists always applies
+    asked = questions(scene, rng, lang, qtypes, askers)
+    again = tuple(q for q in FOCUS_QTYPES if q in qtypes)
+    if not any(q in ALWAYS_ASKABLE for q in again):  # so that every round asks something
+        again += tuple(q for q in qtypes if q in ALWAYS_ASKABLE)
+    while len(asked) < turns:  # more turns than qtypes: other targets and phrasings
+        asked += questions(scene, rng, lang, again, askers)
     messages = []
     for i, (question, answer, _) in enumerate(asked[:turns]):
         messages.append(Message("user", ([part] if i == 0 else []) + [Text(question)]))

@@ -90,12 +90,32 @@ def configure_lm(vlm: VisionLanguageModel, config: TrainConfig, device: torch.de
     if config.lm == "full":
         vlm.lm.model.requires_grad_(True).train()
     elif config.lm == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
-        vlm.lm.model = get_peft_model(vlm.lm.model, lora)
+        if config.init_adapter is not None:
+            check_init_adapter(config)
+            vlm.lm.model = PeftModel.from_pretrained(vlm.lm.model, config.init_adapter, is_trainable=True)
+        else:
+            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+            vlm.lm.model = get_peft_model(vlm.lm.model, lora)
         vlm.lm.model.train()
+
+
+def check_init_adapter(config: TrainConfig) -> None:
+    """`init_adapter` must be a saved adapter of the recipe's shape (rank, scale, target modules):
+    training on from it keeps the shape, so a recipe saying otherwise is an error, not ignored."""
+    path = Path(config.init_adapter) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise VlchatError(f"init_adapter {config.init_adapter!r}: no readable adapter_config.json "
+                          "(expected a run's lora folder)") from None
+    wanted = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.lora_targets)}
+    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "target_modules": sorted(saved.get("target_modules") or [])}
+    if found != wanted:
+        raise VlchatError(f"init_adapter {config.init_adapter!r} has {found}, the recipe asks for {wanted}")
 
 
 def sample_indices(step: int, micro: int, config: TrainConfig, world: distributed.World, total: int) -> list[int]:
