@@ -13,7 +13,7 @@ from vlchat.chat.messages import Image, Text
 from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
 from vlchat.images import image_key
-from vlchat.train import synth
+from vlchat.train import synth, synth_phrases, synth_questions
 from vlchat.train.synth import (ANSWERS, COLOURS, HELD_OUT_SEEDS, POSITIONS, SHAPES, SIZES, TRAIN_SEEDS,
                                 WORDS, Scene, SceneObject, caption, caption_sample, make_scene, qa_sample,
                                 questions, render, synthetic_dataset)
@@ -88,7 +88,7 @@ def test_training_exists_questions_add_hard_negatives_and_stay_balanced(scenes):
     """Training's "no" questions swap attributes between objects, or recolour a shape that is
     there, for two thirds of them; answers stay exact."""
     asked = [(s, q, a) for s in scenes
-             for q, a, qtype in questions(s, random.Random(s.seed), askers=synth._TRAIN_ASK) if qtype == "exists"]
+             for q, a, qtype in questions(s, random.Random(s.seed), askers=synth.TRAIN_ASK) if qtype == "exists"]
     assert 0.42 < sum(a == "yes" for _, _, a in asked) / len(asked) < 0.58
     swapped = recoloured = 0
     for scene, question, answer in asked:
@@ -101,7 +101,7 @@ def test_training_exists_questions_add_hard_negatives_and_stay_balanced(scenes):
         recoloured += answer == "no" and colour not in colours and shape in shapes
     assert swapped > len(asked) / 12 and recoloured > len(asked) / 8, (swapped, recoloured, len(asked))
     # Evaluation's questions are unchanged by the training askers.
-    assert questions(scenes[3], random.Random(3)) == questions(scenes[3], random.Random(3), askers=synth._ASK)
+    assert questions(scenes[3], random.Random(3)) == questions(scenes[3], random.Random(3), askers=synth_questions._ASK)
 
 
 def test_explained_exists_answers_give_the_shape_colours_then_the_same_verdict():
@@ -172,9 +172,9 @@ def test_colour_questions_only_name_unique_shapes(scenes):
             for question, answer, qtype in questions(s, random.Random(s.seed), lang):
                 if qtype != "colour":
                     continue
-                named = [o for o in s.objects if (o.shape if lang == "en" else synth._ZH[o.shape]) in question]
+                named = [o for o in s.objects if (o.shape if lang == "en" else synth_phrases.ZH[o.shape]) in question]
                 assert len(named) == 1, question
-                assert answer == (named[0].colour if lang == "en" else synth._ZH[named[0].colour])
+                assert answer == (named[0].colour if lang == "en" else synth_phrases.ZH[named[0].colour])
                 asked += 1
     assert asked > 400
 

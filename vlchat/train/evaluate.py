@@ -95,7 +95,7 @@ def caption_items(scenes: int, lang: str) -> list[Item]:
 
 def caption_recall(text: str, scene, lang: str) -> float:
     """Share of the scene's attribute words (colours, shapes, word) named in `text`."""
-    from vlchat.train.synth import _ZH
+    from vlchat.train.synth_phrases import ZH as _ZH
 
     words = {o.colour for o in scene.objects} | {o.shape for o in scene.objects}
     words = {_ZH[w] if lang == "zh" else w for w in words} | ({scene.word} if scene.word else set())
