@@ -54,6 +54,10 @@ class TrainConfig:
     # made a 2-core training step 1.4x slower here; serving keeps sdpa, faster for decoding),
     # "sdpa" on GPUs.
     attention: str = "auto"
+    # bfloat16 autocast around forward and loss (float32 master weights): "auto" on GPUs only,
+    # "bf16" also on CPU (1.18x faster stage-2 steps on this 2-core CPU: python -m
+    # vlchat.train.bench_step), "off" never.
+    autocast: str = "auto"
     data: tuple[DataSource, ...] = ()
     template: str | None = None  # None: the model's
     system: str | None = None  # None: the template's default system prompt (as at inference)
@@ -84,6 +88,7 @@ class TrainConfig:
             (len(self.data) > 0, "data: give at least one data source"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.attention in ("auto", "eager", "sdpa"), f"attention must be auto, eager or sdpa, got {self.attention!r}"),
+            (self.autocast in ("auto", "bf16", "off"), f"autocast must be auto, bf16 or off, got {self.autocast!r}"),
             (1 <= self.length_groups <= 8, f"length_groups must be 1..8, got {self.length_groups}"),
             (self.loss_weighting in ("token", "answer"),
              f"loss_weighting must be token or answer, got {self.loss_weighting!r}"),

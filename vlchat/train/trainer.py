@@ -258,7 +258,7 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
     bar = tqdm(total=config.max_steps, initial=start, disable=not world.main, mininterval=2.0,
                dynamic_ncols=True, desc=config.stage)
     began, seen = time.perf_counter(), 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    autocast = autocast_context(config, world.device)
     for step in range(start, config.max_steps):
         loss_sum = 0.0
         for micro in range(config.grad_accum):
@@ -289,6 +289,15 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
             }, config.keep_checkpoints)
     bar.close()
+
+
+def autocast_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """bfloat16 autocast on GPUs (unless `autocast: off`), and on CPU when `autocast: bf16`."""
+    return config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
+
+
+def autocast_context(config: TrainConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_enabled(config, device))
 
 
 def group_weights(groups: list[Batch]) -> list[float]:
