@@ -56,3 +56,18 @@ def test_evaluate_writes_markdown_and_json(tiny_model, tmp_path):
     text = (tmp_path / "eval.md").read_text()
     assert "| **easy_vqa (all)** | 4 |" in text and "text-only baseline" in text
     assert markdown(report, "tiny") == text
+    assert "replies" not in json.loads((tmp_path / "eval.json").read_text())["model"]
+
+
+def test_replies_file_holds_every_answer_and_its_score(tiny_model, tmp_path):
+    report = evaluate(tiny_model, ["easy_vqa", "synth"], limit=4, scenes=2, langs=["en"], batch_size=4)
+    write_report(report, tmp_path, "tiny")
+    rows = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    for side in ("model", "text_only"):
+        mine = [r for r in rows if r["side"] == side]
+        assert len(mine) == sum(report[side]["counts"].values())
+        for group, accuracy in report[side]["accuracy"].items():
+            scored = [r["score"] for r in mine if r["group"] == group]
+            assert abs(sum(scored) / len(scored) - accuracy) < 1e-3
+    easy = next(r for r in rows if r["group"] == "easy_vqa")
+    assert easy["question"] and easy["answer"] and isinstance(easy["reply"], str)

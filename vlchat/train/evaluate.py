@@ -44,10 +44,13 @@ class Item:
 class Scores:
     correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    replies: list[dict] = field(default_factory=list)  # one row per item, for replies.jsonl
 
-    def add(self, group: str, score: float) -> None:
-        self.correct[group] += score
-        self.total[group] += 1
+    def add(self, item: Item, reply: str, score: float) -> None:
+        self.correct[item.group] += score
+        self.total[item.group] += 1
+        self.replies.append({"group": item.group, "question": item.question, "answer": item.answer,
+                             "reply": reply, "score": round(score, 3)})
 
     def table(self) -> dict[str, float]:
         return {g: self.correct[g] / self.total[g] for g in sorted(self.total)}
@@ -147,10 +150,10 @@ def score(model: VisionLanguageModel, items: list[Item], with_image: bool, batch
     answerer, scores = Answerer(model, with_image, batch_size), Scores()
     qa = [i for i in items if i.answer]
     for item, said in zip(qa, answerer.answer(qa, max_new_tokens=16)):  # room for a reason
-        scores.add(item.group, float(normalise(verdict(said)) == normalise(item.answer)))
+        scores.add(item, said, float(normalise(verdict(said)) == normalise(item.answer)))
     captions = [i for i in items if not i.answer]
     for item, said in zip(captions, answerer.answer(captions, max_new_tokens=64)):
-        scores.add(item.group, caption_recall(said, item.scene, item.group.split("/")[1]))
+        scores.add(item, said, caption_recall(said, item.scene, item.group.split("/")[1]))
     return scores
 
 
@@ -166,7 +169,7 @@ def evaluate(model: VisionLanguageModel, suites: list[str], limit: int | None, s
         start = time.perf_counter()
         scores = score(model, items, with_image, batch_size)
         report[name] = {"accuracy": scores.table(), "counts": dict(scores.total), "overall": overall(scores),
-                        "seconds": round(time.perf_counter() - start, 1)}
+                        "seconds": round(time.perf_counter() - start, 1), "replies": scores.replies}
     return report
 
 
@@ -198,6 +201,11 @@ def markdown(report: dict, title: str) -> str:
 
 
 def write_report(report: dict, out: Path, title: str) -> None:
+    """eval.md, eval.json (the scores) and replies.jsonl (every question, its expected answer and
+    each side's reply, to read the misses)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    scores = {name: {k: v for k, v in side.items() if k != "replies"} for name, side in report.items()}
+    (out / "eval.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False))
     (out / "eval.md").write_text(markdown(report, title))
+    rows = [{"side": name, **row} for name, side in report.items() for row in side.get("replies", [])]
+    (out / "replies.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
