@@ -40,9 +40,11 @@ bench: prepare
 load: prepare
 	$(BIN)/python -m vlchat.serve.loadtest
 
-# Reproduce the committed default projector + LoRA adapter (about 54 minutes on 2 CPU cores) and its report.
+# Reproduce the committed default projector + LoRA adapter and its report: stage 1, stage 2, then
+# stage 2's second part (easy-VQA's reasons); about 64 minutes on 2 CPU cores (README, Training).
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml
 	$(BIN)/vlchat train stage2 --config configs/train/stage2.yaml
-	$(BIN)/python -m vlchat.train.export runs/stage2 vlchat/weights
+	$(BIN)/vlchat train stage2 --config configs/train/stage2-reasons.yaml
+	$(BIN)/python -m vlchat.train.export runs/stage2-reasons vlchat/weights
 	$(BIN)/vlchat eval --limit 1000 --scenes 100 --out reports/default-model

@@ -210,3 +210,15 @@ def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     assert easy and all(d.balance_yes_no and not d.explain_yes_no for d in easy)
     reasoned = load_config(REPO / "configs/train/stage2-reasoned.yaml").data
     assert [d.explain_yes_no for d in reasoned if d.spec.startswith("easy_vqa")] == [True]
+
+
+def test_the_default_models_second_part_trains_on_from_stage2():
+    """`make train-default` chains stage2.yaml into stage2-reasons.yaml through its output folder."""
+    first = load_config(REPO / "configs/train/stage2.yaml")
+    second = load_config(REPO / "configs/train/stage2-reasons.yaml")
+    assert second.init_projector == f"{first.output_dir}/projector"
+    assert second.init_adapter == f"{first.output_dir}/lora"
+    assert (second.lora_r, second.lora_alpha, second.lora_targets) == (first.lora_r, first.lora_alpha, first.lora_targets)
+    easy = [d for d in second.data if d.spec.startswith("easy_vqa")]
+    assert easy and all(d.explain_yes_no and d.balance_yes_no for d in easy)
+    assert "stage2-reasons.yaml" in (REPO / "Makefile").read_text()
