@@ -32,10 +32,18 @@ def test_shipped_dtype_cache_parity_within_its_precision(default_model):
     full, _ = lm.prefill(lm.embed(ids))
     logits, state = lm.prefill(lm.embed(ids[:, :-1]))
     step, _ = lm.decode(ids[:, -1], state)
-    # bf16 keeps ~3 significant digits: logits of size ~20-40 differ by up to ~0.5 between paths
-    tolerance = 1e-4 if lm.dtype == torch.float32 else 0.5
-    torch.testing.assert_close(step, full, rtol=0, atol=tolerance)
+    # bf16 keeps ~3 significant digits, and the two paths round the 30 layers' hidden states
+    # differently: with the v6 weights the logits differ by 0.22 on average and 0.53 at most
+    # (largest logit 31.6); a state missing its first token differs by 1.0 and 2.4. So bound the
+    # mean and the largest difference (2.5% of the largest logit) between those.
+    if lm.dtype == torch.float32:
+        torch.testing.assert_close(step, full, rtol=0, atol=1e-4)
+    else:
+        difference = (step.float() - full.float()).abs()
+        assert difference.mean() < 0.4
+        assert difference.max() < 0.025 * full.abs().max()
     assert step.argmax() == full.argmax()
+    assert step.topk(5).indices.tolist() == full.topk(5).indices.tolist()
 
 
 def ids_of(lm: LanguageModel, text: str = PROMPT) -> torch.Tensor:
