@@ -18,7 +18,7 @@ import json
 import random
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,18 +42,26 @@ class Item:
 
 @dataclass
 class Scores:
-    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    replies: list[dict] = field(default_factory=list)  # one row per item, for replies.jsonl
+    replies: list[dict] = field(default_factory=list)  # one row per item; the totals derive from it
 
     def add(self, item: Item, reply: str, score: float) -> None:
-        self.correct[item.group] += score
-        self.total[item.group] += 1
         self.replies.append({"group": item.group, "question": item.question, "answer": item.answer,
-                             "reply": reply, "score": round(score, 3)})
+                             "reply": reply, "score": score})
+
+    @property
+    def total(self) -> dict[str, int]:
+        return dict(Counter(row["group"] for row in self.replies))
+
+    @property
+    def correct(self) -> dict[str, float]:
+        sums: dict[str, float] = defaultdict(float)
+        for row in self.replies:
+            sums[row["group"]] += row["score"]
+        return dict(sums)
 
     def table(self) -> dict[str, float]:
-        return {g: self.correct[g] / self.total[g] for g in sorted(self.total)}
+        total, correct = self.total, self.correct
+        return {g: correct[g] / total[g] for g in sorted(total)}
 
 
 def normalise(text: str) -> str:
@@ -176,11 +184,12 @@ def evaluate(model: VisionLanguageModel, suites: list[str], limit: int | None, s
 def overall(scores: Scores) -> dict[str, float]:
     """Accuracy over all questions of each suite/language (captions excluded)."""
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    correct = scores.correct
     for group, n in scores.total.items():
         if group.startswith("caption"):
             continue
         key = "/".join(group.split("/")[:2])
-        sums[key][0] += scores.correct[group]
+        sums[key][0] += correct[group]
         sums[key][1] += n
     return {k: c / n for k, (c, n) in sorted(sums.items())}
 
