@@ -180,19 +180,26 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
+def prepare(config: TrainConfig, world: distributed.World):
+    """A recipe's samples, model, batch maker, optimizer and schedule, ready for step 0; fails
+    fast on bad data specs and pushes one sample through the whole data path before any compute."""
+    samples = build_samples(config.data)
+    torch.manual_seed(config.seed)
+    module = TrainModule(build_model(config, world.device))
+    batches = BatchMaker(samples, module.vlm, config)
+    batches([0])
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    return samples, module, batches, optimizer, scheduler
+
+
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run a recipe; returns the output directory (projector weights, metrics, loss curve)."""
     world = distributed.setup()
     out = Path(config.output_dir)
-    samples = build_samples(config.data)  # fails fast on bad data specs
-    torch.manual_seed(config.seed)
-    vlm = build_model(config, world.device)
-    module = TrainModule(vlm)
-    batches = BatchMaker(samples, vlm, config)
-    batches([0])  # one sample through the whole data path before any compute is spent
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    samples, module, batches, optimizer, scheduler = prepare(config, world)
+    vlm = module.vlm
     start = restore(out, module, optimizer, scheduler, world) if resume else 0
     wrapped = DistributedDataParallel(module, broadcast_buffers=False) if world.size > 1 else module
     if config.deepspeed:  # ZeRO-2 for large LMs on GPUs: DeepSpeed owns the optimizer step
@@ -260,21 +267,9 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
     began, seen = time.perf_counter(), 0
     autocast = autocast_context(config, world.device)
     for step in range(start, config.max_steps):
-        loss_sum = 0.0
-        for micro in range(config.grad_accum):
-            groups = batches(sample_indices(step, micro, config, world, total))
-            weights = group_weights(groups)
-            for number, (batch, weight) in enumerate(zip(groups, weights)):
-                last_group = number == len(groups) - 1
-                with gradient_sync(wrapped, last_group):
-                    with autocast:
-                        loss = wrapped(*(to_device(t, world.device) for t in
-                                         (batch.ids, batch.labels, batch.attention_mask, batch.pixels,
-                                          batch.position_ids, batch.weights)))
-                    backward_and_step(wrapped, module, loss * weight, optimizer, scheduler, config,
-                                      last_group and micro == config.grad_accum - 1)
-                loss_sum += loss.item() * weight / config.grad_accum
-                seen += batch.ids.shape[0] * world.size
+        loss_sum, samples = train_step(step, config, world, wrapped, module, batches, optimizer, scheduler,
+                                       autocast, total)
+        seen += samples
         loss_value = distributed.mean_across(loss_sum, world)
         rate = seen / (time.perf_counter() - began)
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")
@@ -289,6 +284,27 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
             }, config.keep_checkpoints)
     bar.close()
+
+
+def train_step(step, config, world, wrapped, module, batches, optimizer, scheduler, autocast, total) -> tuple[float, int]:
+    """One optimizer step (all its micro-batches and length groups): (this rank's loss, samples seen
+    across ranks). The training loop's body, also timed as it is by bench_recipe."""
+    loss_sum, seen = 0.0, 0
+    for micro in range(config.grad_accum):
+        groups = batches(sample_indices(step, micro, config, world, total))
+        weights = group_weights(groups)
+        for number, (batch, weight) in enumerate(zip(groups, weights)):
+            last_group = number == len(groups) - 1
+            with gradient_sync(wrapped, last_group):
+                with autocast:
+                    loss = wrapped(*(to_device(t, world.device) for t in
+                                     (batch.ids, batch.labels, batch.attention_mask, batch.pixels,
+                                      batch.position_ids, batch.weights)))
+                backward_and_step(wrapped, module, loss * weight, optimizer, scheduler, config,
+                                  last_group and micro == config.grad_accum - 1)
+            loss_sum += loss.item() * weight / config.grad_accum
+            seen += batch.ids.shape[0] * world.size
+    return loss_sum, seen
 
 
 def autocast_enabled(config: TrainConfig, device: torch.device) -> bool:
