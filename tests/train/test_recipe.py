@@ -221,4 +221,8 @@ def test_the_default_models_second_part_trains_on_from_stage2():
     assert (second.lora_r, second.lora_alpha, second.lora_targets) == (first.lora_r, first.lora_alpha, first.lora_targets)
     easy = [d for d in second.data if d.spec.startswith("easy_vqa")]
     assert easy and all(d.explain_yes_no and d.balance_yes_no for d in easy)
-    assert "stage2-reasons.yaml" in (REPO / "Makefile").read_text()
+    target = (REPO / "Makefile").read_text().split("\ntrain-default:", 1)[1].split("\n\n", 1)[0]
+    parts = [line.split() for line in target.splitlines() if " train stage" in line]
+    assert [part[4] for part in parts] == ["configs/train/stage1.yaml", "configs/train/stage2.yaml",
+                                           "configs/train/stage2-reasons.yaml"]
+    assert all(part[-1] == "--resume" for part in parts)  # an interrupted chain continues

@@ -306,6 +306,28 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_file, tmp_path)
         assert torch.allclose(final[name], wanted[name], rtol=0, atol=1e-6), name
 
 
+def test_resume_refuses_another_recipe_and_a_finished_run_resumes_to_itself(tiny_model_file, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model_file, max_steps=4, save_every=2)
+    assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
+    out = tmp_path / "out"
+    trained, newest = projector_weights(out), checkpoints(out)[-1].read_bytes()
+
+    changed = vlchat("train", "stage2", "--config", str(recipe), "--resume", "lr=0.02", "max_steps=6")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-4000:]
+    errors = [line for line in changed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds step 4 of another recipe" in errors[0], changed.stderr
+    assert "lr 0.01 -> 0.02" in errors[0] and "max_steps 4 -> 6" in errors[0]
+    assert checkpoints(out)[-1].read_bytes() == newest  # refused before anything was written
+
+    # how often it logs may change; a finished run resumes to the same weights (make train-default re-runs)
+    again = vlchat("train", "stage2", "--config", str(recipe), "--resume", "log_every=2")
+    assert_ok(again)
+    assert "resuming from step 4" in again.stderr
+    check_run(out, "stage2", 4)
+    for name, value in projector_weights(out).items():
+        assert torch.equal(value, trained[name]), name
+
+
 # --- torchrun (DDP, gloo on CPU) ----------------------------------------------------------------------
 
 def test_torchrun_two_processes(tiny_model_file, tmp_path):

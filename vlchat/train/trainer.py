@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +30,7 @@ from vlchat.train.checkpoint import latest_checkpoint, load_trainable_state, sav
 from vlchat.train.collate import Batch, answer_weights, collate, encode_sample, length_groups, loss_mass
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
-from vlchat.train.recipe import TrainConfig
+from vlchat.train.recipe import DataSource, TrainConfig
 from vlchat.train.runlog import MetricsLog, plot_loss
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run a recipe; returns the output directory (projector weights, metrics, loss curve)."""
     world = distributed.setup()
     out = Path(config.output_dir)
+    state = resumable_state(out, config, world) if resume else None
     samples, module, batches, optimizer, scheduler = prepare(config, world)
     vlm = module.vlm
-    start = restore(out, module, optimizer, scheduler, world) if resume else 0
+    start = restore(state, module, optimizer, scheduler, world) if state else 0
     wrapped = DistributedDataParallel(module, broadcast_buffers=False) if world.size > 1 else module
     if config.deepspeed:  # ZeRO-2 for large LMs on GPUs: DeepSpeed owns the optimizer step
         wrapped = deepspeed_engine(module, optimizer, config)
@@ -244,12 +245,46 @@ def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: Train
         optimizer.zero_grad(set_to_none=True)
 
 
-def restore(out: Path, module, optimizer, scheduler, world) -> int:
+# Recipe keys a resumed run may change: how often and where it reports, and what it started from
+# (the checkpoint's weights replace that start). Any other change makes it another run.
+RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "init_projector",
+                               "init_adapter", "attention"})
+
+
+def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
+    """The newest checkpoint in `out` (None: there is none, the run starts at step 0), refused
+    before any compute when it was written by a different recipe."""
     state = latest_checkpoint(out / "checkpoints")
     if state is None:
         if world.main:
             log.warning("no checkpoint in %s; starting from step 0", out / "checkpoints")
-        return 0
+        return None
+    changes = recipe_changes(state.get("config", {}), config)
+    if changes:
+        raise VlchatError(f"{out} holds step {state['step']} of another recipe ({'; '.join(changes)}): --resume "
+                          f"continues the same run only; to train on from it, use a new output_dir with "
+                          f"init_projector (and init_adapter)")
+    return state
+
+
+def recipe_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """'key old -> new' for each recipe key (outside RESUME_MAY_CHANGE) that differs from a
+    checkpoint's recipe; keys the checkpoint predates count as their defaults."""
+    def normal(recipe: dict) -> dict:
+        recipe = {**defaults(TrainConfig), **recipe}
+        recipe["data"] = [{**defaults(DataSource), **source} for source in recipe.get("data") or ()]
+        return json.loads(json.dumps(recipe))  # tuples and lists alike
+
+    before, now = normal(saved), normal(config.to_dict())
+    return [("data sources differ" if key == "data" else f"{key} {before.get(key)!r} -> {now[key]!r}")
+            for key in now if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]]
+
+
+def defaults(kind) -> dict:
+    return {f.name: f.default for f in fields(kind) if f.default is not MISSING}
+
+
+def restore(state: dict, module, optimizer, scheduler, world) -> int:
     load_trainable_state(module, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
