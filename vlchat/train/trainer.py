@@ -245,10 +245,12 @@ def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: Train
         optimizer.zero_grad(set_to_none=True)
 
 
-# Recipe keys a resumed run may change: how often and where it reports, and what it started from
-# (the checkpoint's weights replace that start). Any other change makes it another run.
+# Recipe keys a resumed run may change: how often and where it reports, what it started from
+# (the checkpoint's weights replace that start), and how a step's samples are split (batch_size x
+# grad_accum x processes: only their product, the global batch, fixes the data order). Any other
+# change makes it another run.
 RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "init_projector",
-                               "init_adapter", "attention"})
+                               "init_adapter", "attention", "batch_size", "grad_accum"})
 
 
 def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
@@ -259,7 +261,7 @@ def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
         if world.main:
             log.warning("no checkpoint in %s; starting from step 0", out / "checkpoints")
         return None
-    changes = recipe_changes(state.get("config", {}), config)
+    changes = recipe_changes(state.get("config", {}), state.get("world_size", 1), config, world.size)
     if changes:
         raise VlchatError(f"{out} holds step {state['step']} of another recipe ({'; '.join(changes)}): --resume "
                           f"continues the same run only; to train on from it, use a new output_dir with "
@@ -267,17 +269,23 @@ def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
     return state
 
 
-def recipe_changes(saved: dict, config: TrainConfig) -> list[str]:
+def recipe_changes(saved: dict, saved_world_size: int, config: TrainConfig, world_size: int) -> list[str]:
     """'key old -> new' for each recipe key (outside RESUME_MAY_CHANGE) that differs from a
-    checkpoint's recipe; keys the checkpoint predates count as their defaults."""
+    checkpoint's recipe, and for the global batch; keys the checkpoint predates count as their
+    defaults."""
     def normal(recipe: dict) -> dict:
         recipe = {**defaults(TrainConfig), **recipe}
         recipe["data"] = [{**defaults(DataSource), **source} for source in recipe.get("data") or ()]
         return json.loads(json.dumps(recipe))  # tuples and lists alike
 
     before, now = normal(saved), normal(config.to_dict())
-    return [("data sources differ" if key == "data" else f"{key} {before.get(key)!r} -> {now[key]!r}")
-            for key in now if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]]
+    changes = [("data sources differ" if key == "data" else f"{key} {before.get(key)!r} -> {now[key]!r}")
+               for key in now if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]]
+    batch_before = before["batch_size"] * before["grad_accum"] * saved_world_size
+    batch_now = now["batch_size"] * now["grad_accum"] * world_size
+    if batch_before != batch_now:
+        changes.append(f"global batch (batch_size x grad_accum x processes) {batch_before} -> {batch_now}")
+    return changes
 
 
 def defaults(kind) -> dict:
@@ -317,6 +325,7 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
             save_checkpoint(out / "checkpoints", done, {
                 "step": done, "trainable": trainable_state(module), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
+                "world_size": world.size,
             }, config.keep_checkpoints)
     bar.close()
 
