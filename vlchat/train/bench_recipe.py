@@ -76,6 +76,8 @@ def reference_figures(reference: Path, config: TrainConfig, steps: int) -> tuple
     if not path.exists():
         return None, None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:  # a run that logged nothing yet
+        return None, None
     at_steps = [row["elapsed_s"] for row in rows if row["step"] == steps]
     if not at_steps:
         raise VlchatError(f"{path} has no row for step {steps}; use --steps {rows[0]['step']} (a logged step)")
