@@ -48,7 +48,8 @@ bench-train: setup
 
 # Reproduce the committed default projector + LoRA adapter and its report: stage 1, stage 2, then
 # stage 2's second part (easy-VQA's reasons); about 64 minutes on a 2-core CPU with AMX (the LM in
-# bfloat16), about 6.5 hours on one with AVX2 only (float32): make bench-train (README, Training).
+# bfloat16), about 70 minutes on one with AVX512-BF16 but no AMX, about 6.5 hours on one with AVX2 only
+# (float32): make bench-train (README, Training).
 # Interrupted, it continues: each part resumes from its newest checkpoint (a finished part from its last).
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml --resume

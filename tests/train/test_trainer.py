@@ -64,9 +64,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def vlchat(*args: str) -> subprocess.CompletedProcess:
+def vlchat(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cli() + list(args), capture_output=True, text=True, encoding="utf-8",
-                          timeout=TIMEOUT, cwd=REPO, env=env())
+                          timeout=TIMEOUT, cwd=REPO, env={**env(), **(extra_env or {})})
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -171,6 +171,7 @@ def test_resume_may_split_the_global_batch_differently_but_not_change_the_run():
     assert recipe_changes(saved, 1, TrainConfig(data=data, batch_size=2), 1) == [
         "global batch (batch_size x grad_accum x processes) 4 -> 2"]
     assert recipe_changes(saved, 1, TrainConfig(data=data, batch_size=4, save_every=7, log_every=3), 1) == []
+    assert recipe_changes(saved, 1, TrainConfig(data=data, batch_size=4, compile=True), 1) == []  # same math
     assert recipe_changes(saved, 1, TrainConfig(data=(DataSource("synth:qa", samples=8),), batch_size=4), 1) == [
         "data sources differ"]
     older = {key: value for key, value in saved.items() if key not in ("loss_weighting", "length_groups")}
@@ -269,6 +270,33 @@ def test_stage2_trains_on_from_an_adapter(tiny_model_file, tmp_path):
         assert torch.allclose(end[name], start[name], rtol=0, atol=1e-6), name
 
 
+def test_compiled_layers_train_the_same_run(tiny_model_file, tmp_path):
+    """`compile: true` (torch.compile on each decoder layer) computes the same training: the same
+    losses at each step (each after the previous steps' updates, so forward and gradients both
+    count), under the same parameter names (checkpoints and adapters of compiled and eager runs are
+    interchangeable). The weights themselves are not compared entry by entry: Adam's early steps
+    move an entry by about the learning rate whatever its gradient's size, so rounding-sized
+    gradient differences flip whole steps of tiny entries (README, Training: compiled layers)."""
+    fields = dict(lm="lora", max_steps=3, lr=0.05, save_every=3)
+    eager = write_recipe(tmp_path / "eager", tiny_model_file, **fields)
+    compiled = write_recipe(tmp_path / "compiled", tiny_model_file, compile=True, **fields)
+    for recipe in (eager, compiled):
+        assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
+    runs = [tmp_path / name / "out" for name in ("eager", "compiled")]
+    check_run(runs[1], "stage2", 3)
+    losses = [[record["loss"] for record in metrics(out)] for out in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    states = [torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)["trainable"] for out in runs]
+    assert states[1].keys() == states[0].keys() and not any("_orig_mod" in name for name in states[1])
+    adapters = [load_file(out / "lora" / "adapter_model.safetensors") for out in runs]
+    assert adapters[1].keys() == adapters[0].keys()
+
+
+def test_compile_must_be_a_boolean():
+    with pytest.raises(VlchatError, match="compile must be true or false"):
+        TrainConfig(data=(DataSource("synth:qa", samples=4),), compile="yes")
+
+
 def test_init_adapter_needs_lora():
     with pytest.raises(VlchatError, match="init_adapter needs lm: lora"):
         TrainConfig(data=(DataSource("synth:qa", samples=4),), lm="frozen", init_adapter="runs/x/lora")
@@ -365,9 +393,14 @@ def test_torchrun_two_processes(tiny_model_file, tmp_path):
 # --- clear errors before any compute ------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing data file", "unknown model", "bad yaml", "missing adapter",
-                                  "adapter of another shape"])
+                                  "adapter of another shape", "compile without a C++ compiler"])
 def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
-    if case == "missing adapter":
+    extra_env = None
+    if case == "compile without a C++ compiler":
+        recipe = write_recipe(tmp_path, tiny_model_file, compile=True)
+        extra_env = {"CXX": "no-such-c++"}
+        words = ["compile: true needs a C++ compiler", "'no-such-c++'", "compile: false"]
+    elif case == "missing adapter":
         recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", init_adapter=str(tmp_path / "no-lora"))
         words = ["init_adapter", "no-lora", "adapter_config.json"]
     elif case == "adapter of another shape":
@@ -386,7 +419,7 @@ def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(f"stage: stage2\nmodel: {tiny_model_file}\ndata: [{{spec: synth:qa\n")
         words = ["cannot read training config", str(recipe)]
-    result = vlchat("train", "stage2", "--config", str(recipe), f"output_dir={tmp_path / 'out'}")
+    result = vlchat("train", "stage2", "--config", str(recipe), f"output_dir={tmp_path / 'out'}", extra_env=extra_env)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-4000:]
     assert "Traceback" not in output, output[-4000:]

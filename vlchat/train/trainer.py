@@ -100,6 +100,8 @@ def configure_lm(vlm: VisionLanguageModel, config: TrainConfig, device: torch.de
                               target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
             vlm.lm.model = get_peft_model(vlm.lm.model, lora)
         vlm.lm.model.train()
+    if config.compile:  # after LoRA: its layers are traced with their adapters
+        vlm.lm.compile_layers()
 
 
 def check_init_adapter(config: TrainConfig) -> None:
@@ -250,7 +252,7 @@ def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: Train
 # grad_accum x processes: only their product, the global batch, fixes the data order). Any other
 # change makes it another run.
 RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "init_projector",
-                               "init_adapter", "attention", "batch_size", "grad_accum"})
+                               "init_adapter", "attention", "compile", "batch_size", "grad_accum"})
 
 
 def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
