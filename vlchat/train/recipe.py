@@ -59,7 +59,8 @@ class TrainConfig:
     # vlchat.train.bench_step), "off" never.
     autocast: str = "auto"
     # torch.compile the LM's decoder layers (LanguageModel.compile_layers): same math, fused
-    # element-wise work; the first steps pay the compile (about a minute on 2 CPU cores).
+    # element-wise work; the first two steps pay the compile (about 35 s on 2 CPU cores). Off in the
+    # recipes: README, Training, "Compiled layers".
     compile: bool = False
     data: tuple[DataSource, ...] = ()
     template: str | None = None  # None: the model's
