@@ -55,6 +55,10 @@ class ProjectorConfig:
     # > 0: a learned embedding per image token (row-major grid position) added to the output,
     # so the LM can tell left from right without relying on the encoder's border effects.
     position_tokens: int = 0
+    # > 0: each output token is RMS-normalised and scaled by a learned per-channel gain that starts
+    # at this value (the LM's text-embedding RMS, SmolLM2-135M: 0.133), so image tokens enter the
+    # residual stream at the text tokens' scale instead of ~30x above it. 0: no normalisation.
+    output_rms: float = 0.0
 
 
 @dataclass(frozen=True)

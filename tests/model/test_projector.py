@@ -37,6 +37,32 @@ def test_default_linear_matches_minigpt4_llama_proj_size():
     assert n_params(Projector(ProjectorConfig())) == 1280 * 576 + 576
 
 
+def test_output_rms_sets_every_token_to_the_asked_scale_before_positions():
+    config = ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=5, output_rms=0.25)
+    projector = Projector(config)
+    features = torch.randn(3, 5, IN) * 40  # encoder features are large: the norm undoes that
+    with torch.no_grad():
+        out = projector(features)  # position embeddings start at zero
+        rms = out.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 0.25), rtol=1e-4, atol=0)
+        projector.position.fill_(1.0)
+        torch.testing.assert_close(projector(features) - out, torch.ones(3, 5, OUT))
+    assert n_params(projector) == n_params(Projector(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT,
+                                                                     position_tokens=5))) + OUT
+
+
+def test_output_rms_round_trips_and_old_files_load_without_it(tmp_path):
+    config = ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT, output_rms=0.1)
+    save_projector(Projector(config), tmp_path / "p")
+    assert load_projector(str(tmp_path / "p"), config).norm.weight[0].item() == pytest.approx(0.1)
+    plain = ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT)
+    save_projector(Projector(plain), tmp_path / "old")
+    meta = tmp_path / "old.json"
+    meta.write_text(meta.read_text().replace(',\n  "output_rms": 0.0', ""))  # a file from before the key
+    assert "output_rms" not in meta.read_text()
+    assert not hasattr(load_projector(str(tmp_path / "old"), plain), "norm")
+
+
 def test_unknown_kind_lists_the_choices():
     with pytest.raises(VlchatError, match="unknown projector 'qformer'") as err:
         Projector(ProjectorConfig(kind="qformer", in_dim=IN, out_dim=OUT))

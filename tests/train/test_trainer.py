@@ -497,3 +497,13 @@ def test_training_attention_is_eager_on_cpu_unless_asked(tiny_model_file):
         assert vlm.lm.model.config._attn_implementation == expected
     with pytest.raises(VlchatError, match="attention must be auto, eager or sdpa"):
         TrainConfig(stage="stage2", data=data, attention="flash")
+
+
+def test_projector_output_rms_reaches_the_trained_projector(tiny_model_file):
+    data = (DataSource("synth:qa", samples=4),)
+    plain = build_model(TrainConfig(model=str(tiny_model_file), data=data), torch.device("cpu"))
+    normed = build_model(TrainConfig(model=str(tiny_model_file), data=data, projector_output_rms=0.5),
+                         torch.device("cpu"))
+    assert plain.projector.config.output_rms == 0.0 and not hasattr(plain.projector, "norm")
+    assert normed.projector.config.output_rms == 0.5
+    assert torch.all(normed.projector.norm.weight == 0.5) and normed.projector.norm.weight.requires_grad

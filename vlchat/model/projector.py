@@ -45,12 +45,17 @@ class Projector(nn.Module):
             raise VlchatError(f"unknown projector {config.kind!r}; choose one of: {', '.join(PROJECTORS)}")
         self.config = config
         self.net = PROJECTORS[config.kind](config)
+        if config.output_rms:
+            self.norm = nn.RMSNorm(config.out_dim, eps=1e-6)
+            nn.init.constant_(self.norm.weight, config.output_rms)
         if config.position_tokens:
             self.position = nn.Parameter(torch.zeros(config.position_tokens, config.out_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) vision tokens -> (B, N, D) LM embeddings."""
         out = self.net(features)
+        if self.config.output_rms:
+            out = self.norm(out)
         if self.config.position_tokens:
             if features.shape[1] != self.config.position_tokens:
                 raise VlchatError(f"projector has {self.config.position_tokens} position embeddings, "

@@ -56,7 +56,8 @@ class TrainModule(nn.Module):
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
     """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
     base = ModelConfig.from_name(config.model)
-    projector = replace(base.projector, kind=config.projector, position_tokens=config.position_tokens)
+    projector = replace(base.projector, kind=config.projector, position_tokens=config.position_tokens,
+                        output_rms=config.projector_output_rms)
     # Training starts from the preset's frozen parts only: no trained projector, no LoRA adapter.
     base = replace(base, projector=projector, projector_weights=None, lm=replace(base.lm, adapter=None))
     vlm = load_model(base)
