@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
-from dataclasses import MISSING, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,14 +25,14 @@ from vlchat.errors import VlchatError
 from vlchat.model.projector import Projector, load_projector, save_projector
 from vlchat.model.vlm import VisionLanguageModel, load_model
 from vlchat.train import distributed
-from vlchat.train.checkpoint import latest_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from vlchat.train.checkpoint import save_checkpoint, trainable_state
 from vlchat.train.collate import Batch, answer_weights, collate, encode_sample, length_groups, loss_mass
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
-from vlchat.train.recipe import DataSource, TrainConfig
+from vlchat.train.recipe import TrainConfig
+from vlchat.train.resume import restore, resumable_state
 from vlchat.train.runlog import MetricsLog, plot_loss
 
-log = logging.getLogger(__name__)
 
 
 class TrainModule(nn.Module):
@@ -246,63 +245,6 @@ def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: Train
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-# Recipe keys a resumed run may change: how often and where it reports, what it started from
-# (the checkpoint's weights replace that start), and how a step's samples are split (batch_size x
-# grad_accum x processes: only their product, the global batch, fixes the data order). Any other
-# change makes it another run.
-RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "init_projector",
-                               "init_adapter", "attention", "compile", "batch_size", "grad_accum"})
-
-
-def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
-    """The newest checkpoint in `out` (None: there is none, the run starts at step 0), refused
-    before any compute when it was written by a different recipe."""
-    state = latest_checkpoint(out / "checkpoints")
-    if state is None:
-        if world.main:
-            log.warning("no checkpoint in %s; starting from step 0", out / "checkpoints")
-        return None
-    changes = recipe_changes(state.get("config", {}), state.get("world_size", 1), config, world.size)
-    if changes:
-        raise VlchatError(f"{out} holds step {state['step']} of another recipe ({'; '.join(changes)}): --resume "
-                          f"continues the same run only; to train on from it, use a new output_dir with "
-                          f"init_projector (and init_adapter)")
-    return state
-
-
-def recipe_changes(saved: dict, saved_world_size: int, config: TrainConfig, world_size: int) -> list[str]:
-    """'key old -> new' for each recipe key (outside RESUME_MAY_CHANGE) that differs from a
-    checkpoint's recipe, and for the global batch; keys the checkpoint predates count as their
-    defaults."""
-    def normal(recipe: dict) -> dict:
-        recipe = {**defaults(TrainConfig), **recipe}
-        recipe["data"] = [{**defaults(DataSource), **source} for source in recipe.get("data") or ()]
-        return json.loads(json.dumps(recipe))  # tuples and lists alike
-
-    before, now = normal(saved), normal(config.to_dict())
-    changes = [("data sources differ" if key == "data" else f"{key} {before.get(key)!r} -> {now[key]!r}")
-               for key in now if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]]
-    batch_before = before["batch_size"] * before["grad_accum"] * saved_world_size
-    batch_now = now["batch_size"] * now["grad_accum"] * world_size
-    if batch_before != batch_now:
-        changes.append(f"global batch (batch_size x grad_accum x processes) {batch_before} -> {batch_now}")
-    return changes
-
-
-def defaults(kind) -> dict:
-    return {f.name: f.default for f in fields(kind) if f.default is not MISSING}
-
-
-def restore(state: dict, module, optimizer, scheduler, world) -> int:
-    load_trainable_state(module, state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if world.main:
-        log.warning("resuming from step %d", state["step"])
-    return state["step"]
 
 
 def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics, start, total, out) -> None:
