@@ -119,3 +119,12 @@ def test_collate_several_images_and_none(tokenize):
     text_only = Sample([Message.text_message("user", "hi"), Message.text_message("assistant", "hello")])
     batch = collate([encode_sample(text_only, CHATML, None, tokenize, TOKENS_PER_IMAGE)], 32, pad_id=0)
     assert batch.pixels is None and batch.attention_mask.all()
+
+
+def test_answer_runs_number_the_answers_in_reading_order():
+    from vlchat.train.collate import answer_runs
+
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE, 7],
+                           [IGNORE, 8, IGNORE, IGNORE, 9, 9]])
+    # targets are labels[:, 1:]; each run of supervised targets is one answer, numbered across rows
+    assert answer_runs(labels).tolist() == [[0, 1, 1, 1, 2], [3, 3, 3, 4, 4]]

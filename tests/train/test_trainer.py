@@ -256,11 +256,11 @@ def test_stage2_trains_on_from_an_adapter(tiny_model_file, tmp_path):
 def test_compiled_layers_train_the_same_run(tiny_model_file, tmp_path):
     """`compile: true` (torch.compile on each decoder layer) computes the same training: the same
     losses at each step (each after the previous steps' updates, so forward and gradients both
-    count), under the same parameter names (checkpoints and adapters of compiled and eager runs are
-    interchangeable). The weights themselves are not compared entry by entry: Adam's early steps
+    count) and the same held-out probe (no_grad through the compiled layers), under the same
+    parameter names (checkpoints and adapters of compiled and eager runs are interchangeable). The weights themselves are not compared entry by entry: Adam's early steps
     move an entry by about the learning rate whatever its gradient's size, so rounding-sized
     gradient differences flip whole steps of tiny entries (README, Training: compiled layers)."""
-    fields = dict(lm="lora", max_steps=3, lr=0.05, save_every=3)
+    fields = dict(lm="lora", max_steps=3, lr=0.05, save_every=3, probe_every=2, probe_scenes=2)
     eager = write_recipe(tmp_path / "eager", tiny_model_file, **fields)
     compiled = write_recipe(tmp_path / "compiled", tiny_model_file, compile=True, **fields)
     for recipe in (eager, compiled):
@@ -269,6 +269,8 @@ def test_compiled_layers_train_the_same_run(tiny_model_file, tmp_path):
     check_run(runs[1], "stage2", 3)
     losses = [[record["loss"] for record in metrics(out)] for out in runs]
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    probed = [[record["probe_loss"] for record in metrics(out) if "probe_loss" in record] for out in runs]
+    assert len(probed[0]) == 1 and probed[1][0] == pytest.approx(probed[0][0], rel=1e-3)
     states = [torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)["trainable"] for out in runs]
     assert states[1].keys() == states[0].keys() and not any("_orig_mod" in name for name in states[1])
     adapters = [load_file(out / "lora" / "adapter_model.safetensors") for out in runs]

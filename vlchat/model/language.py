@@ -112,15 +112,21 @@ class LanguageModel(nn.Module):
         attention_mask may instead be (B, 1, T, T) bool (True = may attend) with position_ids
         (B, T): packed independent turns (train/collate.py).
         """
+        logits, targets, supervised = self.supervised_logits(embeds, attention_mask, labels, position_ids)
+        if weights is None:
+            return F.cross_entropy(logits.float(), targets)
+        weights = weights.to(logits.device)[supervised]  # (n,)
+        return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum() / weights.sum()
+
+    def supervised_logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                          position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LM head's logits at the supervised positions only: (logits (n, V), their targets
+        (n,), the (B, T-1) bool mask of where they are), inputs as for `loss`."""
         hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=self._mask(attention_mask, embeds.dtype),
                                           position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1)
         supervised = targets != -100
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (n, V)
-        if weights is None:
-            return F.cross_entropy(logits.float(), targets[supervised])
-        weights = weights.to(logits.device)[supervised]  # (n,)
-        return (F.cross_entropy(logits.float(), targets[supervised], reduction="none") * weights).sum() / weights.sum()
+        return self.model.get_output_embeddings()(hidden[:, :-1][supervised]), targets[supervised], supervised
 
 
     def compile_layers(self) -> None:

@@ -189,10 +189,18 @@ def answer_weights(labels: torch.Tensor) -> torch.Tensor:
     targets (its tokens and end marker; prompts separate answers, in packed turns too), so every
     answer weighs the same however long it is: "It is blue, so no." no more than "left"."""
     supervised = labels[:, 1:] != IGNORE  # (B, T-1)
-    starts = supervised & ~torch.nn.functional.pad(supervised, (1, 0))[:, :-1]
-    run = torch.cumsum(starts.flatten().long(), 0).view_as(supervised)  # answer ids, unique in the batch
+    run = answer_runs(labels)
     lengths = torch.bincount(run[supervised], minlength=int(run.max()) + 1).clamp(min=1)
     return torch.where(supervised, 1.0 / lengths[run], 0.0)
+
+
+def answer_runs(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T-1) answer number of each target (labels[:, 1:]): 1, 2, ... in reading
+    order, row by row, over the batch's answers (runs of consecutive supervised targets); at
+    unsupervised targets the number of the answer before (0 before the first)."""
+    supervised = labels[:, 1:] != IGNORE  # (B, T-1)
+    starts = supervised & ~torch.nn.functional.pad(supervised, (1, 0))[:, :-1]
+    return torch.cumsum(starts.flatten().long(), 0).view_as(supervised)
 
 
 def loss_mass(batch: Batch) -> float:

@@ -83,6 +83,10 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2
     log_every: int = 5
+    # Every N steps (0 = never) score held-out synthetic questions (train/probe.py): per-type answer
+    # loss and exactness in metrics.jsonl, about as costly as one training step per 16 scenes.
+    probe_every: int = 0
+    probe_scenes: int = 16
     deepspeed: str | None = None  # a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,7 @@ class TrainConfig:
             (self.projector_output_rms >= 0, f"projector_output_rms must be >= 0, got {self.projector_output_rms}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
+            (self.probe_every >= 0 and self.probe_scenes >= 1, "probe_every must be >= 0 and probe_scenes >= 1"),
             (self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}"),
         ]
         for ok, message in checks:

@@ -17,12 +17,13 @@ from vlchat.train.recipe import DataSource, TrainConfig
 log = logging.getLogger(__name__)
 
 
-# Recipe keys a resumed run may change: how often and where it reports, what it started from
-# (the checkpoint's weights replace that start), and how a step's samples are split (batch_size x
-# grad_accum x processes: only their product, the global batch, fixes the data order). Any other
-# change makes it another run.
-RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "init_projector",
-                               "init_adapter", "attention", "compile", "batch_size", "grad_accum"})
+# Recipe keys a resumed run may change: how often and where it reports (and probes), what it
+# started from (the checkpoint's weights replace that start), and how a step's samples are split
+# (batch_size x grad_accum x processes: only their product, the global batch, fixes the data
+# order). Any other change makes it another run.
+RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "probe_every",
+                               "probe_scenes", "init_projector", "init_adapter", "attention", "compile",
+                               "batch_size", "grad_accum"})
 
 
 def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:

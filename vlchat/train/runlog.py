@@ -1,4 +1,5 @@
-"""Run hygiene: metrics as JSONL (truncated on resume), a progress bar, a loss-curve PNG."""
+"""Run hygiene: metrics as JSONL (truncated on resume), a progress bar, a loss-curve PNG (with the
+probe's per-type curves when the run probed)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,27 @@ class MetricsLog:
 
 
 def plot_loss(records: list[dict], path: Path, title: str) -> None:
+    """The training loss by step; beside it, when the run probed (train/probe.py), the held-out
+    answers' exactness per question type."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    probed = [r for r in records if "probe_exact" in r]
+    fig, axes = plt.subplots(1, 2 if probed else 1, figsize=(11 if probed else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
+    if probed:
+        ax = axes[0][1]
+        for qtype in probed[-1]["probe_exact"]:
+            ax.plot([r["step"] for r in probed], [r["probe_exact"].get(qtype) for r in probed],
+                    lw=2.0 if qtype == "all" else 1.0, label=qtype)
+        ax.set(xlabel="step", ylabel="held-out answers exact", ylim=(-0.02, 1.02), title="probe")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

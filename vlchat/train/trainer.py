@@ -29,6 +29,7 @@ from vlchat.train.checkpoint import save_checkpoint, trainable_state
 from vlchat.train.collate import Batch, answer_weights, collate, encode_sample, length_groups, loss_mass
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
+from vlchat.train.probe import Probe
 from vlchat.train.recipe import TrainConfig
 from vlchat.train.resume import restore, resumable_state
 from vlchat.train.runlog import MetricsLog, plot_loss
@@ -252,20 +253,27 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
 
     bar = tqdm(total=config.max_steps, initial=start, disable=not world.main, mininterval=2.0,
                dynamic_ncols=True, desc=config.stage)
-    began, seen = time.perf_counter(), 0
+    began, seen, probing = time.perf_counter(), 0, 0.0  # probing: seconds spent in the probe
     autocast = autocast_context(config, world.device)
+    probe = Probe(module.vlm, config.probe_scenes, config.template, config.system) \
+        if world.main and config.probe_every else None
     for step in range(start, config.max_steps):
         loss_sum, samples = train_step(step, config, world, wrapped, module, batches, optimizer, scheduler,
                                        autocast, total)
         seen += samples
         loss_value = distributed.mean_across(loss_sum, world)
-        rate = seen / (time.perf_counter() - began)
+        rate = seen / (time.perf_counter() - began - probing)  # training alone
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")
         bar.update(1)
         done = step + 1
-        if world.main and (done % config.log_every == 0 or done == config.max_steps):
-            metrics.write({"step": done, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
-                           "samples_per_s": round(rate, 3), "elapsed_s": round(time.perf_counter() - began, 1)})
+        row = {"step": done, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
+               "samples_per_s": round(rate, 3), "elapsed_s": round(time.perf_counter() - began, 1)}
+        if probe and done % config.probe_every == 0:
+            probed = time.perf_counter()
+            row |= probe(autocast) | {"probe_s": round(time.perf_counter() - probed, 1)}
+            probing += time.perf_counter() - probed
+        if world.main and (done % config.log_every == 0 or done == config.max_steps or "probe_s" in row):
+            metrics.write(row)
         if world.main and (done % config.save_every == 0 or done == config.max_steps):
             save_checkpoint(out / "checkpoints", done, {
                 "step": done, "trainable": trainable_state(module), "optimizer": optimizer.state_dict(),
