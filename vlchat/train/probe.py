@@ -3,11 +3,11 @@
 Every `probe_every` steps the trainer scores the questions of the first `probe_scenes` held-out
 synthetic scenes (the scenes `vlchat eval` asks about first: seeds never trained on), each asked
 alone with its image, rendered by the recipe's template as training renders a sample; a scene's
-questions are packed as independent turns, as training packs them, so its image is attended once. Per
-question type it logs the mean answer loss and the share of answers whose every token (end
-marker included) is the model's top choice given the tokens before it: then greedy decoding
-says exactly that answer, so the share is a floor under what `vlchat eval` would score on those
-questions (eval also accepts other spellings). Binding (colour, shape, position of a named
+questions are packed as independent turns, as training packs them, so its image is attended
+once. Per question type it logs the mean answer loss and the share of answers whose every token
+(end marker included) is the model's top choice given the tokens before it: then greedy
+decoding says exactly that answer, so the share is a floor under what `vlchat eval` would score
+on those questions (eval also accepts other spellings). Binding (colour, shape, position of a named
 object) is what separates a stalled stage 2 from the default model's, and it shows here per type
 long before the run ends (README, Training).
 
@@ -38,7 +38,7 @@ class ProbeScene:
     encoded: Encoded  # the scene's questions as independent turns (collate.py), answers supervised
 
 
-def probe_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = None,
+def encode_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = None,
                  system: str | None = None) -> list[ProbeScene]:
     """The held-out scenes' English questions (evaluate.synth_items), each scene's packed as
     independent turns: every question is scored as if asked alone, the image attended once."""
@@ -52,9 +52,9 @@ def probe_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = N
     for items in by_image.values():
         image = items[0].image
         messages = []
-        for number, item in enumerate(items):
-            messages += [Message("user", ([Image(image_key(image))] if number == 0 else []) + [Text(item.question)]),
-                         Message.text_message("assistant", item.answer)]
+        for number, item in enumerate(items):  # the image with the first question, as synth.qa_sample
+            parts = ([Image(image_key(image))] if number == 0 else []) + [Text(item.question)]
+            messages += [Message("user", parts), Message.text_message("assistant", item.answer)]
         sample = Sample(messages, [image], source=items[0].group, meta={"independent_turns": True})
         encoded = encode_sample(sample, renderer, system, vlm.lm.tokenize, vlm.tokens_per_image)
         out.append(ProbeScene([item.group.rsplit("/", 1)[-1] for item in items], encoded))
@@ -77,7 +77,7 @@ class Probe:
     def __init__(self, vlm: VisionLanguageModel, scenes: int, template: str | None = None,
                  system: str | None = None, batch_size: int = 8) -> None:
         self.vlm, self.batch_size = vlm, batch_size
-        self.scenes = probe_scenes(vlm, scenes, template, system)
+        self.scenes = encode_scenes(vlm, scenes, template, system)
         tokenizer = vlm.lm.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
