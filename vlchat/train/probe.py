@@ -39,7 +39,7 @@ class ProbeScene:
 
 
 def encode_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = None,
-                 system: str | None = None) -> list[ProbeScene]:
+                  system: str | None = None) -> list[ProbeScene]:
     """The held-out scenes' English questions (evaluate.synth_items), each scene's packed as
     independent turns: every question is scored as if asked alone, the image attended once."""
     from vlchat.train.evaluate import synth_items
