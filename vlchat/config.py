@@ -59,6 +59,11 @@ class ProjectorConfig:
     # at this value (the LM's text-embedding RMS, SmolLM2-135M: 0.133), so image tokens enter the
     # residual stream at the text tokens' scale instead of ~30x above it. 0: no normalisation.
     output_rms: float = 0.0
+    # > 0: each token's grid row and column, as two one-hot codes times this value, are appended to
+    # its features before the projector's first layer (needs position_tokens: the grid). The
+    # learned output embedding above starts at zero and stays ~1% of an image token's norm; this
+    # code enters at the features' own scale (their mean token norm is ~70 for the default encoder).
+    position_code: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,39 @@ def test_output_rms_round_trips_and_old_files_load_without_it(tmp_path):
     assert not hasattr(load_projector(str(tmp_path / "old"), plain), "norm")
 
 
+def test_position_code_appends_each_tokens_row_and_column_before_the_first_layer():
+    config = ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=9, position_code=5.0)
+    projector = Projector(config)
+    code = projector.grid_code  # (9, 6): row one-hot ++ column one-hot, times 5
+    assert code.shape == (9, 6) and projector.net[0].in_features == IN + 6
+    assert code[5].tolist() == [0, 5, 0, 0, 0, 5]  # token 5 of a 3x3 grid: row 1, column 2
+    features = torch.randn(2, 9, IN)
+    with torch.no_grad():
+        # the same features in two cells leave the projector as two different tokens
+        same = features[:, :1].expand(-1, 9, -1)
+        out = projector(same)
+        assert not torch.allclose(out[:, 0], out[:, 5])
+        first = projector.net[0](torch.cat([features, code.expand(2, -1, -1)], -1))
+        torch.testing.assert_close(projector.net[2](projector.net[1](first)), projector(features))
+    plain = Projector(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=9))
+    assert n_params(projector) == n_params(plain) + 6 * OUT  # the code is a buffer, its weights are trained
+    assert "grid_code" not in projector.state_dict()  # not stored: it follows from the config
+
+
+def test_position_code_round_trips_and_needs_a_square_grid(tmp_path):
+    config = ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT, position_tokens=4, position_code=2.0)
+    saved = Projector(config)
+    save_projector(saved, tmp_path / "p")
+    loaded = load_projector(str(tmp_path / "p"), config)
+    features = torch.randn(1, 4, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features), saved(features))
+    for tokens in (0, 5):
+        with pytest.raises(VlchatError, match="position_code needs a square token grid"):
+            Projector(ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT, position_tokens=tokens,
+                                      position_code=1.0))
+
+
 def test_unknown_kind_lists_the_choices():
     with pytest.raises(VlchatError, match="unknown projector 'qformer'") as err:
         Projector(ProjectorConfig(kind="qformer", in_dim=IN, out_dim=OUT))

@@ -89,6 +89,7 @@ def test_plain_string_data_source(tmp_path):
     ({"lm": "qlora"}, [], r"lm must be frozen, lora or full, got 'qlora'"),
     ({"lr": 0}, [], r"lr must be > 0"),
     ({"projector_output_rms": -1}, [], r"projector_output_rms must be >= 0"),
+    ({"projector_position_code": 8}, [], r"projector_position_code must be >= 0 and needs position_tokens"),
     ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
     ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
     ({}, ["loss_weighting=sample"], r"loss_weighting must be token or answer, got 'sample'"),

@@ -492,3 +492,11 @@ def test_projector_output_rms_reaches_the_trained_projector(tiny_model_file):
     assert plain.projector.config.output_rms == 0.0 and not hasattr(plain.projector, "norm")
     assert normed.projector.config.output_rms == 0.5
     assert torch.all(normed.projector.norm.weight == 0.5) and normed.projector.norm.weight.requires_grad
+
+
+def test_projector_position_code_reaches_the_trained_projector(tiny_model_file):
+    data = (DataSource("synth:qa", samples=4),)
+    vlm = build_model(TrainConfig(model=str(tiny_model_file), data=data, position_tokens=49,
+                                  projector_position_code=50.0), torch.device("cpu"))
+    assert vlm.projector.config.position_code == 50.0
+    assert vlm.projector.grid_code.shape == (49, 14) and vlm.projector.grid_code.max() == 50.0

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -38,13 +39,30 @@ def _mlp2x_gelu(config: ProjectorConfig) -> nn.Module:
 PROJECTORS = {"linear": _linear, "mlp2x_gelu": _mlp2x_gelu}
 
 
+def grid_code(config: ProjectorConfig) -> torch.Tensor:
+    """(N, 2 * side): row one-hot ++ column one-hot of each row-major grid token, times
+    `position_code`; (N, 0) when the code is off."""
+    n = config.position_tokens
+    if not config.position_code:
+        return torch.zeros(n, 0)
+    side = math.isqrt(n)
+    if n == 0 or side * side != n:
+        raise VlchatError(f"position_code needs a square token grid, but position_tokens is {n}")
+    index = torch.arange(n)
+    rows = torch.nn.functional.one_hot(index // side, side)
+    cols = torch.nn.functional.one_hot(index % side, side)
+    return torch.cat([rows, cols], dim=1).float() * config.position_code
+
+
 class Projector(nn.Module):
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
         if config.kind not in PROJECTORS:
             raise VlchatError(f"unknown projector {config.kind!r}; choose one of: {', '.join(PROJECTORS)}")
         self.config = config
-        self.net = PROJECTORS[config.kind](config)
+        code = grid_code(config)
+        self.register_buffer("grid_code", code, persistent=False)  # (N, 2 * side), or (N, 0)
+        self.net = PROJECTORS[config.kind](replace(config, in_dim=config.in_dim + code.shape[1]))
         if config.output_rms:
             self.norm = nn.RMSNorm(config.out_dim, eps=1e-6)
             nn.init.constant_(self.norm.weight, config.output_rms)
@@ -53,13 +71,16 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) vision tokens -> (B, N, D) LM embeddings."""
+        if self.config.position_tokens and features.shape[1] != self.config.position_tokens:
+            raise VlchatError(f"projector has {self.config.position_tokens} position embeddings, "
+                              f"but the image has {features.shape[1]} tokens (another image_size?)")
+        if self.grid_code.shape[1]:
+            code = self.grid_code.to(features.dtype).expand(features.shape[0], -1, -1)
+            features = torch.cat([features, code], dim=-1)  # (B, N, Dv + 2 * side)
         out = self.net(features)
         if self.config.output_rms:
             out = self.norm(out)
         if self.config.position_tokens:
-            if features.shape[1] != self.config.position_tokens:
-                raise VlchatError(f"projector has {self.config.position_tokens} position embeddings, "
-                                  f"but the image has {features.shape[1]} tokens (another image_size?)")
             out = out + self.position
         return out
 

@@ -43,6 +43,7 @@ class TrainConfig:
     projector: str = "linear"  # linear | mlp2x_gelu
     position_tokens: int = 0  # learned per-token position embeddings in the projector (0 = none)
     projector_output_rms: float = 0.0  # > 0: RMS-normalised projector outputs at this scale (ProjectorConfig.output_rms)
+    projector_position_code: float = 0.0  # > 0: grid row/column code fed to the projector (ProjectorConfig)
     init_projector: str | None = None  # start from these weights (stage 2 starts from stage 1)
     # lm: lora: start the adapter from a run's `lora` folder (train on from an earlier run), not zero
     init_adapter: str | None = None
@@ -104,6 +105,8 @@ class TrainConfig:
              f"loss_weighting must be token or answer, got {self.loss_weighting!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.projector_output_rms >= 0, f"projector_output_rms must be >= 0, got {self.projector_output_rms}"),
+            (self.projector_position_code >= 0 and (self.position_tokens or not self.projector_position_code),
+             f"projector_position_code must be >= 0 and needs position_tokens, got {self.projector_position_code}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
             (self.probe_every >= 0 and self.probe_scenes >= 1, "probe_every must be >= 0 and probe_scenes >= 1"),

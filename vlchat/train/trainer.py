@@ -57,7 +57,7 @@ def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageMode
     """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
     base = ModelConfig.from_name(config.model)
     projector = replace(base.projector, kind=config.projector, position_tokens=config.position_tokens,
-                        output_rms=config.projector_output_rms)
+                        output_rms=config.projector_output_rms, position_code=config.projector_position_code)
     # Training starts from the preset's frozen parts only: no trained projector, no LoRA adapter.
     base = replace(base, projector=projector, projector_weights=None, lm=replace(base.lm, adapter=None))
     vlm = load_model(base)
