@@ -66,11 +66,18 @@ _POLYGONS: dict[str, list[tuple[float, float]]] = {  # unit shapes in [-1, 1]^2,
 }
 
 
+def cell_centre(position: str, side: int) -> tuple[float, float]:
+    """(x, y) in px of the centre of a position's cell in a side x side image; an object drawn
+    there is centred within `_JITTER * side` of it."""
+    col, row = _CELLS[position]
+    return (col + 0.5) * side / 3, (row + 0.5) * side / 3
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int, rng: random.Random) -> None:
-    col, row = _CELLS[obj.position]
     jitter = _JITTER * side
-    cx = (col + 0.5) * side / 3 + rng.uniform(-jitter, jitter)
-    cy = (row + 0.5) * side / 3 + rng.uniform(-jitter, jitter)
+    cx, cy = cell_centre(obj.position, side)
+    cx += rng.uniform(-jitter, jitter)
+    cy += rng.uniform(-jitter, jitter)
     half = _SCALE[obj.size] * side / 2
     fill = COLOURS[obj.colour]
     if obj.shape == "circle":
