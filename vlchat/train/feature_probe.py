@@ -14,6 +14,7 @@ token (binding), not to read it. Forward only, no training of the model.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -38,7 +39,7 @@ def centre_token(obj: SceneObject, image_size: int, grid: int) -> int:
 
 def object_tokens(encoder: VisionEncoder, seeds: range, batch: int = 32) -> tuple[torch.Tensor, list[SceneObject]]:
     """(objects, C) the encoder's token at each object's centre, and the objects, scene by scene."""
-    size, grid = encoder.image_size, int(encoder.num_tokens ** 0.5)
+    size, grid = encoder.image_size, math.isqrt(encoder.num_tokens)
     rows, objects = [], []
     for start in range(seeds.start, seeds.stop, batch):
         scenes = [make_scene(seed) for seed in range(start, min(start + batch, seeds.stop))]
@@ -98,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         vision = ModelConfig.from_name(args.model).vision
         weights = verified_file(vision.weights, vision.sha256) if vision.weights else None
         encoder = load_vision_encoder(vision, weights)
-        torch.manual_seed(0)
         results = measure(encoder, args.scenes)
     except VlchatError as error:
         print(f"error: {error}", file=sys.stderr)
