@@ -191,6 +191,22 @@ def test_qtypes_reach_the_synthetic_source_and_refuse_other_sources(tmp_path):
             build_samples([refused])
 
 
+def test_max_objects_reaches_synthetic_sources_and_refuses_other_sources(tmp_path):
+    from vlchat.train.datasets import build_samples
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("stage: stage1\ndata:\n  - {spec: 'synth:caption', samples: 6, max_objects: 1}\n")
+    source = load_config(path).data[0]
+    assert source.max_objects == 1
+    assert all(len(s.meta["scene"].objects) == 1 for s in build_samples([source]))
+    assert {len(s.meta["scene"].objects) for s in build_samples([DataSource("synth:qa", samples=20)])} == {1, 2, 3, 4}
+    for refused, message in ((DataSource("easy_vqa:train", samples=2, max_objects=1), "synth sources only"),
+                             (DataSource("synth:qa", samples=2, max_objects=0), "max_objects must be 1 to 4"),
+                             (DataSource("synth:caption", samples=2, max_objects=5), "max_objects must be 1 to 4")):
+        with pytest.raises(VlchatError, match=message):
+            build_samples([refused])
+
+
 def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     from vlchat.train.datasets import build_samples
 

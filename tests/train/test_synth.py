@@ -146,6 +146,20 @@ def test_qtypes_asks_only_those_types_and_the_default_is_unchanged():
         qa_sample(1, "en", 6, qtypes=("word",))  # a scene without a word could ask nothing
 
 
+def test_max_objects_limits_scenes_and_the_default_keeps_every_seed_s_scene():
+    for seed in range(60):
+        assert make_scene(seed, 4) == make_scene(seed)
+        assert len(make_scene(seed, 1).objects) == 1 and len(make_scene(seed, 2).objects) <= 2
+        lone = caption_sample(seed, "en", max_objects=1).meta["scene"]
+        assert lone == make_scene(seed, 1)
+        assert qa_sample(seed, "en", 6, max_objects=1).meta["scene"] == lone
+    assert {len(make_scene(s, 2).objects) for s in range(60)} == {1, 2}
+    assert {len(make_scene(s).objects) for s in range(60)} == {1, 2, 3, 4}
+    for bad in (0, 5):
+        with pytest.raises(VlchatError, match="max_objects must be 1 to 4"):
+            make_scene(1, bad)
+
+
 def test_explained_answers_are_english_only():
     with pytest.raises(VlchatError, match="explain_yes_no is for English questions only"):
         qa_sample(1, "zh", 6, explain_yes_no=True)

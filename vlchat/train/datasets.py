@@ -30,9 +30,9 @@ class SyntheticSamples(Sequence):
         seed = self.synth.TRAIN_SEEDS[self.source.seed_offset + index]
         lang = self.source.lang if self.source.lang != "both" else ("en", "zh")[seed % 2]
         if self.kind == "caption":
-            return self.synth.caption_sample(seed, lang)
+            return self.synth.caption_sample(seed, lang, self.source.max_objects)
         sample = self.synth.qa_sample(seed, lang, self.source.turns, self.source.explain_yes_no,
-                                      self.source.qtypes or self.synth.QTYPES)
+                                      self.source.qtypes or self.synth.QTYPES, self.source.max_objects)
         return tagged(sample, self.source)
 
 
@@ -94,6 +94,18 @@ def check_qtypes(source: DataSource) -> None:
     synth.check_qtypes(source.qtypes)
 
 
+def check_max_objects(source: DataSource) -> None:
+    from vlchat.train.synth_scene import MAX_OBJECTS
+
+    if source.max_objects == MAX_OBJECTS:
+        return
+    if not source.spec.startswith("synth:"):
+        raise VlchatError(f"data source {source.spec!r}: max_objects applies to synth sources only")
+    if not 1 <= source.max_objects <= MAX_OBJECTS:
+        raise VlchatError(f"data source {source.spec!r}: max_objects must be 1 to {MAX_OBJECTS}, "
+                          f"got {source.max_objects}")
+
+
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
     parts: list[Sequence[Sample]] = []
     for source in sources:
@@ -101,6 +113,7 @@ def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
             raise VlchatError(f"data source {source.spec!r}: repeat must be at least 1, got {source.repeat}")
         check_yes_no_options(source)
         check_qtypes(source)
+        check_max_objects(source)
         part = SyntheticSamples(source) if source.spec.startswith("synth:") else file_samples(source)
         parts += [part] * source.repeat
     return Concatenated(parts)

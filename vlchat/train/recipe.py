@@ -34,6 +34,7 @@ class DataSource:
     # "The star is red, so no."
     explain_yes_no: bool = False
     qtypes: tuple[str, ...] | None = None  # synth:qa: ask only these question types (None: all)
+    max_objects: int = 4  # synthetic sources: 1 to this many objects per scene (4: the usual scenes)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from vlchat.train.synth_questions import (  # noqa: F401  (re-exported: synth.qu
     ALWAYS_ASKABLE, ANSWERS, FOCUS_QTYPES, QTYPES, TRAIN_ASK, TRAIN_ASK_EXPLAINED, caption, check_qtypes,
     questions, shape_reason)
 from vlchat.train.synth_scene import (  # noqa: F401
-    COLOURS, HELD_OUT_SEEDS, POSITIONS, SHAPES, SIZES, TRAIN_SEEDS, WORD_RATE, WORDS, Scene, SceneObject,
-    make_scene)
+    COLOURS, HELD_OUT_SEEDS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, TRAIN_SEEDS, WORD_RATE, WORDS, Scene,
+    SceneObject, make_scene)
 
 _CELLS = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "centre": (1, 1)}  # (col, row)
 _SCALE = {"small": 1 / 8, "large": 1 / 4}  # bounding-box side / image side
@@ -139,16 +139,16 @@ def _check_lang(lang: str) -> None:
         raise VlchatError(f"unknown language {lang!r}; expected en or zh")
 
 
-def _image_sample(seed: int) -> tuple[Scene, PILImage.Image, Image]:
-    scene = make_scene(seed)
+def _image_sample(seed: int, max_objects: int) -> tuple[Scene, PILImage.Image, Image]:
+    scene = make_scene(seed, max_objects)
     image = render(scene)
     return scene, image, Image(key=image_key(image))
 
 
-def caption_sample(seed: int, lang: str = "en") -> Sample:
+def caption_sample(seed: int, lang: str = "en", max_objects: int = MAX_OBJECTS) -> Sample:
     """Stage 1: an instruction with the image, answered by the scene's caption."""
     _check_lang(lang)
-    scene, image, part = _image_sample(seed)
+    scene, image, part = _image_sample(seed, max_objects)
     instruction = random.Random(f"{seed}:instruction").choice(INSTRUCTIONS[lang])
     messages = [Message("user", [part, Text(instruction)]),
                 Message.text_message("assistant", caption(scene, lang))]
@@ -156,17 +156,18 @@ def caption_sample(seed: int, lang: str = "en") -> Sample:
 
 
 def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool = False,
-              qtypes: tuple[str, ...] = QTYPES) -> Sample:
+              qtypes: tuple[str, ...] = QTYPES, max_objects: int = MAX_OBJECTS) -> Sample:
     """Stage 2: `turns` question-answer pairs about one image (the image comes with the first),
     of the types `qtypes` (each once, then the hardest of them again). `explain_yes_no`
-    (English): "is there a ...?" is answered with its reason first."""
+    (English): "is there a ...?" is answered with its reason first. `max_objects`: scenes hold
+    1 to that many objects (make_scene)."""
     _check_lang(lang)
     check_qtypes(qtypes)
     if turns < 1:
         raise VlchatError(f"turns must be at least 1, got {turns}")
     if explain_yes_no and lang != "en":
         raise VlchatError(f"explain_yes_no is for English questions only, not lang {lang!r}")
-    scene, image, part = _image_sample(seed)
+    scene, image, part = _image_sample(seed, max_objects)
     rng = random.Random(f"{seed}:qa:{lang}")
     askers = TRAIN_ASK_EXPLAINED if explain_yes_no else TRAIN_ASK
     asked = questions(scene, rng, lang, qtypes, askers)

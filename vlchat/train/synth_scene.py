@@ -60,14 +60,20 @@ class Scene:
             raise VlchatError("a scene with a word needs the top or the bottom position free")
 
 
-def make_scene(seed: int) -> Scene:
-    """1-4 objects at distinct positions; ~30% of scenes also print a word in a free band."""
+MAX_OBJECTS = 4
+
+
+def make_scene(seed: int, max_objects: int = MAX_OBJECTS) -> Scene:
+    """1-`max_objects` objects at distinct positions; ~30% of scenes also print a word in a free
+    band. The default draws exactly as before the limit existed, so seeds keep their scenes."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise VlchatError(f"max_objects must be 1 to {MAX_OBJECTS}, got {max_objects}")
     rng = random.Random(seed)  # never the global RNG: a seed is the whole scene
     background = rng.choice(list(COLOURS))
     word = rng.choice(WORDS) if rng.random() < WORD_RATE else None
     band = rng.choice(("top", "bottom")) if word else None  # kept free for the word
     free = [p for p in POSITIONS if p != band]
-    positions = rng.sample(free, rng.randint(1, 4))
+    positions = rng.sample(free, rng.randint(1, max_objects))
     colours = [c for c in COLOURS if c != background]
     objects = tuple(SceneObject(rng.choice(SHAPES), rng.choice(colours), rng.choice(SIZES), p)
                     for p in positions)
