@@ -8,10 +8,11 @@ import re
 import pytest
 import torch
 
-from vlchat.config import VisionConfig
+from vlchat.config import ProjectorConfig, VisionConfig
 from vlchat.errors import VlchatError
 from vlchat.model.vision import HEAD_CHANNELS, VisionEncoder
-from vlchat.train.feature_probe import ATTRIBUTES, centre_token, linear_probe, main, measure
+from vlchat.model.projector import Projector
+from vlchat.train.feature_probe import ATTRIBUTES, centre_token, linear_probe, main, measure, variance_share
 from vlchat.train.synth_scene import SceneObject
 
 
@@ -35,13 +36,29 @@ def test_probe_reads_a_linear_attribute_and_not_noise():
         linear_probe(features[:1], labels[:1], 4)
 
 
+def test_variance_share_is_the_between_class_part_of_normalised_variance():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (800,), generator=generator)
+    noise = torch.randn(800, 32, generator=generator)
+    loud, quiet = noise.clone(), noise.clone()
+    loud[torch.arange(800), labels] += 6.0
+    quiet[torch.arange(800), labels] += 0.5
+    assert variance_share(loud, labels) > 0.4 > 0.05 > variance_share(quiet, labels)
+    assert variance_share(noise, labels) < 0.02  # 4 classes of pure noise: about 3/800
+    assert variance_share(loud * 100, labels) == pytest.approx(variance_share(loud, labels), rel=1e-4)  # scale-free
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    assert variance_share(one_hot, labels) == pytest.approx(1.0)  # the class is all there is
+
+
 def test_measure_slices_head_and_taps_of_the_same_tokens():
     torch.manual_seed(0)
     encoder = VisionEncoder(VisionConfig(image_size=64, weights=None, sha256=None, taps=(7,))).eval()
-    results = measure(encoder, 12)
-    assert list(results) == ["head", "taps [7]", "head + taps"]
-    for accuracy in results.values():
-        assert list(accuracy) == list(ATTRIBUTES) and all(0.0 <= a <= 1.0 for a in accuracy.values())
+    projector = Projector(ProjectorConfig(kind="linear", in_dim=encoder.hidden_size, out_dim=16, position_tokens=4))
+    results = measure(encoder, 12, {"p": projector})
+    assert list(results) == ["head", "taps [7]", "head + taps", "projector p"]
+    for scores in results.values():
+        assert list(scores) == list(ATTRIBUTES)
+        assert all(0.0 <= s.accuracy <= 1.0 and 0.0 <= s.share <= 1.0 for s in scores.values())
     assert encoder.hidden_size == HEAD_CHANNELS + 80
     assert list(measure(VisionEncoder(VisionConfig(image_size=64, weights=None, sha256=None)).eval(), 8)) == ["head"]
 
@@ -56,3 +73,14 @@ def test_cli_on_the_default_encoder_prints_a_table_and_fails_cleanly(capsys):
     assert shape > 50  # 7 shapes: chance is 14%; the packaged ImageNet weights read them
     assert main(["--scenes", "3"]) == 2
     assert capsys.readouterr().err.strip() == "error: --scenes must be at least 4"
+    assert main(["--scenes", "8", "--projector", "no/such/projector"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: cannot read projector config")
+
+
+def test_cli_scores_the_shipped_projector_s_tokens(capsys):
+    assert main(["--scenes", "40", "--projector", "vlchat/weights/default-projector"]) == 0
+    out = capsys.readouterr().out
+    assert "colour share" in out
+    row = re.search(r"^\| projector vlchat/weights/default-projector ((?:\| [\d.]+ )+)\|$", out, re.M)
+    shape, colour, size, shape_share, colour_share, size_share = (float(c) for c in row.group(1).split("|")[1:])
+    assert shape > 50 and 0 < colour_share < 100

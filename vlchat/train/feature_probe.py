@@ -9,6 +9,12 @@ blocks alone (average-pooled to the grid, `VisionConfig.taps`), and both, as the
 them. A high score means the attribute is in that token, linearly, so a projector can pass it
 on; a stage 2 that still cannot answer "what colour is the star?" is failing to find the
 token (binding), not to read it. Forward only, no training of the model.
+
+`--projector STEM` (repeatable) adds the same tokens after a trained projector, as the LM gets
+them, and every row also gives each attribute's share of the tokens' variance (between-class
+variance over total, after RMS-normalising each token as the LM's first norm does): how loud the
+attribute is among everything else a token says, which a linear probe, standardising every
+channel, cannot see. The shipped projector and the stalled runs' differ there, not in the probe.
 """
 
 from __future__ import annotations
@@ -16,15 +22,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from vlchat.errors import VlchatError
 from vlchat.images import to_tensor
+from vlchat.model.projector import Projector
 from vlchat.model.vision import HEAD_CHANNELS, VisionEncoder
 from vlchat.train.synth import cell_centre, render
-from vlchat.train.synth_scene import COLOURS, HELD_OUT_SEEDS, SHAPES, SIZES, SceneObject, make_scene
+from vlchat.train.synth_scene import COLOURS, HELD_OUT_SEEDS, SHAPES, SIZES, Scene, SceneObject, make_scene
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}
 FIT_SHARE = 0.75  # of the objects, in scene order: the rest are scored
@@ -37,19 +45,41 @@ def centre_token(obj: SceneObject, image_size: int, grid: int) -> int:
     return int(y // cell) * grid + int(x // cell)
 
 
+def scene_tokens(encoder: VisionEncoder, seeds: range, batch: int = 32) -> tuple[torch.Tensor, list[Scene]]:
+    """(scenes, N, C) the encoder's tokens of each seed's rendered scene, and the scenes."""
+    size = encoder.image_size
+    scenes = [make_scene(seed) for seed in seeds]
+    tokens = []
+    for start in range(0, len(scenes), batch):
+        with torch.no_grad():
+            tokens.append(encoder(torch.stack([to_tensor(render(s, size), size) for s in scenes[start:start + batch]])))
+    return torch.cat(tokens), scenes
+
+
+def centre_rows(tokens: torch.Tensor, scenes: list[Scene], image_size: int) -> tuple[torch.Tensor, list[SceneObject]]:
+    """(objects, C) each object's token at its centre from (scenes, N, C), and the objects in order."""
+    grid = math.isqrt(tokens.shape[1])
+    rows, objects = [], []
+    for scene, image_tokens in zip(scenes, tokens):
+        for obj in scene.objects:
+            rows.append(image_tokens[centre_token(obj, image_size, grid)])
+            objects.append(obj)
+    return torch.stack(rows), objects
+
+
 def object_tokens(encoder: VisionEncoder, seeds: range, batch: int = 32) -> tuple[torch.Tensor, list[SceneObject]]:
     """(objects, C) the encoder's token at each object's centre, and the objects, scene by scene."""
-    size, grid = encoder.image_size, math.isqrt(encoder.num_tokens)
-    rows, objects = [], []
-    for start in range(seeds.start, seeds.stop, batch):
-        scenes = [make_scene(seed) for seed in range(start, min(start + batch, seeds.stop))]
-        with torch.no_grad():
-            tokens = encoder(torch.stack([to_tensor(render(s, size), size) for s in scenes]))  # (B, N, C)
-        for scene, image_tokens in zip(scenes, tokens):
-            for obj in scene.objects:
-                rows.append(image_tokens[centre_token(obj, size, grid)])
-                objects.append(obj)
-    return torch.stack(rows), objects
+    tokens, scenes = scene_tokens(encoder, seeds, batch)
+    return centre_rows(tokens, scenes, encoder.image_size)
+
+
+def variance_share(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Between-class share of the variance of RMS-normalised (objects, C) features, 0-1."""
+    x = features.float() / features.float().pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+    centred = x - x.mean(0)
+    class_means = torch.zeros(int(labels.max()) + 1, x.shape[1]).index_add_(0, labels, centred)
+    class_means /= torch.bincount(labels, minlength=class_means.shape[0]).clamp_min(1).unsqueeze(1)
+    return (class_means[labels].pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)).item()
 
 
 def linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int = 300) -> float:
@@ -71,44 +101,64 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, ste
         return ((x[fit:] @ weight + bias).argmax(1) == labels[fit:]).float().mean().item()
 
 
-def measure(encoder: VisionEncoder, scenes: int) -> dict[str, dict[str, float]]:
-    """{feature slice: {attribute: held-back accuracy}} over the objects of `scenes` scenes."""
-    features, objects = object_tokens(encoder, range(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + scenes))
+class Score(NamedTuple):
+    accuracy: float  # held-back accuracy of the linear probe, 0-1
+    share: float  # the attribute's share of the tokens' variance, 0-1 (variance_share)
+
+
+def measure(encoder: VisionEncoder, scenes: int, projectors: dict[str, Projector] | None = None,
+            ) -> dict[str, dict[str, Score]]:
+    """{feature slice: {attribute: Score}} over the objects of `scenes` held-out scenes; each of
+    `projectors` adds a row of the same tokens after it."""
+    tokens, drawn = scene_tokens(encoder, range(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + scenes))
+    features, objects = centre_rows(tokens, drawn, encoder.image_size)
     slices = {"head": features[:, :HEAD_CHANNELS]}
     if features.shape[1] > HEAD_CHANNELS:
         slices |= {f"taps {list(encoder.config.taps)}": features[:, HEAD_CHANNELS:], "head + taps": features}
-    out = {}
-    for name, x in slices.items():
-        out[name] = {attr: linear_probe(x, torch.tensor([values.index(getattr(o, attr)) for o in objects]),
-                                        len(values)) for attr, values in ATTRIBUTES.items()}
-    return out
+    for name, projector in (projectors or {}).items():
+        with torch.no_grad():
+            projected = projector.float().eval()(tokens.float())  # (scenes, N, D), as the LM gets them
+        slices[f"projector {name}"] = centre_rows(projected, drawn, encoder.image_size)[0]
+    labels = {attr: torch.tensor([values.index(getattr(o, attr)) for o in objects]) for attr, values in ATTRIBUTES.items()}
+    return {name: {attr: Score(linear_probe(x, labels[attr], len(ATTRIBUTES[attr])), variance_share(x, labels[attr]))
+                   for attr in ATTRIBUTES} for name, x in slices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     from vlchat.assets import verified_file
     from vlchat.config import ModelConfig
+    from vlchat.model.projector import load_projector, read_projector_config
     from vlchat.model.vision import load_vision_encoder
 
     parser = argparse.ArgumentParser(prog="python -m vlchat.train.feature_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="a preset name or a model config file")
     parser.add_argument("--scenes", type=int, default=1200, help="scenes to render (about 2.5 objects each)")
+    parser.add_argument("--projector", action="append", default=[], metavar="STEM",
+                        help="also score the tokens after this projector (e.g. runs/stage1/projector); repeatable")
     args = parser.parse_args(argv)
     try:
         if args.scenes < 4:
             raise VlchatError("--scenes must be at least 4")
         vision = ModelConfig.from_name(args.model).vision
+        projectors = {}
+        for stem in args.projector:  # every file is checked before the encoder runs
+            try:
+                projectors[stem] = load_projector(stem, read_projector_config(stem))
+            except FileNotFoundError:
+                raise VlchatError(f"no projector at {stem} (expected {stem}.safetensors and {stem}.json)") from None
         weights = verified_file(vision.weights, vision.sha256) if vision.weights else None
         encoder = load_vision_encoder(vision, weights)
-        results = measure(encoder, args.scenes)
+        results = measure(encoder, args.scenes, projectors)
     except VlchatError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"linear probe, {args.model}'s vision encoder, {args.scenes} held-out scenes: "
-          f"accuracy on the last {1 - FIT_SHARE:.0%} of the objects (%)")
-    print("| features | " + " | ".join(ATTRIBUTES) + " |")
-    print("|---|" + "---:|" * len(ATTRIBUTES))
-    for name, accuracy in results.items():
-        print(f"| {name} | " + " | ".join(f"{100 * accuracy[a]:.1f}" for a in ATTRIBUTES) + " |")
+    print(f"linear probe, {args.model}'s vision encoder, {args.scenes} held-out scenes: accuracy on the "
+          f"last {1 - FIT_SHARE:.0%} of the objects, and each attribute's share of the token variance (%)")
+    print("| features | " + " | ".join(ATTRIBUTES) + " | " + " | ".join(f"{a} share" for a in ATTRIBUTES) + " |")
+    print("|---|" + "---:|" * 2 * len(ATTRIBUTES))
+    for name, scores in results.items():
+        cells = [f"{100 * scores[a].accuracy:.1f}" for a in ATTRIBUTES] + [f"{100 * scores[a].share:.1f}" for a in ATTRIBUTES]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
