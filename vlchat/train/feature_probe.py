@@ -67,12 +67,6 @@ def centre_rows(tokens: torch.Tensor, scenes: list[Scene], image_size: int) -> t
     return torch.stack(rows), objects
 
 
-def object_tokens(encoder: VisionEncoder, seeds: range, batch: int = 32) -> tuple[torch.Tensor, list[SceneObject]]:
-    """(objects, C) the encoder's token at each object's centre, and the objects, scene by scene."""
-    tokens, scenes = scene_tokens(encoder, seeds, batch)
-    return centre_rows(tokens, scenes, encoder.image_size)
-
-
 def variance_share(features: torch.Tensor, labels: torch.Tensor) -> float:
     """Between-class share of the variance of RMS-normalised (objects, C) features, 0-1."""
     x = features.float() / features.float().pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
