@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from conftest import tiny_config
-from vlchat.train.bench_recipe import PartTiming, format_total, main
+from vlchat.train.bench_recipe import PartTiming, format_part, format_total, main, one_off_steps
+from vlchat.train.recipe import DataSource, TrainConfig
 
 
 @pytest.fixture
@@ -54,6 +55,16 @@ def test_projections_are_the_set_up_plus_the_steps_scaled():
     unreferenced = PartTiming("b.yaml", max_steps=10, setup_s=0.0, steps_timed=5, steps_s=60.0)
     assert unreferenced.ratio is None and unreferenced.scaled_reference_s is None
     assert format_total([part, unreferenced]) == "total: ≈ 7.1 min projected from the timed steps"  # (306 + 120) s
+
+
+def test_compiling_steps_count_once_and_the_later_steps_scale_the_rest():
+    part = PartTiming("c.yaml", max_steps=100, setup_s=6.0, steps_timed=10, steps_s=60.0, one_off_steps=2,
+                      one_off_s=36.0)
+    assert part.projected_s == 6.0 + 36.0 + 3.0 * 98  # not 6 + 6.0 * 100
+    assert "the first 2 compiling 36.0 s, then 3.00 s/step) -> 100 steps ≈ 5.6 min" in format_part(part)
+    compiled = TrainConfig(data=(DataSource("synth:qa"),), compile=True)
+    assert [one_off_steps(compiled, n) for n in (1, 2, 3, 10)] == [0, 0, 2, 2]  # some steady step is left
+    assert one_off_steps(TrainConfig(data=(DataSource("synth:qa"),)), 10) == 0
 
 
 def test_bad_arguments_are_one_line_errors_before_any_compute(recipes, tmp_path, capsys):

@@ -5,7 +5,9 @@ Machines of the same "2-core" kind differ several-fold in speed, so a wall time 
 says little about another. For each recipe this builds the run as `vlchat train` does
 (trainer.prepare), times its first N optimizer steps with the training loop's own step
 (trainer.train_step: the same batches, in the same order, data preparation included) and
-projects the whole run: set-up + N steps' mean x max_steps. With --reference DIR holding the
+projects the whole run: set-up + N steps' mean x max_steps. With `compile: true` the first two
+steps also compile the LM's layers (trainer.COMPILE_STEPS), a one-off cost, so they count once and
+the mean of the later steps scales the rest. With --reference DIR holding the
 metrics of real runs (`<output_dir name>-metrics.jsonl`, as reports/default-model/ does), it
 also prints this machine's time for the same N steps against theirs (the ratio) and the real
 run's wall time scaled by it, which accounts for batches that get longer or shorter later on.
@@ -26,7 +28,7 @@ from pathlib import Path
 from vlchat.errors import VlchatError
 from vlchat.train import distributed
 from vlchat.train.recipe import TrainConfig, load_config
-from vlchat.train.trainer import autocast_context, prepare, train_step
+from vlchat.train.trainer import COMPILE_STEPS, autocast_context, prepare, train_step
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,15 @@ class PartTiming:
     setup_s: float
     steps_timed: int
     steps_s: float  # the first `steps_timed` steps, here
+    one_off_steps: int = 0  # the first steps that also compile (counted once, not scaled)
+    one_off_s: float = 0.0  # their seconds, within steps_s
     reference_steps_s: float | None = None  # the same steps in the reference run
     reference_run_s: float | None = None  # the reference run's whole loop
 
     @property
     def projected_s(self) -> float:
-        return self.setup_s + self.steps_s / self.steps_timed * self.max_steps
+        per_step = (self.steps_s - self.one_off_s) / (self.steps_timed - self.one_off_steps)
+        return self.setup_s + self.one_off_s + per_step * (self.max_steps - self.one_off_steps)
 
     @property
     def ratio(self) -> float | None:
@@ -54,17 +59,25 @@ class PartTiming:
         return None if self.ratio is None else self.setup_s + self.reference_run_s * self.ratio
 
 
-def time_part(config: TrainConfig, steps: int, world: distributed.World) -> tuple[float, float]:
-    """(set-up seconds, seconds for the first `steps` optimizer steps) of one recipe."""
+def time_part(config: TrainConfig, steps: int, world: distributed.World) -> tuple[float, list[float]]:
+    """(set-up seconds, seconds of each of the first `steps` optimizer steps) of one recipe."""
     config = replace(config, init_projector=None, init_adapter=None)
     began = time.perf_counter()
     samples, module, batches, optimizer, scheduler = prepare(config, world)
     setup_s = time.perf_counter() - began
     autocast = autocast_context(config, world.device)
-    began = time.perf_counter()
+    seconds = []
     for step in range(steps):
+        began = time.perf_counter()
         train_step(step, config, world, module, module, batches, optimizer, scheduler, autocast, len(samples))
-    return setup_s, time.perf_counter() - began
+        seconds.append(time.perf_counter() - began)
+    return setup_s, seconds
+
+
+def one_off_steps(config: TrainConfig, steps: int) -> int:
+    """How many of the timed steps pay a one-off cost: the compile, when some later step is left
+    to give the steady pace."""
+    return COMPILE_STEPS if config.compile and steps > COMPILE_STEPS else 0
 
 
 def reference_figures(reference: Path, config: TrainConfig, steps: int) -> tuple[float | None, float | None]:
@@ -91,15 +104,21 @@ def measure(paths: list[str], overrides: list[str], steps: int, reference: Path 
     world = distributed.setup()
     parts = []
     for path, config, (at_steps, run_s) in zip(paths, configs, references):
-        setup_s, steps_s = time_part(config, steps, world)
-        parts.append(PartTiming(Path(path).name, config.max_steps, setup_s, steps, steps_s, at_steps, run_s))
+        setup_s, seconds = time_part(config, steps, world)
+        one_off = one_off_steps(config, steps)
+        parts.append(PartTiming(Path(path).name, config.max_steps, setup_s, steps, sum(seconds), one_off,
+                                sum(seconds[:one_off]), at_steps, run_s))
         print(format_part(parts[-1]), flush=True)
     return parts
 
 
 def format_part(part: PartTiming) -> str:
     line = (f"{part.name}: set-up {part.setup_s:.1f} s, first {part.steps_timed} steps {part.steps_s:.1f} s "
-            f"({part.steps_s / part.steps_timed:.2f} s/step) -> {part.max_steps} steps ≈ {part.projected_s / 60:.1f} min")
+            f"({part.steps_s / part.steps_timed:.2f} s/step")
+    if part.one_off_steps:
+        later = (part.steps_s - part.one_off_s) / (part.steps_timed - part.one_off_steps)
+        line += f"; the first {part.one_off_steps} compiling {part.one_off_s:.1f} s, then {later:.2f} s/step"
+    line += f") -> {part.max_steps} steps ≈ {part.projected_s / 60:.1f} min"
     if part.ratio is not None:
         line += (f"; reference {part.reference_steps_s:.1f} s for the same steps ({part.ratio:.2f}x), "
                  f"its run {part.reference_run_s / 60:.1f} min -> ≈ {part.scaled_reference_s / 60:.1f} min here")

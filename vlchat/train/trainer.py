@@ -53,6 +53,11 @@ class TrainModule(nn.Module):
         return self.vlm.lm.loss(embeds, attention_mask, labels, position_ids, weights)
 
 
+# With `compile: true`, the steps that also compile the LM's layers: the first traces a graph
+# for its shapes, the second one with dynamic shapes that serves every step after (recipe.py).
+COMPILE_STEPS = 2
+
+
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
     """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
     base = ModelConfig.from_name(config.model)
