@@ -14,7 +14,7 @@ from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
 from vlchat.images import image_key
-from vlchat.train.collate import collate, encode_sample
+from vlchat.train.collate import IGNORE, collate, encode_sample
 from vlchat.train.data import Sample
 from vlchat.train.evaluate import synth_items
 from vlchat.train.probe import Probe, answer_scores
@@ -49,6 +49,22 @@ def test_probe_asks_evals_questions_and_restores_modes(tiny_model):
     assert set(result["probe_loss"]) == qtypes and set(result["probe_exact"]) == qtypes | {"all"}
     assert all(0.0 <= v <= 1.0 for v in result["probe_exact"].values())
     assert all(v > 0 for v in result["probe_loss"].values())
+
+
+def test_an_explaining_recipes_probe_targets_give_the_reason_first(tiny_model):
+    """Same questions, same order; only "is there ...?" answers change, to "..., so yes/no."."""
+    plain, explained = synth_items(6, "en"), synth_items(6, "en", explained=True)
+    assert [i.question for i in plain] == [i.question for i in explained]
+    exists = [(a, b) for a, b in zip(plain, explained, strict=True) if a.group.endswith("/exists")]
+    assert exists and all(b.answer.endswith(f", so {a.answer}.") for a, b in exists)
+    assert all(a.answer == b.answer for a, b in zip(plain, explained, strict=True) if not a.group.endswith("/exists"))
+    probe = Probe(tiny_model, scenes=2, explained=True)
+    def supervised(scenes) -> int:
+        return sum(label != IGNORE for scene in scenes for label in scene.encoded.labels)
+    assert supervised(probe.scenes) > supervised(Probe(tiny_model, scenes=2).scenes)
+    recipe = TrainConfig(data=(DataSource("easy_vqa:train", explain_yes_no=True), DataSource("synth:qa")))
+    assert not recipe.explains_synthetic_yes_no  # easy-VQA's reasons leave the probe's targets bare
+    assert TrainConfig(data=(DataSource("synth:qa", explain_yes_no=True),)).explains_synthetic_yes_no
 
 
 def alone(model, item):

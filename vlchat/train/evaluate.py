@@ -83,14 +83,17 @@ def easy_vqa_items(limit: int | None) -> list[Item]:
     return [Item(s.images[0], s.messages[0].parts[-1].text, s.meta["answer"], "easy_vqa") for s in chosen]
 
 
-def synth_items(scenes: int, lang: str) -> list[Item]:
+def synth_items(scenes: int, lang: str, explained: bool = False) -> list[Item]:
+    """The held-out scenes' questions; `explained`: "is there ...?" answered with its reason first,
+    as by a model trained with explain_yes_no (English; the training probe's targets)."""
     from vlchat.train import synth
 
+    askers = {"askers": synth.HELD_OUT_ASK_EXPLAINED} if explained else {}  # else questions' default
     items = []
     for seed in synth.HELD_OUT_SEEDS[:scenes]:
         scene = synth.make_scene(seed)
         image = synth.render(scene)
-        for question, answer, qtype in synth.questions(scene, random.Random(seed), lang):
+        for question, answer, qtype in synth.questions(scene, random.Random(seed), lang, **askers):
             items.append(Item(image, question, answer, f"synth/{lang}/{qtype}"))
     return items
 

@@ -39,14 +39,15 @@ class ProbeScene:
 
 
 def encode_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = None,
-                  system: str | None = None) -> list[ProbeScene]:
+                  system: str | None = None, explained: bool = False) -> list[ProbeScene]:
     """The held-out scenes' English questions (evaluate.synth_items), each scene's packed as
-    independent turns: every question is scored as if asked alone, the image attended once."""
+    independent turns: every question is scored as if asked alone, the image attended once.
+    `explained`: "is there ...?" targets give their reason first, as the recipe trains them."""
     from vlchat.train.evaluate import synth_items
 
     renderer = get_template(template or vlm.config.template)
     by_image: dict[int, list] = {}
-    for item in synth_items(scenes, "en"):
+    for item in synth_items(scenes, "en", explained):
         by_image.setdefault(id(item.image), []).append(item)
     out = []
     for items in by_image.values():
@@ -75,9 +76,9 @@ def answer_scores(logits: torch.Tensor, targets: torch.Tensor, answers: torch.Te
 
 class Probe:
     def __init__(self, vlm: VisionLanguageModel, scenes: int, template: str | None = None,
-                 system: str | None = None, batch_size: int = 8) -> None:
+                 system: str | None = None, batch_size: int = 8, explained: bool = False) -> None:
         self.vlm, self.batch_size = vlm, batch_size
-        self.scenes = encode_scenes(vlm, scenes, template, system)
+        self.scenes = encode_scenes(vlm, scenes, template, system, explained)
         tokenizer = vlm.lm.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 

@@ -117,6 +117,11 @@ class TrainConfig:
             if not ok:
                 raise VlchatError(f"bad training config: {message}")
 
+    @property
+    def explains_synthetic_yes_no(self) -> bool:
+        """Whether the recipe trains "is there ...?" with its reason first (the probe follows)."""
+        return any(source.explain_yes_no and source.spec == "synth:qa" for source in self.data)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

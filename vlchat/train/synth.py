@@ -27,8 +27,8 @@ from vlchat.images import image_key
 from vlchat.train.data import Sample
 from vlchat.train.synth_phrases import INSTRUCTIONS
 from vlchat.train.synth_questions import (  # noqa: F401  (re-exported: synth.questions, ...)
-    ALWAYS_ASKABLE, ANSWERS, FOCUS_QTYPES, QTYPES, TRAIN_ASK, TRAIN_ASK_EXPLAINED, caption, check_qtypes,
-    questions, shape_reason)
+    ALWAYS_ASKABLE, ANSWERS, FOCUS_QTYPES, HELD_OUT_ASK_EXPLAINED, QTYPES, TRAIN_ASK, TRAIN_ASK_EXPLAINED, caption,
+    check_qtypes, questions, shape_reason)
 from vlchat.train.synth_scene import (  # noqa: F401
     COLOURS, HELD_OUT_SEEDS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, TRAIN_SEEDS, WORD_RATE, WORDS, Scene,
     SceneObject, make_scene)

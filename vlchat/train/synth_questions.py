@@ -141,6 +141,9 @@ def _explained(ask: Asker) -> Asker:
 
 
 TRAIN_ASK_EXPLAINED: dict[str, Asker] = {**TRAIN_ASK, "exists": _explained(_ask_exists_binding)}
+# The held-out questions of `_ASK`, word for word, with "is there ...?" answered as a model trained
+# with explain_yes_no answers it (the asker draws the same numbers): the training probe's targets.
+HELD_OUT_ASK_EXPLAINED: dict[str, Asker] = {**_ASK, "exists": _explained(_ask_exists)}
 # The types a training sample asks again once every type has been asked (the hardest ones).
 FOCUS_QTYPES = ("colour", "position", "exists")
 ALWAYS_ASKABLE = ("shape", "count", "exists")  # every scene answers these (others may not apply)

@@ -260,8 +260,8 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
                dynamic_ncols=True, desc=config.stage)
     began, seen, probing = time.perf_counter(), 0, 0.0  # probing: seconds spent in the probe
     autocast = autocast_context(config, world.device)
-    probe = Probe(module.vlm, config.probe_scenes, config.template, config.system) \
-        if world.main and config.probe_every else None
+    probe = Probe(module.vlm, config.probe_scenes, config.template, config.system,
+                  explained=config.explains_synthetic_yes_no) if world.main and config.probe_every else None
     for step in range(start, config.max_steps):
         loss_sum, samples = train_step(step, config, world, wrapped, module, batches, optimizer, scheduler,
                                        autocast, total)
