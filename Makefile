@@ -46,10 +46,11 @@ bench-train: setup
 	$(BIN)/python -m vlchat.train.bench_recipe configs/train/stage1.yaml configs/train/stage2.yaml \
 	  configs/train/stage2-reasons.yaml --reference reports/default-model
 
-# Reproduce the committed default projector + LoRA adapter and its report: stage 1, stage 2, then
-# stage 2's second part (easy-VQA's reasons); about 64 minutes on a 2-core CPU with AMX (the LM in
-# bfloat16), about 70 minutes on one with AVX512-BF16 but no AMX, about 6.5 hours on one with AVX2 only
-# (float32): make bench-train (README, Training).
+# Reproduce the committed default projector + LoRA adapter and its report: stage 1 (half of it
+# lone-object captions), stage 2, then stage 2's second part (yes/no answers with their reason
+# first); 58.3 minutes of training on a 2-core AMD EPYC with AVX512-BF16 (the LM in bfloat16,
+# layers compiled), hours on a CPU without native bfloat16 (v6's recipe: about 6.5 on one with AVX2
+# only): make bench-train (README, Training).
 # Interrupted, it continues: each part resumes from its newest checkpoint (a finished part from its last).
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml --resume

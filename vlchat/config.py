@@ -89,7 +89,10 @@ def _default_vision() -> VisionConfig:
 
 
 def _default_projector() -> ProjectorConfig:
-    return ProjectorConfig(kind="mlp2x_gelu", in_dim=1280 + 80 + 112, out_dim=576, position_tokens=49)
+    # position_code: each token's grid row and column fed to the projector, at the features' norm
+    # (configs/train/stage1.yaml's projector_position_code; the shipped weights are trained with it).
+    return ProjectorConfig(kind="mlp2x_gelu", in_dim=1280 + 80 + 112, out_dim=576, position_tokens=49,
+                           position_code=50.0)
 
 
 @dataclass(frozen=True)

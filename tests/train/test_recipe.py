@@ -230,6 +230,24 @@ def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     assert [d.explain_yes_no for d in reasoned if d.spec.startswith("easy_vqa")] == [True]
 
 
+def test_recipes_that_start_from_stage1_build_its_projector():
+    """A projector loads only into the same projector config (load_projector), so every recipe that
+    trains on from stage1.yaml's run (directly or through another run) asks for its grid code and
+    token grid; the default model's preset does too, so the exported weights load by default."""
+    from vlchat.config import ModelConfig
+
+    first = load_config(REPO / "configs/train/stage1.yaml")
+    chained = [load_config(REPO / f"configs/train/{name}.yaml")
+               for name in ("stage2", "stage2-reasons", "stage2-reasoned", "stage2-polish")]
+    assert chained[0].init_projector == f"{first.output_dir}/projector"
+    for config in chained:
+        assert (config.projector, config.position_tokens, config.projector_position_code) == \
+            (first.projector, first.position_tokens, first.projector_position_code)
+    preset = ModelConfig.from_name("default").projector
+    assert (preset.kind, preset.position_tokens, preset.position_code) == \
+        (first.projector, first.position_tokens, first.projector_position_code)
+
+
 def test_the_default_models_second_part_trains_on_from_stage2():
     """`make train-default` chains stage2.yaml into stage2-reasons.yaml through its output folder."""
     first = load_config(REPO / "configs/train/stage2.yaml")
