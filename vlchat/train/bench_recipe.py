@@ -45,9 +45,13 @@ class PartTiming:
     reference_run_s: float | None = None  # the reference run's whole loop
 
     @property
+    def steady_step_s(self) -> float:
+        """Mean seconds of a timed step past the one-off ones."""
+        return (self.steps_s - self.one_off_s) / (self.steps_timed - self.one_off_steps)
+
+    @property
     def projected_s(self) -> float:
-        per_step = (self.steps_s - self.one_off_s) / (self.steps_timed - self.one_off_steps)
-        return self.setup_s + self.one_off_s + per_step * (self.max_steps - self.one_off_steps)
+        return self.setup_s + self.one_off_s + self.steady_step_s * (self.max_steps - self.one_off_steps)
 
     @property
     def ratio(self) -> float | None:
@@ -116,8 +120,8 @@ def format_part(part: PartTiming) -> str:
     line = (f"{part.name}: set-up {part.setup_s:.1f} s, first {part.steps_timed} steps {part.steps_s:.1f} s "
             f"({part.steps_s / part.steps_timed:.2f} s/step")
     if part.one_off_steps:
-        later = (part.steps_s - part.one_off_s) / (part.steps_timed - part.one_off_steps)
-        line += f"; the first {part.one_off_steps} compiling {part.one_off_s:.1f} s, then {later:.2f} s/step"
+        line += (f"; the first {part.one_off_steps} compiling {part.one_off_s:.1f} s, "
+                 f"then {part.steady_step_s:.2f} s/step")
     line += f") -> {part.max_steps} steps ≈ {part.projected_s / 60:.1f} min"
     if part.ratio is not None:
         line += (f"; reference {part.reference_steps_s:.1f} s for the same steps ({part.ratio:.2f}x), "
