@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlchat-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup prepare browser demo test bench load bench-train train-default
+.PHONY: setup prepare browser demo lint test bench load bench-train train-default
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -30,7 +30,12 @@ browser:
 	@command -v chromium >/dev/null && fc-list :lang=zh | grep -q . || { $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei; }
 
-test: prepare browser
+# Lint: ruff's checks and its formatter (configuration in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: prepare browser lint
 	$(BIN)/python -m pytest -q
 
 bench: prepare

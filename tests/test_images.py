@@ -57,14 +57,17 @@ def test_formats_load_as_rgb(tmp_path, fmt, suffix):
     assert np.abs(np.array(image.getpixel((16, 12))) - RED).max() <= 12  # lossy formats
 
 
-@pytest.mark.parametrize("mode, value, expected", [
-    ("L", 100, (100, 100, 100)),
-    ("1", 1, (255, 255, 255)),
-    ("LA", (100, 255), (100, 100, 100)),
-    ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
-    ("RGBA", (255, 0, 0, 0), (255, 255, 255)),  # fully transparent red -> white background
-    ("LA", (0, 0), (255, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("L", 100, (100, 100, 100)),
+        ("1", 1, (255, 255, 255)),
+        ("LA", (100, 255), (100, 100, 100)),
+        ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
+        ("RGBA", (255, 0, 0, 0), (255, 255, 255)),  # fully transparent red -> white background
+        ("LA", (0, 0), (255, 255, 255)),
+    ],
+)
 def test_modes_convert_to_rgb(tmp_path, mode, value, expected):
     image = load_image(save(Image.new(mode, (8, 8), value), tmp_path / f"{mode}.png"))
     assert image.mode == "RGB" and image.getpixel((3, 3)) == expected
@@ -167,8 +170,10 @@ def test_refuses_too_many_pixels_and_bytes(tmp_path):
 def bombs(tmp_path_factory) -> dict[str, Path]:
     """1-bit PNGs of zeros: tiny files whose declared size is huge."""
     folder = tmp_path_factory.mktemp("bombs")
-    return {name: save(Image.new("1", size), folder / f"{name}.png") for name, size in
-            [("huge", (20000, 20000)), ("large", (12000, 12000))]}  # 400M (PIL's own error) / 144M (PIL warns)
+    return {
+        name: save(Image.new("1", size), folder / f"{name}.png")
+        for name, size in [("huge", (20000, 20000)), ("large", (12000, 12000))]
+    }  # 400M (PIL's own error) / 144M (PIL warns)
 
 
 @pytest.mark.parametrize("name, pixels", [("huge", "400000000"), ("large", "144000000")])

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES
+
 from vlchat.images import image_key, load_image
 
 CHELSEA = EXAMPLES / "chelsea.jpg"
@@ -21,8 +21,14 @@ def chat(*lines: str, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess
     script = Path(sys.executable).with_name("vlchat")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vlchat.cli"]
     stdin = "".join(f"{line}\n" for line in lines)
-    result = subprocess.run(command + ["chat", "--max-new-tokens", "8", *args], input=stdin,
-                            capture_output=True, text=True, encoding="utf-8", timeout=300)
+    result = subprocess.run(
+        command + ["chat", "--max-new-tokens", "8", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+    )
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     return result
 

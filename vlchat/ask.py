@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vlchat.chat.engine import Chat, ChatSession
 from vlchat.chat.templates import get_template
@@ -14,11 +14,20 @@ from vlchat.errors import VlchatError
 from vlchat.images import load_image
 
 
-def answer_one(question: str | None, images: list[Path], open_chat: Callable[[], Chat], template: str | None,
-               system: str | None, config: GenerationConfig, as_json: bool) -> None:
+def answer_one(
+    question: str | None,
+    images: list[Path],
+    open_chat: Callable[[], Chat],
+    template: str | None,
+    system: str | None,
+    config: GenerationConfig,
+    as_json: bool,
+) -> None:
     """Stream the answer to stdout (or print one JSON object with the answer and timings)."""
     if question is None or not question.strip():
-        raise VlchatError("empty question: give the question as an argument, e.g. vlchat ask -i cat.jpg \"What is this?\"")
+        raise VlchatError(
+            'empty question: give the question as an argument, e.g. vlchat ask -i cat.jpg "What is this?"'
+        )
     template and get_template(template)
     loaded = [load_image(path) for path in images]  # refuse bad files before the slow load
     session = open_chat().session(template, system, config)
@@ -41,14 +50,19 @@ def result_record(session: ChatSession, answer: str) -> dict:
     return {
         "answer": answer,
         "finish_reason": session.last_finish_reason,
-        "timings": {"image_encode_ms": round(t.image_encode_ms, 2), "ttft_s": round(t.ttft_s, 4),
-                    "total_s": round(t.total_s, 4), "decode_tok_s": round(t.decode_tok_s, 2)},
+        "timings": {
+            "image_encode_ms": round(t.image_encode_ms, 2),
+            "ttft_s": round(t.ttft_s, 4),
+            "total_s": round(t.total_s, 4),
+            "decode_tok_s": round(t.decode_tok_s, 2),
+        },
         "usage": {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens},
     }
 
 
-def answer_batch(path: Path, open_chat: Callable[[], Chat], template: str | None, system: str | None,
-                 config: GenerationConfig) -> None:
+def answer_batch(
+    path: Path, open_chat: Callable[[], Chat], template: str | None, system: str | None, config: GenerationConfig
+) -> None:
     """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -66,8 +80,9 @@ def answer_batch(path: Path, open_chat: Callable[[], Chat], template: str | None
         print(json.dumps({"line": number, **record}, ensure_ascii=False), flush=True)
 
 
-def answer_line(chat: Chat, line: str, base: Path, template: str | None, system: str | None,
-                config: GenerationConfig) -> dict:
+def answer_line(
+    chat: Chat, line: str, base: Path, template: str | None, system: str | None, config: GenerationConfig
+) -> dict:
     try:
         item = json.loads(line)
     except ValueError as error:

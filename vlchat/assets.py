@@ -47,7 +47,7 @@ def resolve(spec: str) -> Path:
     """'package:<module>/<relative path>' -> a path inside that installed package; else a local path."""
     if not spec.startswith("package:"):
         return Path(spec).expanduser()
-    module, _, relative = spec[len("package:"):].partition("/")
+    module, _, relative = spec[len("package:") :].partition("/")
     return package_dir(module) / relative
 
 
@@ -96,7 +96,7 @@ def is_complete(directory: Path) -> bool:
 def lm_directory(source: str, sha256: str | None) -> str:
     """A directory or hub id `from_pretrained` can load: GGUF files are converted once and cached."""
     if source.startswith("hub:"):
-        return source[len("hub:"):]
+        return source[len("hub:") :]
     path = resolve(source)
     if path.is_dir():
         return str(path)

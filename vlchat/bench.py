@@ -23,8 +23,12 @@ import torch
 from vlchat.errors import VlchatError
 
 EXAMPLE = Path(__file__).parent / "examples" / "chelsea.jpg"
-QUESTIONS = ["Describe this image.", "What colours do you see?", "Is it indoors or outdoors?",
-             "Summarise our conversation in one sentence."]
+QUESTIONS = [
+    "Describe this image.",
+    "What colours do you see?",
+    "Is it indoors or outdoors?",
+    "Summarise our conversation in one sentence.",
+]
 KEYS = ("image_encode_ms", "ttft_first_s", "ttft_followup_s", "decode_tok_s", "peak_rss_mb")
 
 
@@ -54,19 +58,26 @@ def measure_in_child(mode: str, model: str, tokens: int) -> dict:
 
 def table(report: dict) -> str:
     base = report["baseline"]
-    rows = [("image encode (ms)", "image_encode_ms", "{:.1f}"), ("TTFT, first turn (s)", "ttft_first_s", "{:.3f}"),
-            ("TTFT, follow-up after 3 turns (s)", "ttft_followup_s", "{:.3f}"),
-            ("decode (tokens/s)", "decode_tok_s", "{:.1f}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")]
+    rows = [
+        ("image encode (ms)", "image_encode_ms", "{:.1f}"),
+        ("TTFT, first turn (s)", "ttft_first_s", "{:.3f}"),
+        ("TTFT, follow-up after 3 turns (s)", "ttft_followup_s", "{:.3f}"),
+        ("decode (tokens/s)", "decode_tok_s", "{:.1f}"),
+        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+    ]
     lines = [f"{'':36}{'vlchat':>10}{'baseline':>10}{'ratio':>8}"]
     for label, key, fmt in rows:
         ratio = report[key] / base[key] if base[key] else float("nan")
         lines.append(f"{label:36}{fmt.format(report[key]):>10}{fmt.format(base[key]):>10}{ratio:>8.2f}")
-    lines.append(f"(baseline = MiniGPT-4's way: generate(inputs_embeds=...) on the whole conversation each "
-                 f"turn; {report['tokens_per_turn']} tokens per turn, greedy; best of {report['rounds']} runs each)")
+    lines.append(
+        f"(baseline = MiniGPT-4's way: generate(inputs_embeds=...) on the whole conversation each "
+        f"turn; {report['tokens_per_turn']} tokens per turn, greedy; best of {report['rounds']} runs each)"
+    )
     return "\n".join(lines)
 
 
 # --- the child processes -------------------------------------------------------------------
+
 
 def image_encode_ms(chat, image, repeats: int = 5) -> float:
     times = []
@@ -122,8 +133,13 @@ def baseline_turns(chat, config) -> list[tuple[float, float]]:
         clock = _Clock()
         with torch.inference_mode():
             embeds = session.embed_keys(keys)
-            out = lm.model.generate(inputs_embeds=embeds, max_new_tokens=config.max_new_tokens,
-                                    min_new_tokens=config.min_new_tokens, do_sample=False, streamer=clock)
+            out = lm.model.generate(
+                inputs_embeds=embeds,
+                max_new_tokens=config.max_new_tokens,
+                min_new_tokens=config.min_new_tokens,
+                do_sample=False,
+                streamer=clock,
+            )
         end = time.perf_counter()
         session.messages.append(Message.text_message("assistant", lm.detokenize(out[0].tolist()).strip()))
         turns.append((clock.times[0] - start, (len(clock.times) - 1) / (end - clock.times[0])))
@@ -141,7 +157,9 @@ def child(mode: str, model: str, tokens: int) -> dict:
     encode = image_encode_ms(chat, load_image(EXAMPLE))
     turns = (engine_turns if mode == "vlchat" else baseline_turns)(chat, config)
     return {
-        "image_encode_ms": encode, "ttft_first_s": turns[0][0], "ttft_followup_s": turns[-1][0],
+        "image_encode_ms": encode,
+        "ttft_first_s": turns[0][0],
+        "ttft_followup_s": turns[-1][0],
         "decode_tok_s": statistics.mean(speed for _, speed in turns),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -9,21 +9,25 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="vlchat: chat with a vision-language model about your images, on a CPU.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="vlchat: chat with a vision-language model about your images, on a CPU.",
+)
 
 # Options shared by the commands that generate (typer reads these annotations).
 Images = Annotated[list[Path], typer.Option("--image", "-i", help="An image file (repeat for several).")]
-Template = Annotated[Optional[str], typer.Option(help="Conversation template (default: the model's).")]
-System = Annotated[Optional[str], typer.Option(help="System prompt; '' for none (default: the template's).")]
-Persona = Annotated[Optional[str], typer.Option(help="A system-prompt preset: assistant, zhubajie, chinese.")]
+Template = Annotated[str | None, typer.Option(help="Conversation template (default: the model's).")]
+System = Annotated[str | None, typer.Option(help="System prompt; '' for none (default: the template's).")]
+Persona = Annotated[str | None, typer.Option(help="A system-prompt preset: assistant, zhubajie, chinese.")]
 Model = Annotated[str, typer.Option(help="Model preset name.")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
@@ -32,15 +36,32 @@ MaxNew = Annotated[int, typer.Option(help="Most tokens to generate.")]
 MinNew = Annotated[int, typer.Option(help="Fewest tokens to generate before stopping is allowed.")]
 RepPenalty = Annotated[float, typer.Option(help="> 1 discourages repeating tokens.")]
 Beams = Annotated[int, typer.Option(help="Beam search width (1 = off).")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 Stop = Annotated[list[str], typer.Option("--stop", help="Extra stop string (repeatable).")]
 
 
-def generation_config(temperature: float, top_p: float, top_k: int, max_new_tokens: int, min_new_tokens: int,
-                      repetition_penalty: float, num_beams: int, seed: int | None, stop: list[str]) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            num_beams=num_beams, stop=tuple(stop), seed=seed)
+def generation_config(
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    repetition_penalty: float,
+    num_beams: int,
+    seed: int | None,
+    stop: list[str],
+) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        num_beams=num_beams,
+        stop=tuple(stop),
+        seed=seed,
+    )
 
 
 def system_prompt(system: str | None, persona: str | None) -> str | None:
@@ -73,17 +94,30 @@ def open_chat(model: str):
 
 
 @app.command()
-def chat(image: Images = [], template: Template = None, system: System = None, persona: Persona = None,
-         temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, max_new_tokens: MaxNew = 256,
-         min_new_tokens: MinNew = 0, repetition_penalty: RepPenalty = 1.0, num_beams: Beams = 1,
-         seed: Seed = None, stop: Stop = [], model: Model = "default") -> None:
+def chat(
+    image: Images = [],
+    template: Template = None,
+    system: System = None,
+    persona: Persona = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: MaxNew = 256,
+    min_new_tokens: MinNew = 0,
+    repetition_penalty: RepPenalty = 1.0,
+    num_beams: Beams = 1,
+    seed: Seed = None,
+    stop: Stop = [],
+    model: Model = "default",
+) -> None:
     """Chat in the terminal, answers streamed. Commands: /image PATH, /reset, /save FILE, /load FILE, /help, /exit."""
     from vlchat.chat.templates import get_template
     from vlchat.images import load_image
     from vlchat.repl import repl
 
-    config = generation_config(temperature, top_p, top_k, max_new_tokens, min_new_tokens,
-                               repetition_penalty, num_beams, seed, stop)
+    config = generation_config(
+        temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, num_beams, seed, stop
+    )
     system = system_prompt(system, persona)
     template and get_template(template)
     for path in image:  # refuse bad files before the slow load
@@ -95,19 +129,34 @@ def chat(image: Images = [], template: Template = None, system: System = None, p
 
 
 @app.command()
-def ask(question: Annotated[Optional[str], typer.Argument(help="The question.")] = None,
-        image: Images = [], batch: Annotated[Optional[Path], typer.Option(
-            help="A JSONL file of {\"image\": PATH, \"question\": TEXT} lines (paths relative to the file).")] = None,
-        json_output: Annotated[bool, typer.Option("--json", help="Print a JSON object with answer and timings.")] = False,
-        template: Template = None, system: System = None, persona: Persona = None,
-        temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, max_new_tokens: MaxNew = 256,
-        min_new_tokens: MinNew = 0, repetition_penalty: RepPenalty = 1.0, num_beams: Beams = 1,
-        seed: Seed = None, stop: Stop = [], model: Model = "default") -> None:
+def ask(
+    question: Annotated[str | None, typer.Argument(help="The question.")] = None,
+    image: Images = [],
+    batch: Annotated[
+        Path | None,
+        typer.Option(help='A JSONL file of {"image": PATH, "question": TEXT} lines (paths relative to the file).'),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON object with answer and timings.")] = False,
+    template: Template = None,
+    system: System = None,
+    persona: Persona = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: MaxNew = 256,
+    min_new_tokens: MinNew = 0,
+    repetition_penalty: RepPenalty = 1.0,
+    num_beams: Beams = 1,
+    seed: Seed = None,
+    stop: Stop = [],
+    model: Model = "default",
+) -> None:
     """Answer one question about the given image(s), or every line of a --batch file."""
     from vlchat.ask import answer_batch, answer_one
 
-    config = generation_config(temperature, top_p, top_k, max_new_tokens, min_new_tokens,
-                               repetition_penalty, num_beams, seed, stop)
+    config = generation_config(
+        temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, num_beams, seed, stop
+    )
     system = system_prompt(system, persona)
     if batch is not None:
         if question is not None or image:
@@ -118,9 +167,11 @@ def ask(question: Annotated[Optional[str], typer.Argument(help="The question.")]
 
 
 @app.command()
-def bench(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-          tokens: Annotated[int, typer.Option(help="Tokens decoded per measured turn.")] = 64,
-          model: Model = "default") -> None:
+def bench(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tokens: Annotated[int, typer.Option(help="Tokens decoded per measured turn.")] = 64,
+    model: Model = "default",
+) -> None:
     """Measure encode time, time-to-first-token (first and follow-up turns), decode speed and peak RSS,
     beside MiniGPT-4's way (re-prefill the whole conversation every turn) measured in the same run."""
     from vlchat.bench import run_bench
@@ -129,35 +180,52 @@ def bench(json_output: Annotated[bool, typer.Option("--json", help="Print one JS
 
 
 @app.command()
-def serve(host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-          api_key: Annotated[Optional[str], typer.Option(envvar="VLCHAT_API_KEY",
-                                                         help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
-          model: Annotated[str, typer.Option(help="Model preset name or config file.")] = "default",
-          image_dir: Annotated[Optional[Path], typer.Option(help="Allow local image paths under this folder.")] = None,
-          allow_remote_images: Annotated[bool, typer.Option(help="Fetch http(s) image URLs (never private addresses).")] = False,
-          max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
-          max_queue: Annotated[int, typer.Option(help="Requests waiting before 429.")] = 32,
-          timeout: Annotated[float, typer.Option(help="Seconds a request may run.")] = 300.0,
-          max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 32.0,
-          max_image_mb: Annotated[float, typer.Option(help="Largest image (decoded file bytes).")] = 20.0,
-          prefix_cache_tokens: Annotated[int, typer.Option(help="KV positions kept for prefix reuse (0 = off).")] = 16384,
-          max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 256,
-          home: Annotated[Optional[Path], typer.Option(help="Conversation store folder (default $VLCHAT_HOME or ~/.vlchat).")] = None,
-          ) -> None:
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="VLCHAT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Model preset name or config file.")] = "default",
+    image_dir: Annotated[Path | None, typer.Option(help="Allow local image paths under this folder.")] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option(help="Fetch http(s) image URLs (never private addresses).")
+    ] = False,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting before 429.")] = 32,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may run.")] = 300.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 32.0,
+    max_image_mb: Annotated[float, typer.Option(help="Largest image (decoded file bytes).")] = 20.0,
+    prefix_cache_tokens: Annotated[int, typer.Option(help="KV positions kept for prefix reuse (0 = off).")] = 16384,
+    max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 256,
+    home: Annotated[
+        Path | None, typer.Option(help="Conversation store folder (default $VLCHAT_HOME or ~/.vlchat).")
+    ] = None,
+) -> None:
     """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
     from vlchat.config import ModelConfig
-    from vlchat.serve.server import build_app, check_address, serve as run_server
+    from vlchat.serve.server import build_app, check_address
+    from vlchat.serve.server import serve as run_server
     from vlchat.serve.serving import ServeConfig
 
     if image_dir is not None and not image_dir.is_dir():
         raise VlchatError(f"--image-dir {image_dir} is not a folder")
     if not 0 < port < 65536:
         raise VlchatError(f"--port must be 1..65535, got {port}")
-    config = ServeConfig(model=model, api_key=api_key or None, image_dir=image_dir and image_dir.resolve(),
-                         allow_remote_images=allow_remote_images, max_body_mb=max_body_mb, max_image_mb=max_image_mb,
-                         max_batch=max_batch, max_queue=max_queue, timeout_s=timeout,
-                         prefix_cache_tokens=prefix_cache_tokens, default_max_tokens=max_tokens, home=home)
+    config = ServeConfig(
+        model=model,
+        api_key=api_key or None,
+        image_dir=image_dir and image_dir.resolve(),
+        allow_remote_images=allow_remote_images,
+        max_body_mb=max_body_mb,
+        max_image_mb=max_image_mb,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        timeout_s=timeout,
+        prefix_cache_tokens=prefix_cache_tokens,
+        default_max_tokens=max_tokens,
+        home=home,
+    )
     preset = ModelConfig.from_name(model)  # a bad name fails here, before the server starts
     check_address(host, port)
     run_server(build_app(config, lambda: open_chat(model), preset.name, preset.template), host, port)
@@ -170,31 +238,39 @@ def prepare(model: Model = "default") -> None:
 
     start = time.perf_counter()
     chat_ = open_chat(model)
-    print(f"model {model!r} ready in {time.perf_counter() - start:.1f} s "
-          f"(vision {chat_.model.config.vision.name}, LM {chat_.model.config.lm.source})")
+    print(
+        f"model {model!r} ready in {time.perf_counter() - start:.1f} s "
+        f"(vision {chat_.model.config.vision.name}, LM {chat_.model.config.lm.source})"
+    )
 
 
 @app.command("eval")
-def evaluate(projector: Annotated[Optional[str], typer.Option(
-                 help="Projector weights stem (e.g. runs/stage2/projector); default: the model's.")] = None,
-             adapter: Annotated[Optional[str], typer.Option(
-                 help="LoRA adapter directory from a `lm: lora` stage 2 (e.g. runs/stage2/lora).")] = None,
-             suite: Annotated[list[str], typer.Option(help="easy_vqa and/or synth (repeatable).")] = ["easy_vqa", "synth"],
-             limit: Annotated[Optional[int], typer.Option(help="easy-vqa test questions (evenly spread); all if unset.")] = 1000,
-             scenes: Annotated[int, typer.Option(help="Held-out synthetic scenes per language.")] = 200,
-             lang: Annotated[list[str], typer.Option(help="Synthetic question languages: en, zh.")] = ["en", "zh"],
-             out: Annotated[Path, typer.Option(help="Where eval.md and eval.json go.")] = Path("runs/eval"),
-             batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 16,
-             model: Model = "default") -> None:
+def evaluate(
+    projector: Annotated[
+        str | None, typer.Option(help="Projector weights stem (e.g. runs/stage2/projector); default: the model's.")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="LoRA adapter directory from a `lm: lora` stage 2 (e.g. runs/stage2/lora).")
+    ] = None,
+    suite: Annotated[list[str], typer.Option(help="easy_vqa and/or synth (repeatable).")] = ["easy_vqa", "synth"],
+    limit: Annotated[int | None, typer.Option(help="easy-vqa test questions (evenly spread); all if unset.")] = 1000,
+    scenes: Annotated[int, typer.Option(help="Held-out synthetic scenes per language.")] = 200,
+    lang: Annotated[list[str], typer.Option(help="Synthetic question languages: en, zh.")] = ["en", "zh"],
+    out: Annotated[Path, typer.Option(help="Where eval.md and eval.json go.")] = Path("runs/eval"),
+    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 16,
+    model: Model = "default",
+) -> None:
     """Exact-match VQA accuracy (easy-vqa test, held-out synthetic scenes per question type) and caption
     attribute recall, beside a text-only baseline (same LM, no image). Writes Markdown + JSON."""
-    from vlchat.train.evaluate import evaluate as run_eval, markdown, write_report
+    from vlchat.train.evaluate import evaluate as run_eval
+    from vlchat.train.evaluate import markdown, write_report
 
     unknown = set(suite) - {"easy_vqa", "synth"} or set(lang) - {"en", "zh"}
     if unknown:
         raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
     report = run_eval(open_model(model, projector, adapter), suite, limit, scenes, lang, batch_size)
-    title = f"vlchat evaluation ({projector or 'default model: projector + LoRA adapter'}{f', adapter {adapter}' if adapter else ''})"
+    weights = projector or "default model: projector + LoRA adapter"
+    title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''})"
     write_report(report, out, title)
     print(markdown(report, title))
 
@@ -204,7 +280,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 Config = Annotated[Path, typer.Option("--config", "-c", help="A YAML recipe, e.g. configs/train/stage1.yaml.")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. max_steps=10 data.0.samples=64")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. max_steps=10 data.0.samples=64")]
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")]
 
 
@@ -225,10 +301,17 @@ def train_stage2(config: Config, overrides: Overrides = None, resume: Resume = F
 
 
 @data_app.command("check")
-def data_check(spec: Annotated[str, typer.Argument(help="A dataset path (.json LLaVA, .jsonl, .tar shards, "
-                                                        "a cc_sbu_align folder) or easy_vqa:train.")],
-               max_tokens: Annotated[int, typer.Option(help="Refuse samples longer than this.")] = 512,
-               template: Template = None, model: Model = "default") -> None:
+def data_check(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="A dataset path (.json LLaVA, .jsonl, .tar shards, a cc_sbu_align folder) or easy_vqa:train."
+        ),
+    ],
+    max_tokens: Annotated[int, typer.Option(help="Refuse samples longer than this.")] = 512,
+    template: Template = None,
+    model: Model = "default",
+) -> None:
     """Validate a dataset before training: every problem with its file and line, not just the first."""
     from vlchat.chat.templates import get_template
     from vlchat.config import ModelConfig
@@ -236,8 +319,9 @@ def data_check(spec: Annotated[str, typer.Argument(help="A dataset path (.json L
 
     config = ModelConfig.from_name(model)
     tokenizer = load_tokenizer(config)
-    problems = check_dataset(spec, tokenizer, max_tokens, get_template(template or config.template),
-                             config.vision.num_tokens)
+    problems = check_dataset(
+        spec, tokenizer, max_tokens, get_template(template or config.template), config.vision.num_tokens
+    )
     for problem in problems:
         print(problem)
     if problems:

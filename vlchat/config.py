@@ -91,8 +91,9 @@ def _default_vision() -> VisionConfig:
 def _default_projector() -> ProjectorConfig:
     # position_code: each token's grid row and column fed to the projector, at the features' norm
     # (configs/train/stage1.yaml's projector_position_code; the shipped weights are trained with it).
-    return ProjectorConfig(kind="mlp2x_gelu", in_dim=1280 + 80 + 112, out_dim=576, position_tokens=49,
-                           position_code=50.0)
+    return ProjectorConfig(
+        kind="mlp2x_gelu", in_dim=1280 + 80 + 112, out_dim=576, position_tokens=49, position_code=50.0
+    )
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class ModelConfig:
     projector_weights: str | None = DEFAULT_PROJECTOR
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """A preset by name, or a model config file (JSON or YAML) by path."""
         if name not in PRESETS and name.endswith((".json", ".yaml", ".yml")):
             return replace(cls.from_file(name), **overrides)
@@ -118,7 +119,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_file(cls, path: str) -> "ModelConfig":
+    def from_file(cls, path: str) -> ModelConfig:
         import yaml
 
         try:
@@ -128,7 +129,7 @@ class ModelConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         nested = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LMConfig}
         check_keys(cls, data, "model config")
         kwargs = dict(data)
@@ -172,13 +173,17 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens,
-             f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}"),
+            (
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}",
+            ),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0.01 <= self.repetition_penalty <= 100,
-             f"repetition_penalty must be between 0.01 and 100, got {self.repetition_penalty}"),
+            (
+                0.01 <= self.repetition_penalty <= 100,
+                f"repetition_penalty must be between 0.01 and 100, got {self.repetition_penalty}",
+            ),
             (1 <= self.num_beams <= MAX_BEAMS, f"num_beams must be between 1 and {MAX_BEAMS}, got {self.num_beams}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
         ]

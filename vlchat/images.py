@@ -34,7 +34,7 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     name: str | None = None,
 ) -> Image.Image:
-    """Returns a fully-loaded RGB image. `source` is a path or the raw file bytes (name is used in messages for bytes)."""
+    """A fully-loaded RGB image. `source` is a path or the raw file bytes (`name` names bytes in messages)."""
     label, data = _read_source(source, max_bytes, name)
     # Decoding warnings (DecompressionBombWarning, palette-transparency hints) are ours to handle,
     # not the caller's: each failure becomes a VlchatError below.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import EXAMPLES, tiny_config
+
 from vlchat.chat.engine import Chat, load_session, reusable_prefix
 from vlchat.chat.messages import Image
 from vlchat.config import GenerationConfig
@@ -182,10 +182,19 @@ def test_save_to_unwritable_path_is_a_clean_error(tiny_chat, tmp_path):
         session.save(tmp_path / "no" / "such" / "s.json")
 
 
-@pytest.mark.parametrize("data", [{"format": 1}, {"format": 1, "template": "chatml", "messages": [{"role": "user"}]},
-                                  {"format": 1, "template": "chatml", "generation": {"bogus": 1}, "messages": []},
-                                  {"format": 1, "template": "chatml", "messages": [
-                                      {"role": "assistant", "parts": [{"type": "text", "text": "hi"}]}]}])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"format": 1},
+        {"format": 1, "template": "chatml", "messages": [{"role": "user"}]},
+        {"format": 1, "template": "chatml", "generation": {"bogus": 1}, "messages": []},
+        {
+            "format": 1,
+            "template": "chatml",
+            "messages": [{"role": "assistant", "parts": [{"type": "text", "text": "hi"}]}],
+        },
+    ],
+)
 def test_load_refuses_malformed_sessions(tiny_chat, tmp_path, data):
     path = tmp_path / "s.json"
     path.write_text(json.dumps(data))

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from vlchat.chat.generate import (TextStream, apply_repetition_penalty, find_stop, generate, safe_length,
-                                  top_k_top_p_filter)
+from vlchat.chat.generate import (
+    TextStream,
+    apply_repetition_penalty,
+    find_stop,
+    generate,
+    safe_length,
+    top_k_top_p_filter,
+)
 from vlchat.config import GenerationConfig
 
 
@@ -63,7 +69,7 @@ def test_greedy_matches_hf_generate(default_model):
     lm = default_model.lm
     prompt = lm.tokenize("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n")
     _, result = run(lm, prompt, GenerationConfig(max_new_tokens=16))
-    hf = lm.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+    hf = lm.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :]
     hf = [t for t in hf.tolist() if t not in lm.eos_token_ids]
     assert result.token_ids == hf[: len(result.token_ids)]
     assert result.text == lm.detokenize(result.token_ids)
@@ -82,8 +88,9 @@ def test_length_and_min_new_tokens(default_model):
     prompt = lm.tokenize("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
     short = run(lm, prompt, GenerationConfig(max_new_tokens=40))[1]
     assert short.finish_reason == "stop" and len(short.token_ids) < 40
-    forced = run(lm, prompt, GenerationConfig(max_new_tokens=len(short.token_ids) + 3,
-                                              min_new_tokens=len(short.token_ids) + 3))[1]
+    forced = run(
+        lm, prompt, GenerationConfig(max_new_tokens=len(short.token_ids) + 3, min_new_tokens=len(short.token_ids) + 3)
+    )[1]
     assert forced.finish_reason == "length" and len(forced.token_ids) == len(short.token_ids) + 3
 
 
@@ -98,7 +105,7 @@ def test_beam_search_is_deterministic_and_at_least_as_likely_as_greedy(default_m
 
     def mean_logprob(ids):
         full = torch.tensor([prompt + ids])
-        logp = lm.model(full).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        logp = lm.model(full).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
         return logp.gather(1, torch.tensor(ids)[:, None]).mean().item()
 
     assert mean_logprob(beam.token_ids) >= mean_logprob(greedy.token_ids) - 1e-4

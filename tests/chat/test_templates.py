@@ -107,7 +107,9 @@ GOLDEN: dict[str, dict[str, str]] = {
 TRAINING = [U1, A1, U2, A2]
 GOLDEN_TRAINING = {
     "vicuna_v0": f"{MS}###Human: {Q}###Assistant: A cat.###Human: And its colour?###Assistant: Orange.###",
-    "llama2": f"<s>[INST] <<SYS>>\n{MS}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] And its colour? [/INST] Orange. </s>",
+    "llama2": (
+        f"<s>[INST] <<SYS>>\n{MS}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] And its colour? [/INST] Orange. </s>"
+    ),
     "chatml": (
         f"<|im_start|>system\n{CS}<|im_end|>\n<|im_start|>user\n{Q}<|im_end|>\n"
         "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nAnd its colour?<|im_end|>\n"

@@ -26,7 +26,7 @@ def test_batched_decode_matches_solo_decode(tiny_model):
     for step, token in enumerate((20, 21, 22)):
         out = batch.decode(lm, torch.tensor([token] * 3))  # (3, V)
         for row in range(3):
-            torch.testing.assert_close(out[row:row + 1], solo[row][step], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out[row : row + 1], solo[row][step], atol=1e-4, rtol=1e-4)
     assert batch.lengths == [6, 9, 4]
 
 

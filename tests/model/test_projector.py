@@ -47,8 +47,10 @@ def test_output_rms_sets_every_token_to_the_asked_scale_before_positions():
         torch.testing.assert_close(rms, torch.full_like(rms, 0.25), rtol=1e-4, atol=0)
         projector.position.fill_(1.0)
         torch.testing.assert_close(projector(features) - out, torch.ones(3, 5, OUT))
-    assert n_params(projector) == n_params(Projector(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT,
-                                                                     position_tokens=5))) + OUT
+    assert (
+        n_params(projector)
+        == n_params(Projector(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=5))) + OUT
+    )
 
 
 def test_output_rms_round_trips_and_old_files_load_without_it(tmp_path):
@@ -92,8 +94,7 @@ def test_position_code_round_trips_and_needs_a_square_grid(tmp_path):
         torch.testing.assert_close(loaded(features), saved(features))
     for tokens in (0, 5):
         with pytest.raises(VlchatError, match="position_code needs a square token grid"):
-            Projector(ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT, position_tokens=tokens,
-                                      position_code=1.0))
+            Projector(ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT, position_tokens=tokens, position_code=1.0))
 
 
 def test_unknown_kind_lists_the_choices():
@@ -177,7 +178,7 @@ def test_build_projector_fresh_is_seeded_and_keeps_global_rng(tmp_path, caplog, 
 
     b = build_projector(config, stem, seed=7)
     c = build_projector(config, stem, seed=8)
-    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     assert not torch.equal(a.net[0].weight, c.net[0].weight)
     assert torch.equal(torch.get_rng_state(), before)

@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import EXAMPLES, tiny_config
+
 from vlchat.errors import VlchatError
 from vlchat.images import load_image
 from vlchat.model.vlm import IMAGE_TOKEN_ID, load_model, merge_image_embeddings
@@ -18,8 +18,7 @@ S = IMAGE_TOKEN_ID
 
 
 def test_merge_places_image_rows_in_slot_order_and_keeps_text_rows():
-    ids = torch.tensor([[5, S, S, 6, S, S],
-                        [S, S, 7, 8, 9, 10]])  # (B=2, T=6): 3 images of N=2 tokens
+    ids = torch.tensor([[5, S, S, 6, S, S], [S, S, 7, 8, 9, 10]])  # (B=2, T=6): 3 images of N=2 tokens
     text = torch.randn(2, 6, 4)  # (B, T, D)
     images = torch.arange(3 * 2 * 4, dtype=torch.float32).reshape(3, 2, 4)  # (n, N, D)
     merged = merge_image_embeddings(ids, text, images)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import EXAMPLES, REPO, tiny_config
+
 from vlchat.serve.loadtest import stop_process
 
 
@@ -44,7 +44,11 @@ class Server:
         self.log = open(home / f"server-{self.port}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vlchat.cli", "serve", "--port", str(self.port), "--home", str(home), *args],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         if wait:
             self.wait_ready()
 
@@ -91,8 +95,19 @@ def tiny_server(tiny_model_file, tmp_path_factory):
     images = home / "allowed"
     images.mkdir()
     (images / "shapes.png").write_bytes((EXAMPLES / "shapes.png").read_bytes())
-    server = Server(home, "--model", str(tiny_model_file), "--image-dir", str(images), "--max-body-mb", "2",
-                    "--max-image-mb", "1", "--max-tokens", "16")
+    server = Server(
+        home,
+        "--model",
+        str(tiny_model_file),
+        "--image-dir",
+        str(images),
+        "--max-body-mb",
+        "2",
+        "--max-image-mb",
+        "1",
+        "--max-tokens",
+        "16",
+    )
     yield server
     server.stop()
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
-
 from conftest import EXAMPLES
+from PIL import Image
 from serve_helpers import Server, data_url, tiny_model_file  # noqa: F401 (fixtures)
+
 from vlchat.images import image_key
 
 SHAPES = EXAMPLES / "shapes.png"
@@ -31,6 +31,7 @@ SAMPLED = {"temperature": 1.0, "seed": 0}
 LONG = 400  # tokens: several seconds for the tiny model; the tiny LM's context window is 512
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def start(home: Path, model_file: Path) -> Server:
     return Server(home, "--model", str(model_file))
@@ -87,7 +88,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 def sse_data(lines) -> Iterator[str]:
     """The `data:` payloads of SSE lines, lazily (a client may stop reading midway)."""
-    return (line[len("data: "):] for line in lines if line.startswith("data: "))
+    return (line[len("data: ") :] for line in lines if line.startswith("data: "))
 
 
 def stream_reply(client: httpx.Client, cid: str, **body) -> list[str]:
@@ -147,9 +148,15 @@ def client(server):
 
 # --- CRUD ----------------------------------------------------------------------------------------
 
+
 def test_create_list_get_patch_image_delete(client):
-    first = create(client, system="Answer in one word.", messages=[
-        {"role": "user", "content": [image_part(), {"type": "text", "text": "Which shapes are in this picture?"}]}])
+    first = create(
+        client,
+        system="Answer in one word.",
+        messages=[
+            {"role": "user", "content": [image_part(), {"type": "text", "text": "Which shapes are in this picture?"}]}
+        ],
+    )
     second = create(client, title="Empty one")
     assert first["id"].startswith("conv_") and first["id"] != second["id"]
     assert first["title"] == "Which shapes are in this picture?"  # auto-titled from the first user text
@@ -200,6 +207,7 @@ def test_unknown_conversation_is_404(client):
 
 # --- replies -------------------------------------------------------------------------------------
 
+
 def test_reply_is_stored_sees_history_and_regenerates(client):
     cid = create(client, system="Answer in one word.")["id"]
     question = [image_part(), {"type": "text", "text": "What is this?"}]
@@ -217,10 +225,12 @@ def test_reply_is_stored_sees_history_and_regenerates(client):
     assert roles(stored) == ["user", "assistant", "user", "assistant"]
     assert text_of(stored["messages"][3]) == answer(second).strip()
     # The reply's prompt is the whole stored history: chat completions over it count the same tokens.
-    history = [{"role": "system", "content": "Answer in one word."},
-               {"role": "user", "content": question},
-               {"role": "assistant", "content": text_of(stored["messages"][1])},
-               {"role": "user", "content": "And which colours?"}]
+    history = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": text_of(stored["messages"][1])},
+        {"role": "user", "content": "And which colours?"},
+    ]
     same = ok(client.post("/v1/chat/completions", json={"model": "vlchat-tiny", "messages": history, "max_tokens": 1}))
     assert second["usage"]["prompt_tokens"] == same["usage"]["prompt_tokens"]
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
@@ -235,14 +245,16 @@ def test_reply_is_stored_sees_history_and_regenerates(client):
 
 def test_streamed_reply_is_stored(client):
     cid = create(client)["id"]
-    payloads = stream_reply(client, cid, content="Tell me a story.", max_tokens=24,
-                            stream_options={"include_usage": True}, **SAMPLED)
+    payloads = stream_reply(
+        client, cid, content="Tell me a story.", max_tokens=24, stream_options={"include_usage": True}, **SAMPLED
+    )
     assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")] \
-        == ["length"]
+    assert [
+        c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")
+    ] == ["length"]
     usage = chunks[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 24
     streamed = deltas(payloads)
@@ -254,8 +266,11 @@ def test_streamed_reply_is_stored(client):
 
 def test_client_that_stops_streaming_keeps_the_partial_answer(client, server):
     cid = create(client)["id"]
-    with client.stream("POST", f"/v1/conversations/{cid}/messages",
-                       json={"content": "Go on and on.", "stream": True, "max_tokens": LONG, **SAMPLED}) as response:
+    with client.stream(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        json={"content": "Go on and on.", "stream": True, "max_tokens": LONG, **SAMPLED},
+    ) as response:
         assert response.status_code == 200
         payloads = sse_data(response.iter_lines())  # held: a dropped iterator closes the connection
         received = read_words(payloads)
@@ -271,8 +286,9 @@ def test_client_that_stops_streaming_keeps_the_partial_answer(client, server):
 
 def test_conversation_continues_after_a_client_stops_before_any_text(client, server):
     cid = create(client)["id"]
-    with client.stream("POST", f"/v1/conversations/{cid}/messages",
-                       json={"content": "Hello?", "stream": True, "max_tokens": LONG}) as response:
+    with client.stream(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "Hello?", "stream": True, "max_tokens": LONG}
+    ) as response:
         require(response.status_code == 200, f"stream: {response.status_code}")
         payloads = sse_data(response.iter_lines())
         received = [next(payloads), next(payloads)]
@@ -289,8 +305,11 @@ def test_a_reply_during_a_streamed_answer_keeps_the_conversation_well_formed(cli
     """A second reply (a second tab, a double submit) while the first answer still streams is
     refused with 409 (one answer per conversation at a time); nothing breaks."""
     cid = create(client)["id"]
-    with client.stream("POST", f"/v1/conversations/{cid}/messages",
-                       json={"content": "First question.", "stream": True, "max_tokens": LONG, **SAMPLED}) as response:
+    with client.stream(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        json={"content": "First question.", "stream": True, "max_tokens": LONG, **SAMPLED},
+    ) as response:
         assert response.status_code == 200
         payloads = sse_data(response.iter_lines())  # held: a dropped iterator closes the connection
         received = read_words(payloads)
@@ -301,8 +320,10 @@ def test_a_reply_during_a_streamed_answer_keeps_the_conversation_well_formed(cli
     assert stored and text_of(stored["messages"][0]) == "First question.", get(client, cid)
     assert wait_for(lambda: server.health()["batch"]["active"] == 0)
     reply(client, cid, content="Third question.", **QUICK)
-    assert [text_of(m) for m in get(client, cid)["messages"] if m["role"] == "user"] == \
-        ["First question.", "Third question."]
+    assert [text_of(m) for m in get(client, cid)["messages"] if m["role"] == "user"] == [
+        "First question.",
+        "Third question.",
+    ]
 
 
 def test_a_second_reply_queued_for_the_same_conversation_is_409(client, server):
@@ -316,8 +337,11 @@ def test_a_second_reply_queued_for_the_same_conversation_is_409(client, server):
             results[question] = c.post(f"/v1/conversations/{cid}/messages", json={"content": question, **QUICK})
 
     first = threading.Thread(target=ask, args=("First?",))
-    with client.stream("POST", f"/v1/conversations/{busy}/messages",
-                       json={"content": "Keep busy.", "stream": True, "max_tokens": LONG, **SAMPLED}) as response:
+    with client.stream(
+        "POST",
+        f"/v1/conversations/{busy}/messages",
+        json={"content": "Keep busy.", "stream": True, "max_tokens": LONG, **SAMPLED},
+    ) as response:
         require(response.status_code == 200, f"stream: {response.status_code}")
         payloads = sse_data(response.iter_lines())  # held: a dropped iterator closes the connection
         read_words(payloads)
@@ -333,6 +357,7 @@ def test_a_second_reply_queued_for_the_same_conversation_is_409(client, server):
 
 # --- bad input -----------------------------------------------------------------------------------
 
+
 def test_bad_inputs_are_refused_and_store_nothing(client, server):
     cid = create(client, messages=[{"role": "user", "content": "Hi"}])["id"]
     before = get(client, cid)
@@ -342,8 +367,12 @@ def test_bad_inputs_are_refused_and_store_nothing(client, server):
     for content in ("", []):
         assert_error(client.post(f"/v1/conversations/{cid}/messages", json={"content": content}), 400)
     assert_error(client.post(f"/v1/conversations/{cid}/messages", json={}), 400)
-    for url in ("data:image/png;base64,AAAA", "data:image/png;base64,@@not base64@@", "data:text/plain;base64,aGk=",
-                "data:image/png;base64,"):
+    for url in (
+        "data:image/png;base64,AAAA",
+        "data:image/png;base64,@@not base64@@",
+        "data:text/plain;base64,aGk=",
+        "data:image/png;base64,",
+    ):
         bad = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
         error = assert_error(client.post(f"/v1/conversations/{cid}/messages", json={"content": bad}), 400)
         assert error["param"] == "content[1].image_url", error
@@ -362,6 +391,7 @@ def test_bad_inputs_are_refused_and_store_nothing(client, server):
 
 
 # --- restart and SIGKILL -------------------------------------------------------------------------
+
 
 def test_conversations_survive_a_restart(tiny_model_file, tmp_path):
     server = start(tmp_path, tiny_model_file)
@@ -414,8 +444,10 @@ def killed(tiny_model_file, tmp_path_factory):
             long = {"stream": True, "max_tokens": LONG, **SAMPLED}
             received: dict[str, list[str]] = {}
             url = "/v1/conversations/{}/messages".format
-            with (c.stream("POST", url(ids[1]), json={"content": asked[ids[1]], **long}) as one,
-                  c.stream("POST", url(ids[2]), json={"content": asked[ids[2]], **long}) as two):
+            with (
+                c.stream("POST", url(ids[1]), json={"content": asked[ids[1]], **long}) as one,
+                c.stream("POST", url(ids[2]), json={"content": asked[ids[2]], **long}) as two,
+            ):
                 assert one.status_code == two.status_code == 200
                 streams = {ids[1]: one.iter_lines(), ids[2]: two.iter_lines()}
                 for cid, lines in streams.items():  # both answers are generating (one decode batch)
@@ -436,12 +468,22 @@ def killed(tiny_model_file, tmp_path_factory):
     with sqlite3.connect(home / "vlchat.db") as db:  # the file as the kill left it (WAL recovery only)
         integrity = [row[0] for row in db.execute("PRAGMA integrity_check")]
         foreign = db.execute("PRAGMA foreign_key_check").fetchall()
-        rows = db.execute("SELECT conversation_id, position, role, parts FROM messages "
-                          "ORDER BY conversation_id, position").fetchall()
+        rows = db.execute(
+            "SELECT conversation_id, position, role, parts FROM messages ORDER BY conversation_id, position"
+        ).fetchall()
     db.close()
     server = start(home, tiny_model_file)
-    yield {"server": server, "ids": ids, "before": before, "listed_before": listed_before, "received": received,
-           "integrity": integrity, "foreign": foreign, "rows": rows, "asked": asked}
+    yield {
+        "server": server,
+        "ids": ids,
+        "before": before,
+        "listed_before": listed_before,
+        "received": received,
+        "integrity": integrity,
+        "foreign": foreign,
+        "rows": rows,
+        "asked": asked,
+    }
     server.stop()
 
 
@@ -449,12 +491,13 @@ def test_kill_mid_stream_leaves_a_sound_store(killed):
     ids, before, asked = killed["ids"], killed["before"], killed["asked"]
     for cid in ids[1:]:  # the kill came mid-answer, else this test proves nothing
         assert not finished(killed["received"][cid]), (
-            f"the answer ended before the kill ({len(killed['received'][cid])} chunks): make it longer")
+            f"the answer ended before the kill ({len(killed['received'][cid])} chunks): make it longer"
+        )
     assert killed["integrity"] == ["ok"] and killed["foreign"] == []
     by_conversation: dict[str, list] = {}
     for cid, position, role, parts in killed["rows"]:
         by_conversation.setdefault(cid, []).append((position, role, json.loads(parts)))
-    for cid, rows in by_conversation.items():
+    for rows in by_conversation.values():
         assert [r[0] for r in rows] == list(range(len(rows)))  # no gaps, no duplicates
 
     with httpx.Client(base_url=killed["server"].url, timeout=60) as c:
@@ -465,8 +508,9 @@ def test_kill_mid_stream_leaves_a_sound_store(killed):
             assert after[cid]["messages"][:4] == before[cid]["messages"]
             assert roles(after[cid]) == ["user", "assistant"] * 2 + ["user"]
             assert after[cid]["messages"][4]["parts"] == [{"type": "text", "text": asked[cid]}]
-            assert {k: v for k, v in after[cid].items() if k not in ("messages", "updated")} == \
-                {k: v for k, v in before[cid].items() if k not in ("messages", "updated")}
+            assert {k: v for k, v in after[cid].items() if k not in ("messages", "updated")} == {
+                k: v for k, v in before[cid].items() if k not in ("messages", "updated")
+            }
         counts = {x["id"]: x["message_count"] for x in listed(c)}
         assert counts == {x["id"]: x["message_count"] + (x["id"] in asked) for x in killed["listed_before"]}
         key = after[ids[0]]["messages"][0]["parts"][0]["key"]

@@ -20,9 +20,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
-
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from serve_helpers import tiny_model_file, tiny_server  # noqa: F401 (fixtures)
 
 MODEL = "vlchat-tiny"
@@ -65,11 +67,12 @@ def assert_refused(response, *statuses: int) -> dict:
 
 def sse_errors(text: str) -> list[dict]:
     """The `error` objects carried by a Server-Sent Events body."""
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     return [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
 
 
 # --- the fuzz --------------------------------------------------------------------------------
+
 
 def coin(case) -> int:
     """A deterministic 0..3 from the generated case, to steer some cases onto real objects."""
@@ -88,7 +91,6 @@ def tame(case, server) -> None:
     """
     toss = coin(case)
     real = toss != 0
-    query = case.query if isinstance(case.query, dict) else {}
     if "conversation_id" in (case.path_parameters or {}) and real:
         made = httpx.post(f"{server.url}/v1/conversations", json={"title": "fuzz"}, timeout=10)
         case.path_parameters["conversation_id"] = made.json()["id"]
@@ -111,8 +113,7 @@ def tame(case, server) -> None:
             body[name] = 8
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @schema.parametrize()
 def test_fuzz_no_server_errors(case, tiny_server):
     tame(case, tiny_server)
@@ -133,6 +134,7 @@ def test_server_survives_the_fuzz(tiny_server):
 
 
 # --- hand-written hostile requests -----------------------------------------------------------
+
 
 @pytest.fixture
 def http(tiny_server):
@@ -192,8 +194,14 @@ def raw_request(http, path: str, header: bytes, body: bytes) -> httpx.Response:
     """A POST with a header httpx will not send (a malformed Content-Length), over a plain socket."""
     url = httpx.URL(str(http.base_url))
     with socket.create_connection((url.host, url.port), timeout=30) as sock:
-        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     + header + b"\r\nconnection: close\r\n\r\n" + body)
+        sock.sendall(
+            b"POST "
+            + path.encode()
+            + b" HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + header
+            + b"\r\nconnection: close\r\n\r\n"
+            + body
+        )
         raw = b""
         while chunk := sock.recv(65536):
             raw += chunk
@@ -203,27 +211,67 @@ def raw_request(http, path: str, header: bytes, body: bytes) -> httpx.Response:
     return httpx.Response(status, headers=[(k.strip(), v.strip()) for k, v in headers], content=content)
 
 
-@pytest.mark.parametrize("fields", [
-    {"max_tokens": -1}, {"max_tokens": 10**30}, {"max_completion_tokens": -5}, {"max_tokens": 100_000},
-    {"min_tokens": -1}, {"min_tokens": 17, "max_tokens": 16},
-    {"temperature": -1}, {"temperature": -1e308},
-    {"top_p": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_p": 1e308},
-    {"n": 0}, {"n": -1}, {"n": 2}, {"n": 10**30},
-    {"seed": -1}, {"seed": 2**63}, {"seed": 10**30},
-    {"top_k": -1}, {"num_beams": 0}, {"num_beams": -3}, {"num_beams": 17}, {"num_beams": 10**12},
-    {"repetition_penalty": 0}, {"repetition_penalty": -2}, {"repetition_penalty": 1e308}, {"max_tokens": 0},
-    {"stop": ["a", "b", "c", "d", "e"]}, {"stop": ""}, {"template": "no-such-template"},
-    {"max_tokens": 1.5}, {"max_tokens": "sixteen"}, {"temperature": "hot"}, {"stream": "maybe"},
-    {"messages": []}, {"messages": [{"role": "assistant", "content": "hi"}]}, {"messages": [{"role": "user"}]},
-], ids=repr)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": -1},
+        {"max_tokens": 10**30},
+        {"max_completion_tokens": -5},
+        {"max_tokens": 100_000},
+        {"min_tokens": -1},
+        {"min_tokens": 17, "max_tokens": 16},
+        {"temperature": -1},
+        {"temperature": -1e308},
+        {"top_p": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_p": 1e308},
+        {"n": 0},
+        {"n": -1},
+        {"n": 2},
+        {"n": 10**30},
+        {"seed": -1},
+        {"seed": 2**63},
+        {"seed": 10**30},
+        {"top_k": -1},
+        {"num_beams": 0},
+        {"num_beams": -3},
+        {"num_beams": 17},
+        {"num_beams": 10**12},
+        {"repetition_penalty": 0},
+        {"repetition_penalty": -2},
+        {"repetition_penalty": 1e308},
+        {"max_tokens": 0},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"stop": ""},
+        {"template": "no-such-template"},
+        {"max_tokens": 1.5},
+        {"max_tokens": "sixteen"},
+        {"temperature": "hot"},
+        {"stream": "maybe"},
+        {"messages": []},
+        {"messages": [{"role": "assistant", "content": "hi"}]},
+        {"messages": [{"role": "user"}]},
+    ],
+    ids=repr,
+)
 def test_bad_numbers_and_settings_are_refused(http, fields):
     assert_refused(chat(http, **fields), 400, 422)
 
 
-@pytest.mark.parametrize("fields", [
-    {"temperature": 1e308}, {"temperature": 2.0, "seed": 2**63 - 1}, {"seed": 0}, {"top_k": 10**30},
-    {"top_p": 1e-30, "temperature": 1.0}, {"max_tokens": 1}, {"num_beams": 16, "max_tokens": 4},
-], ids=repr)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 1e308},
+        {"temperature": 2.0, "seed": 2**63 - 1},
+        {"seed": 0},
+        {"top_k": 10**30},
+        {"top_p": 1e-30, "temperature": 1.0},
+        {"max_tokens": 1},
+        {"num_beams": 16, "max_tokens": 4},
+    ],
+    ids=repr,
+)
 def test_extreme_but_valid_numbers_answer(http, fields):
     response = chat(http, **fields)
     assert response.status_code == 200, response.text[:500]
@@ -231,8 +279,15 @@ def test_extreme_but_valid_numbers_answer(http, fields):
 
 def test_non_finite_numbers(http):
     """Python's JSON parser accepts NaN/Infinity/1e400; none may reach the sampler as a 5xx."""
-    for raw in (b'"temperature": NaN', b'"top_p": NaN', b'"temperature": -Infinity', b'"top_p": Infinity',
-                b'"repetition_penalty": NaN', b'"max_tokens": NaN', b'"seed": Infinity'):
+    for raw in (
+        b'"temperature": NaN',
+        b'"top_p": NaN',
+        b'"temperature": -Infinity',
+        b'"top_p": Infinity',
+        b'"repetition_penalty": NaN',
+        b'"max_tokens": NaN',
+        b'"seed": Infinity',
+    ):
         body = b'{"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
         assert_refused(post_raw(http, "/v1/chat/completions", body), 400, 422)
     body = b'{"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}'
@@ -251,8 +306,9 @@ def test_null_bytes_and_odd_strings(http):
     assert_refused(http.get("/v1/conversations/%00"), 404)
     assert_refused(http.get("/v1/conversations/" + "a" * 10_000), 404)
     assert_refused(http.get("/v1/images/" + "." * 64), 404)
-    made = http.post("/v1/conversations",
-                     json={"title": "a\u0000b", "system": "\u0000", "settings": {"\u0000": "\u0000"}})
+    made = http.post(
+        "/v1/conversations", json={"title": "a\u0000b", "system": "\u0000", "settings": {"\u0000": "\u0000"}}
+    )
     assert made.status_code == 200 and made.json()["title"] == "a\u0000b"
     assert http.get(f"/v1/conversations/{made.json()['id']}").json()["settings"] == {"\u0000": "\u0000"}
 
@@ -264,23 +320,54 @@ def test_query_limits(http):
 
 
 def image_message(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "what is this?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this?"}],
+        }
+    ]
 
 
 def test_unknown_content_part_type(http):
-    for part in ({"type": "audio", "audio": "x"}, {"type": "image_url"}, {"type": "text"}, {"text": "no type"},
-                 {"type": "image_url", "image_url": {"url": 5}}, {"type": "image_url", "image_url": "data:"}):
+    for part in (
+        {"type": "audio", "audio": "x"},
+        {"type": "image_url"},
+        {"type": "text"},
+        {"text": "no type"},
+        {"type": "image_url", "image_url": {"url": 5}},
+        {"type": "image_url", "image_url": "data:"},
+    ):
         assert_refused(chat(http, messages=[{"role": "user", "content": [part]}]), 400, 422)
 
 
-@pytest.mark.parametrize("url", [
-    "http://example.com/a.png", "https://127.0.0.1/a.png", "ftp://example.com/a.png", "javascript:alert(1)",
-    "gopher://x/", "../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "file://evil.example/etc/passwd",
-    "shapes.png/../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "..\\..\\etc\\passwd", "a\u0000b", "", " ", ".",
-    "data:text/plain;base64,aGk=", "data:image/png;base64,!!!!", "data:image/png;base64,aGVsbG8=",
-    "data:image/png,abc", "data:image/;base64,", "data:,",
-], ids=repr)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/a.png",
+        "https://127.0.0.1/a.png",
+        "ftp://example.com/a.png",
+        "javascript:alert(1)",
+        "gopher://x/",
+        "../../etc/passwd",
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "file://evil.example/etc/passwd",
+        "shapes.png/../../../etc/passwd",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "..\\..\\etc\\passwd",
+        "a\u0000b",
+        "",
+        " ",
+        ".",
+        "data:text/plain;base64,aGk=",
+        "data:image/png;base64,!!!!",
+        "data:image/png;base64,aGVsbG8=",
+        "data:image/png,abc",
+        "data:image/;base64,",
+        "data:,",
+    ],
+    ids=repr,
+)
 def test_hostile_image_urls(http, tiny_server, url):
     error = assert_refused(chat(http, messages=image_message(url)), 400, 413)
     assert str(tiny_server.home) not in error["message"] and "root:" not in error["message"]  # nothing leaks
@@ -309,8 +396,16 @@ def test_conversation_hostile_bodies(http):
 
 # --- regressions: each of these was a server bug the fuzz found (now fixed) ----------------------
 
-@pytest.mark.parametrize("fields", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
-                                    {"temperature": 1.0, "repetition_penalty": 1e-300}], ids=repr)
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1.0, "repetition_penalty": 1e-300},
+    ],
+    ids=repr,
+)
 def test_tiny_sampling_values_answer_or_are_refused(http, fields):
     """Logits that overflow fall back to greedy (the limit of a tiny temperature); penalties
     outside 0.01..100 are refused."""
@@ -323,9 +418,15 @@ def test_tiny_temperature_stream_has_no_error_event(http):
     assert response.status_code == 400 or not sse_errors(response.text), response.text
 
 
-@pytest.mark.parametrize("body", [
-    b'{"settings": {"a": "\\ud800"}}', b'{"template": "\\ud800"}',
-    b'{"messages": [{"role": "user", "content": "\\udfff"}]}'], ids=repr)
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"settings": {"a": "\\ud800"}}',
+        b'{"template": "\\ud800"}',
+        b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+    ],
+    ids=repr,
+)
 def test_lone_surrogate_in_conversation_is_400(http, body):
     assert_refused(post_raw(http, "/v1/conversations", body), 400, 422)
 
@@ -337,7 +438,7 @@ def test_deep_settings_are_refused(http, tiny_server):
         assert http.get("/v1/conversations").status_code == 200
     finally:  # the API cannot reach the row (no id comes back): delete it in the store so later tests see a sane list
         with sqlite3.connect(tiny_server.home / "vlchat.db") as db:
-            db.execute("DELETE FROM conversations WHERE settings LIKE '{\"a\": {\"a\": {\"a\": %'")
+            db.execute('DELETE FROM conversations WHERE settings LIKE \'{"a": {"a": {"a": %\'')
         assert http.get("/v1/conversations").status_code == 200
 
 
@@ -363,14 +464,19 @@ def test_huge_offset_is_refused(http, offset):
     assert_refused(http.get(f"/v1/conversations?offset={offset}"), 400, 422)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"model": "vlchat-tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
-    b'{"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], "num_beams": 1000000000000}'],
-    ids=["lone-surrogate", "num_beams-1e12"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "vlchat-tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], "num_beams": 1000000000000}',
+    ],
+    ids=["lone-surrogate", "num_beams-1e12"],
+)
 def test_a_failed_job_start_is_answered(http, body):
     try:
-        response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"},
-                             timeout=5)
+        response = http.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=5
+        )
     except httpx.ReadTimeout:
         pytest.fail("no answer within 5 s")
     assert_refused(response, 400, 413)

@@ -239,9 +239,22 @@ def test_remote_urls_disabled_by_default(server):
     assert server.requests == []
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]",
-                                  "[::ffff:127.0.0.1]", "0.0.0.0", "[2002:7f00:1::]",
-                                  "2130706433", "0x7f.1", "127.1"])  # odd spellings getaddrinfo maps to 127.0.0.1
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "localhost",
+        "10.1.2.3",
+        "169.254.169.254",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "0.0.0.0",
+        "[2002:7f00:1::]",
+        "2130706433",
+        "0x7f.1",
+        "127.1",
+    ],
+)  # odd spellings getaddrinfo maps to 127.0.0.1
 def test_default_guard_refuses_local_and_private_hosts_without_a_request(server, host):
     port = server.server_address[1]
     assert "not allowed" in refused(f"http://{host}:{port}/img.png", REMOTE)
@@ -250,17 +263,36 @@ def test_default_guard_refuses_local_and_private_hosts_without_a_request(server,
 
 def test_global_only():
     ok = ["8.8.8.8", "2606:4700:4700::1111"]
-    bad = ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-           "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-           "2002:7f00:1::", "ff02::1"]
+    bad = [
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "2002:7f00:1::",
+        "ff02::1",
+    ]
     assert all(global_only(ipaddress.ip_address(a)) for a in ok)
     assert not any(global_only(ipaddress.ip_address(a)) for a in bad)
 
 
 def test_guard_sees_unwrapped_ipv4_mapped_addresses(server):
     seen = []
-    refused(f"http://[::ffff:127.0.0.1]:{server.server_address[1]}/img.png", REMOTE,
-            is_allowed_address=lambda ip: seen.append(ip) or False)
+    refused(
+        f"http://[::ffff:127.0.0.1]:{server.server_address[1]}/img.png",
+        REMOTE,
+        is_allowed_address=lambda ip: seen.append(ip) or False,
+    )
     assert seen == [ipaddress.ip_address("127.0.0.1")]
 
 

@@ -7,24 +7,55 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 from serve_helpers import tiny_model_file  # noqa: F401 (fixture)
+
 from vlchat.serve.loadtest import check_loopback
 
-FIELDS = {"name", "clients", "max_batch", "requests", "ok", "wall_s", "requests_per_s", "tokens_per_s",
-          "tokens_per_request", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s", "peak_batch",
-          "mean_active_batch", "failures"}
+FIELDS = {
+    "name",
+    "clients",
+    "max_batch",
+    "requests",
+    "ok",
+    "wall_s",
+    "requests_per_s",
+    "tokens_per_s",
+    "tokens_per_request",
+    "latency_p50_s",
+    "latency_p95_s",
+    "ttft_p50_s",
+    "ttft_p95_s",
+    "peak_batch",
+    "mean_active_batch",
+    "failures",
+}
 
 
 def loadtest(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlchat.serve.loadtest", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vlchat.serve.loadtest", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_three_scenarios_on_the_tiny_model(tiny_model_file):
-    done = loadtest("--model", str(tiny_model_file), "--clients", "4", "--requests", "8", "--max-tokens", "8",
-                    "--duration-limit", "120", "--json")
+    done = loadtest(
+        "--model",
+        str(tiny_model_file),
+        "--clients",
+        "4",
+        "--requests",
+        "8",
+        "--max-tokens",
+        "8",
+        "--duration-limit",
+        "120",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["ok"] and report["failures"] == [] and report["model"] == "vlchat-tiny"
@@ -42,8 +73,9 @@ def test_three_scenarios_on_the_tiny_model(tiny_model_file):
     assert all(ratio > 0 for ratio in report["ratios"].values())
 
 
-@pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.5:8000", "ftp://127.0.0.1/",
-                                 "http://127.0.0.1.example.com/"])
+@pytest.mark.parametrize(
+    "url", ["http://example.com:8000", "http://10.0.0.5:8000", "ftp://127.0.0.1/", "http://127.0.0.1.example.com/"]
+)
 def test_a_non_loopback_url_is_refused(url):
     done = loadtest("--url", url, timeout=30)
     assert done.returncode == 2 and done.stdout == ""

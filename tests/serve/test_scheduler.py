@@ -64,8 +64,11 @@ def test_a_follow_up_reuses_the_cached_answer(scheduler):
     first = Collector()
     scheduler.submit(job("hi", config, first))
     assert first.done.wait(60)
-    messages = [Message.text_message("user", "hi"), Message.text_message("assistant", first.text),
-                Message.text_message("user", "and then?")]
+    messages = [
+        Message.text_message("user", "hi"),
+        Message.text_message("assistant", first.text),
+        Message.text_message("user", "and then?"),
+    ]
     second = Collector()
     scheduler.submit(Job(messages, {}, get_template("chatml"), config, second))
     assert second.done.wait(60)

@@ -50,13 +50,22 @@ def test_vlchat_home_env_and_default(tmp_path, monkeypatch):
 
 def test_round_trip(store):
     parts = [{"type": "image", "key": KEY, "path": None}, {"type": "text", "text": "what is this?"}]
-    created = store.create(title="Shapes", system="Be brief.", template="chatml", settings={"temperature": 0.2},
-                           messages=[{"role": "user", "parts": parts}, assistant("A red square.")])
+    created = store.create(
+        title="Shapes",
+        system="Be brief.",
+        template="chatml",
+        settings={"temperature": 0.2},
+        messages=[{"role": "user", "parts": parts}, assistant("A red square.")],
+    )
     assert created["id"].startswith("conv_") and len(created["id"]) == 5 + 32
     got = store.get(created["id"])
     assert got == created
-    assert (got["title"], got["system"], got["template"], got["settings"]) == ("Shapes", "Be brief.", "chatml",
-                                                                             {"temperature": 0.2})
+    assert (got["title"], got["system"], got["template"], got["settings"]) == (
+        "Shapes",
+        "Be brief.",
+        "chatml",
+        {"temperature": 0.2},
+    )
     assert [m["role"] for m in got["messages"]] == ["user", "assistant"]
     assert got["messages"][0]["parts"] == parts
     assert isinstance(got["messages"][0]["created"], float)
@@ -127,12 +136,15 @@ def test_not_found(store):
     assert issubclass(NotFound, VlchatError)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"role": "tool", "parts": []}, "role"),
-    ({"role": "user", "parts": "hi"}, "parts"),
-    ({"role": "user", "parts": [{"type": "audio"}]}, "part"),
-    ({"role": "user", "parts": [{"type": "image", "key": "../../etc/passwd", "path": None}]}, "part"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"role": "tool", "parts": []}, "role"),
+        ({"role": "user", "parts": "hi"}, "parts"),
+        ({"role": "user", "parts": [{"type": "audio"}]}, "part"),
+        ({"role": "user", "parts": [{"type": "image", "key": "../../etc/passwd", "path": None}]}, "part"),
+    ],
+)
 def test_bad_message_rejected_and_nothing_written(store, bad, match):
     cid = store.create(messages=[user("first")])["id"]
     before = store.get(cid)
@@ -252,8 +264,7 @@ def test_sigkill_loses_no_committed_message(tmp_path):
     db = tmp_path / "chat.db"
     with ConversationStore(db) as s:
         cid = s.create(title="crash")["id"]
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db), cid], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db), cid], cwd=REPO, stdout=subprocess.PIPE, text=True)
     watchdog = threading.Timer(120, child.kill)  # a hung child must fail the test, not hang it
     watchdog.start()
     try:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import EXAMPLES, REPO
 from serve_helpers import Server, default_server  # noqa: F401 (fixture)
 
@@ -198,8 +197,23 @@ def test_every_control_is_reachable_with_the_tab_key(page):
     for _ in range(40):
         page.keyboard.press("Tab")
         reached.add(page.evaluate("document.activeElement.id || document.activeElement.className"))
-    wanted = {"new-chat", "question", "add-image", "send", "regenerate", "restart", "export-md", "export-json",
-              "persona", "system", "num-beams", "temperature", "top-p", "max-tokens", "min-tokens"}
+    wanted = {
+        "new-chat",
+        "question",
+        "add-image",
+        "send",
+        "regenerate",
+        "restart",
+        "export-md",
+        "export-json",
+        "persona",
+        "system",
+        "num-beams",
+        "temperature",
+        "top-p",
+        "max-tokens",
+        "min-tokens",
+    }
     assert wanted <= reached, wanted - reached
     page.focus("#temperature")
     page.keyboard.press("ArrowRight")  # sliders move with the arrow keys

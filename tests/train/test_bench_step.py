@@ -7,8 +7,8 @@ import re
 
 import torch
 import yaml
-
 from conftest import tiny_config
+
 from vlchat.train.bench_step import main
 from vlchat.train.recipe import DataSource, TrainConfig
 from vlchat.train.trainer import autocast_context, autocast_enabled
@@ -28,8 +28,16 @@ def test_bench_step_prints_both_modes_and_their_ratio(tiny_lm_dir, tmp_path, cap
     model = tmp_path / "tiny.json"
     model.write_text(json.dumps(tiny_config(tiny_lm_dir).to_dict()))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"stage": "stage2", "model": str(model), "batch_size": 2,
-                                      "data": [{"spec": "synth:qa", "samples": 16, "turns": 2}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "stage2",
+                "model": str(model),
+                "batch_size": 2,
+                "data": [{"spec": "synth:qa", "samples": 16, "turns": 2}],
+            }
+        )
+    )
     assert main(["--config", str(recipe), "--steps", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"autocast off : [\d.]+ s/step", out) and re.search(r"autocast bf16: [\d.]+ s/step", out)

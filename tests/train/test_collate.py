@@ -87,10 +87,18 @@ def test_image_count_mismatch_is_an_error(tokenize):
 def test_collate_pads_right(tokenize, tmp_path):
     path = tmp_path / "red.png"
     PILImage.new("RGB", (20, 30), (200, 30, 40)).save(path)
-    from_file = Sample([Message("user", [Image(key=str(path), source=str(path)), Text("Colour?")]),
-                        Message.text_message("assistant", "red")], [str(path)], "file")
-    items = [encode_sample(s, CHATML, None, tokenize, TOKENS_PER_IMAGE)
-             for s in (qa_sample(3, "en", turns=2), from_file, caption_sample(4))]
+    from_file = Sample(
+        [
+            Message("user", [Image(key=str(path), source=str(path)), Text("Colour?")]),
+            Message.text_message("assistant", "red"),
+        ],
+        [str(path)],
+        "file",
+    )
+    items = [
+        encode_sample(s, CHATML, None, tokenize, TOKENS_PER_IMAGE)
+        for s in (qa_sample(3, "en", turns=2), from_file, caption_sample(4))
+    ]
     lengths = [len(item.ids) for item in items]
     assert len(set(lengths)) > 1  # the padding is exercised
     batch = collate(items, 64, pad_id=7)
@@ -109,8 +117,14 @@ def test_collate_pads_right(tokenize, tmp_path):
 
 def test_collate_several_images_and_none(tokenize):
     one, two = caption_sample(1), caption_sample(2)
-    both = Sample([Message("user", [one.messages[0].parts[0], Text("and"), two.messages[0].parts[0]]),
-                   Message.text_message("assistant", "two scenes")], one.images + two.images, "pair")
+    both = Sample(
+        [
+            Message("user", [one.messages[0].parts[0], Text("and"), two.messages[0].parts[0]]),
+            Message.text_message("assistant", "two scenes"),
+        ],
+        one.images + two.images,
+        "pair",
+    )
     items = [encode_sample(s, CHATML, None, tokenize, TOKENS_PER_IMAGE) for s in (both, one)]
     assert sum(t == IMAGE_TOKEN_ID for t in items[0].ids) == 2 * TOKENS_PER_IMAGE
     batch = collate(items, 32, pad_id=0)
@@ -124,7 +138,6 @@ def test_collate_several_images_and_none(tokenize):
 def test_answer_runs_number_the_answers_in_reading_order():
     from vlchat.train.collate import answer_runs
 
-    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE, 7],
-                           [IGNORE, 8, IGNORE, IGNORE, 9, 9]])
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE, 7], [IGNORE, 8, IGNORE, IGNORE, 9, 9]])
     # targets are labels[:, 1:]; each run of supervised targets is one answer, numbered across rows
     assert answer_runs(labels).tolist() == [[0, 1, 1, 1, 2], [3, 3, 3, 4, 4]]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from vlchat.train.collate import Encoded, collate, length_groups
+
+from vlchat.train.collate import Encoded, length_groups
 from vlchat.train.recipe import DataSource, TrainConfig
 from vlchat.train.trainer import BatchMaker, TrainModule, build_model, group_weights
 
@@ -46,8 +46,14 @@ def test_grouped_gradients_equal_the_padded_batch(tiny_lm_dir, tmp_path, loss_we
     data = (DataSource("synth:qa", samples=8, turns=3, lang="zh"), DataSource("synth:qa", samples=8))
     grads = []
     for groups in (1, 2):
-        config = TrainConfig(stage="stage2", model=str(model_file), data=data, length_groups=groups, seed=3,
-                             loss_weighting=loss_weighting)
+        config = TrainConfig(
+            stage="stage2",
+            model=str(model_file),
+            data=data,
+            length_groups=groups,
+            seed=3,
+            loss_weighting=loss_weighting,
+        )
         from vlchat.train.datasets import build_samples
 
         vlm = build_model(config, torch.device("cpu"))
@@ -56,7 +62,9 @@ def test_grouped_gradients_equal_the_padded_batch(tiny_lm_dir, tmp_path, loss_we
         assert len(batches) == groups
         assert all((batch.weights is not None) == (loss_weighting == "answer") for batch in batches)
         for batch, weight in zip(batches, group_weights(batches)):
-            loss = module(batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids, batch.weights)
+            loss = module(
+                batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids, batch.weights
+            )
             (loss * weight).backward()
         grads.append(torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -87,15 +87,25 @@ def only(problems: list[Problem]) -> Problem:
 
 
 LLAVA = [
-    {"id": "a", "image": "images/red.png",
-     "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
-                       {"from": "gpt", "value": "Red."},
-                       {"from": "human", "value": "Are you sure?"},
-                       {"from": "gpt", "value": "Yes."}]},
+    {
+        "id": "a",
+        "image": "images/red.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"},
+            {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Are you sure?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+    },
     {"id": "b", "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi!"}]},
-    {"id": "c", "image": "images/green.png",
-     "conversations": [{"from": "human", "value": "Describe it.\n<image>"},
-                       {"from": "gpt", "value": "A green square."}]},
+    {
+        "id": "c",
+        "image": "images/green.png",
+        "conversations": [
+            {"from": "human", "value": "Describe it.\n<image>"},
+            {"from": "gpt", "value": "A green square."},
+        ],
+    },
 ]
 
 
@@ -108,11 +118,17 @@ def llava(tmp_path) -> Path:
 
 @pytest.fixture
 def shard(tmp_path) -> Path:
-    return write_tar(tmp_path / "shard-00000.tar", [
-        ("000001.jpg", encoded(RED)), ("000001.json", caption("A red square.")),
-        ("000002.png", encoded(GREEN, "PNG")), ("000002.txt", b"A green square.\n"),
-        ("000003.json", caption("A blue square.")), ("000003.jpg", encoded(BLUE)),
-    ])
+    return write_tar(
+        tmp_path / "shard-00000.tar",
+        [
+            ("000001.jpg", encoded(RED)),
+            ("000001.json", caption("A red square.")),
+            ("000002.png", encoded(GREEN, "PNG")),
+            ("000002.txt", b"A green square.\n"),
+            ("000003.json", caption("A blue square.")),
+            ("000003.jpg", encoded(BLUE)),
+        ],
+    )
 
 
 @pytest.fixture
@@ -129,15 +145,22 @@ def align(tmp_path) -> Path:
 def jsonl(tmp_path) -> Path:
     save(tmp_path / "a.png", RED)
     save(tmp_path / "b.png", GREEN)
-    return write_jsonl(tmp_path / "data.jsonl", [
-        {"image": "a.png", "question": "What colour?", "answer": "red", "qtype": "colour"},
-        {"question": "Two plus two?", "answer": "Four."},
-        {"image": ["a.png", "b.png"], "messages": [
-            {"role": "user", "content": "<image> and <image>: which is red?"},
-            {"role": "assistant", "content": "The first."}]},
-        "",  # blank lines are skipped
-        {"images": "b.png", "question": "Compare <image> with nothing.", "answer": "Green."},
-    ])
+    return write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"image": "a.png", "question": "What colour?", "answer": "red", "qtype": "colour"},
+            {"question": "Two plus two?", "answer": "Four."},
+            {
+                "image": ["a.png", "b.png"],
+                "messages": [
+                    {"role": "user", "content": "<image> and <image>: which is red?"},
+                    {"role": "assistant", "content": "The first."},
+                ],
+            },
+            "",  # blank lines are skipped
+            {"images": "b.png", "question": "Compare <image> with nothing.", "answer": "Green."},
+        ],
+    )
 
 
 # --- readers ---------------------------------------------------------------------------------
@@ -169,7 +192,9 @@ def test_llava_image_folder(tmp_path, llava):
 def test_stage1_samples(shard):
     samples = list(read_minigpt4_stage1(shard))
     assert [s.source for s in samples] == [f"{shard}: 00000{i}" for i in (1, 2, 3)]
-    for sample, colour, text in zip(samples, (RED, GREEN, BLUE), ("A red square.", "A green square.", "A blue square.")):
+    for sample, colour, text in zip(
+        samples, (RED, GREEN, BLUE), ("A red square.", "A green square.", "A blue square.")
+    ):
         user, answer = sample.messages
         assert (user.role, answer.role) == ("user", "assistant")
         assert kinds(user) == ["image", "text"] and texts(user)[0] in INSTRUCTIONS
@@ -231,10 +256,12 @@ def test_open_dataset_dispatch(llava, shard, align, jsonl):
 
 
 def test_open_dataset_refuses_unknown(tmp_path):
-    for spec, match in [(str(tmp_path / "nope.json"), "dataset not found"),
-                        (str(write_json(tmp_path / "x.csv", [])), "unknown dataset format"),
-                        (str(tmp_path), "no .tar shards"),
-                        ("easy_vqa:dev", "unknown easy_vqa split")]:
+    for spec, match in [
+        (str(tmp_path / "nope.json"), "dataset not found"),
+        (str(write_json(tmp_path / "x.csv", [])), "unknown dataset format"),
+        (str(tmp_path), "no .tar shards"),
+        ("easy_vqa:dev", "unknown easy_vqa split"),
+    ]:
         with pytest.raises(VlchatError, match=match):
             open_dataset(spec)
 
@@ -258,9 +285,15 @@ def test_check_clean_datasets(llava, shard, align, jsonl):
 
 
 def test_check_collects_every_problem(tmp_path):
-    path = write_jsonl(tmp_path / "many.jsonl", [
-        "{oops", {"question": "q"}, {"question": "q", "answer": ""}, {"image": "none.png", "question": "q", "answer": "a"},
-    ])
+    path = write_jsonl(
+        tmp_path / "many.jsonl",
+        [
+            "{oops",
+            {"question": "q"},
+            {"question": "q", "answer": ""},
+            {"image": "none.png", "question": "q", "answer": "a"},
+        ],
+    )
     problems = check_dataset(str(path))
     assert [p.where for p in problems] == [f"{path}:line {n}" for n in (1, 2, 3, 4)]
     assert all("\n" not in str(p) for p in problems)
@@ -317,10 +350,15 @@ def test_check_truncated_image(llava):
 
 
 def test_check_bad_image_in_shard(tmp_path):
-    shard = write_tar(tmp_path / "s.tar", [
-        ("ok.jpg", encoded()), ("ok.json", caption("fine")),
-        ("bad.jpg", encoded()[:50]), ("bad.json", caption("cut short")),
-    ])
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("ok.jpg", encoded()),
+            ("ok.json", caption("fine")),
+            ("bad.jpg", encoded()[:50]),
+            ("bad.json", caption("cut short")),
+        ],
+    )
     problem = only(check_dataset(str(shard)))
     assert problem.where == f"{shard}: bad" and "bad.jpg" in problem.message
 
@@ -339,7 +377,9 @@ def test_check_broken_shard(tmp_path):
 
 
 def test_check_image_without_marker(tmp_path, llava):
-    data = [dict(LLAVA[0], conversations=[{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Red."}])]
+    data = [
+        dict(LLAVA[0], conversations=[{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Red."}])
+    ]
     path = write_json(llava.parent / "nomarker.json", data)
     problem = only(check_dataset(str(path)))
     assert problem.where == f"{path}: item 0" and problem.message.startswith("1 image(s) but 0 <image> marker(s)")
@@ -347,8 +387,18 @@ def test_check_image_without_marker(tmp_path, llava):
 
 def test_check_two_markers_for_one_image(tmp_path, jsonl):
     with jsonl.open("a") as f:
-        f.write(json.dumps({"image": "a.png", "messages": [{"role": "user", "content": "<image> <image>"},
-                                                           {"role": "assistant", "content": "Two?"}]}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "image": "a.png",
+                    "messages": [
+                        {"role": "user", "content": "<image> <image>"},
+                        {"role": "assistant", "content": "Two?"},
+                    ],
+                }
+            )
+            + "\n"
+        )
     problem = only(check_dataset(str(jsonl)))
     assert problem.where == f"{jsonl}:line 6" and "1 image(s) but 2 <image> marker(s)" in problem.message
 
@@ -449,8 +499,7 @@ def test_easy_vqa_balanced_yes_no_asks_about_what_is_there_half_the_time(easy_tr
         if s.meta["qtype"] != "yes/no":
             truth.setdefault(s.images[0], {})[s.meta["qtype"]] = s.meta["answer"]
     balanced = list(read_easy_vqa("train", turns=6, balance_yes_no=True))
-    asked = [(s.images[0], m.parts[-1].text, a) for s in balanced
-             for m, a in zip(s.messages[::2], s.meta["answers"])]
+    asked = [(s.images[0], m.parts[-1].text, a) for s in balanced for m, a in zip(s.messages[::2], s.meta["answers"])]
     assert len(asked) == len(easy_train)
     assert Counter(i for i, _, _ in asked) == Counter(s.images[0] for s in easy_train)
     present = checked = 0
@@ -479,8 +528,7 @@ def test_easy_vqa_explained_yes_no_answers_name_the_object_then_keep_the_verdict
     def by_image(samples):
         out: dict[str, list[tuple[str, str]]] = {}
         for s in samples:
-            out.setdefault(s.images[0], []).extend(zip((m.parts[-1].text for m in s.messages[::2]),
-                                                       s.meta["answers"]))
+            out.setdefault(s.images[0], []).extend(zip((m.parts[-1].text for m in s.messages[::2]), s.meta["answers"]))
         return out
 
     balanced = by_image(read_easy_vqa("train", turns=6, balance_yes_no=True))

@@ -19,14 +19,18 @@ REPO = Path(__file__).resolve().parents[2]
 def vlchat(*args: str) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("vlchat")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vlchat.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, encoding="utf-8",
-                          timeout=300, cwd=REPO)
+    return subprocess.run(command + list(args), capture_output=True, text=True, encoding="utf-8", timeout=300, cwd=REPO)
 
 
 def good(i: int, image: str = "a.png") -> dict:
-    return {"id": f"s{i}", "image": image, "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour is the square?"},
-        {"from": "gpt", "value": "It is red."}]}
+    return {
+        "id": f"s{i}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": "It is red."},
+        ],
+    }
 
 
 @pytest.fixture
@@ -36,12 +40,20 @@ def folder(tmp_path) -> Path:
 
 
 def test_every_problem_with_its_location(folder):
-    items = [good(0),
-             good(1, image="missing.png"),
-             {"id": "s2", "image": "a.png"},  # no conversations
-             good(3),
-             {"id": "s4", "image": "a.png", "conversations": [  # the marker is in an answer
-                 {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "<image> a square"}]}]
+    items = [
+        good(0),
+        good(1, image="missing.png"),
+        {"id": "s2", "image": "a.png"},  # no conversations
+        good(3),
+        {
+            "id": "s4",
+            "image": "a.png",
+            "conversations": [  # the marker is in an answer
+                {"from": "human", "value": "What is it?"},
+                {"from": "gpt", "value": "<image> a square"},
+            ],
+        },
+    ]
     path = folder / "llava.json"
     path.write_text(json.dumps(items, indent=1))
     result = vlchat("data", "check", str(path))
@@ -57,8 +69,20 @@ def test_every_problem_with_its_location(folder):
 
 def test_too_long_samples(folder):
     path = folder / "llava.json"
-    path.write_text(json.dumps([good(0), {**good(1), "conversations": [
-        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "red " * 200}]}]))
+    path.write_text(
+        json.dumps(
+            [
+                good(0),
+                {
+                    **good(1),
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe it."},
+                        {"from": "gpt", "value": "red " * 200},
+                    ],
+                },
+            ]
+        )
+    )
     result = vlchat("data", "check", str(path), "--max-tokens", "120")
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()

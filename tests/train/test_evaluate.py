@@ -7,8 +7,7 @@ import json
 from vlchat.chat.engine import Chat
 from vlchat.config import GenerationConfig
 from vlchat.train import synth
-from vlchat.train.evaluate import (Answerer, Item, caption_recall, evaluate, markdown, normalise,
-                                   verdict, write_report)
+from vlchat.train.evaluate import Answerer, Item, caption_recall, evaluate, markdown, normalise, verdict, write_report
 
 
 def test_normalise_ignores_case_space_and_punctuation():
@@ -34,8 +33,11 @@ def test_caption_recall_counts_named_attributes():
 def test_batched_answers_equal_the_chat_engine(tiny_model):
     """Left-padded batches give the same greedy answers as one-at-a-time chat sessions."""
     scenes = [synth.make_scene(seed) for seed in synth.HELD_OUT_SEEDS[:3]]
-    items = [Item(synth.render(s), q, a, "synth") for s in scenes
-             for q, a, _ in synth.questions(s, __import__("random").Random(0))[:2]]
+    items = [
+        Item(synth.render(s), q, a, "synth")
+        for s in scenes
+        for q, a, _ in synth.questions(s, __import__("random").Random(0))[:2]
+    ]
     batched = Answerer(tiny_model, with_image=True, batch_size=4).answer(items, max_new_tokens=5)
     chat = Chat(tiny_model)
     for item, answer in zip(items, batched):

@@ -10,14 +10,16 @@ import torch
 
 from vlchat.config import ProjectorConfig, VisionConfig
 from vlchat.errors import VlchatError
-from vlchat.model.vision import HEAD_CHANNELS, VisionEncoder
 from vlchat.model.projector import Projector
+from vlchat.model.vision import HEAD_CHANNELS, VisionEncoder
 from vlchat.train.feature_probe import ATTRIBUTES, centre_token, linear_probe, main, measure, variance_share
 from vlchat.train.synth_scene import SceneObject
 
 
-@pytest.mark.parametrize("position, token", [("left", 3 * 7 + 1), ("right", 3 * 7 + 5), ("top", 1 * 7 + 3),
-                                             ("bottom", 5 * 7 + 3), ("centre", 3 * 7 + 3)])
+@pytest.mark.parametrize(
+    "position, token",
+    [("left", 3 * 7 + 1), ("right", 3 * 7 + 5), ("top", 1 * 7 + 3), ("bottom", 5 * 7 + 3), ("centre", 3 * 7 + 3)],
+)
 def test_centre_token_is_the_cell_under_each_position(position, token):
     obj = SceneObject("star", "red", "small", position)
     assert centre_token(obj, 224, 7) == token  # 224 px, 32-px cells: cell centres at 37, 112, 187 px

@@ -32,6 +32,7 @@ def alone(sample: Sample, turn: int) -> Sample:
 def encoder(model):
     def encode(sample: Sample):
         return encode_sample(sample, CHATML, None, model.lm.tokenize, model.tokens_per_image)
+
     return encode
 
 
@@ -39,8 +40,9 @@ def loss(model, encoded_items, by_answer: bool = False) -> torch.Tensor:
     batch = collate(encoded_items, model.config.vision.image_size, 0)
     weights = answer_weights(batch.labels) if by_answer else None
     with torch.no_grad():
-        return TrainModule(model)(batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids,
-                                  weights)
+        return TrainModule(model)(
+            batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids, weights
+        )
 
 
 def test_answer_weighting_gives_every_answer_the_same_weight(tiny_model):
@@ -103,8 +105,14 @@ def test_samples_that_cannot_be_split_stay_ordinary_conversations(tiny_model):
     one_turn = qa_sample(5, "en", turns=1)
     assert encode(independent(one_turn)).branches is None
     image = qa_sample(7).images[0]
-    later_image = Sample([Message("user", [Text("Hi")]), Message.text_message("assistant", "Hello"),
-                          Message("user", [Image(key="b"), Text("And this?")]),
-                          Message.text_message("assistant", "A cat")], [image])
+    later_image = Sample(
+        [
+            Message("user", [Text("Hi")]),
+            Message.text_message("assistant", "Hello"),
+            Message("user", [Image(key="b"), Text("And this?")]),
+            Message.text_message("assistant", "A cat"),
+        ],
+        [image],
+    )
     encoded = encode(independent(later_image))
     assert encoded.branches is None and encoded.ids == encode(later_image).ids

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
@@ -59,8 +59,10 @@ def test_an_explaining_recipes_probe_targets_give_the_reason_first(tiny_model):
     assert exists and all(b.answer.endswith(f", so {a.answer}.") for a, b in exists)
     assert all(a.answer == b.answer for a, b in zip(plain, explained, strict=True) if not a.group.endswith("/exists"))
     probe = Probe(tiny_model, scenes=2, explained=True)
+
     def supervised(scenes) -> int:
         return sum(label != IGNORE for scene in scenes for label in scene.encoded.labels)
+
     assert supervised(probe.scenes) > supervised(Probe(tiny_model, scenes=2).scenes)
     recipe = TrainConfig(data=(DataSource("easy_vqa:train", explain_yes_no=True), DataSource("synth:qa")))
     assert not recipe.explains_synthetic_yes_no  # easy-VQA's reasons leave the probe's targets bare
@@ -69,10 +71,14 @@ def test_an_explaining_recipes_probe_targets_give_the_reason_first(tiny_model):
 
 def alone(model, item):
     """`item` as a one-question training sample."""
-    sample = Sample([Message("user", [Image(image_key(item.image)), Text(item.question)]),
-                     Message.text_message("assistant", item.answer)], [item.image])
-    return encode_sample(sample, get_template(model.config.template), None, model.lm.tokenize,
-                         model.tokens_per_image)
+    sample = Sample(
+        [
+            Message("user", [Image(image_key(item.image)), Text(item.question)]),
+            Message.text_message("assistant", item.answer),
+        ],
+        [item.image],
+    )
+    return encode_sample(sample, get_template(model.config.template), None, model.lm.tokenize, model.tokens_per_image)
 
 
 def test_probe_scores_each_question_as_if_asked_alone(tiny_model):
@@ -106,9 +112,19 @@ def test_probe_keys_are_checked():
 
 
 def tiny_run(tmp_path, model_file, name: str, **fields) -> TrainConfig:
-    return TrainConfig(stage="stage2", model=str(model_file), data=(DataSource("synth:qa", samples=16),),
-                       batch_size=2, lr=0.01, warmup_steps=2, max_steps=4, log_every=3, save_every=100,
-                       output_dir=str(tmp_path / name), **fields)
+    return TrainConfig(
+        stage="stage2",
+        model=str(model_file),
+        data=(DataSource("synth:qa", samples=16),),
+        batch_size=2,
+        lr=0.01,
+        warmup_steps=2,
+        max_steps=4,
+        log_every=3,
+        save_every=100,
+        output_dir=str(tmp_path / name),
+        **fields,
+    )
 
 
 def test_a_probed_run_trains_the_same_weights_and_logs_the_probe(tiny_lm_dir, tmp_path):
@@ -116,8 +132,7 @@ def test_a_probed_run_trains_the_same_weights_and_logs_the_probe(tiny_lm_dir, tm
     model_file.write_text(json.dumps(tiny_config(tiny_lm_dir).to_dict()))
     # LoRA with dropout: a probe that left the LM in eval mode or drew random numbers would change it
     plain = train(tiny_run(tmp_path, model_file, "plain", lm="lora", lora_dropout=0.5))
-    probed = train(tiny_run(tmp_path, model_file, "probed", lm="lora", lora_dropout=0.5, probe_every=2,
-                            probe_scenes=2))
+    probed = train(tiny_run(tmp_path, model_file, "probed", lm="lora", lora_dropout=0.5, probe_every=2, probe_scenes=2))
     a, b = (load_file(out / "projector.safetensors") for out in (plain, probed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (probed / "metrics.jsonl").read_text().splitlines()]

@@ -29,6 +29,7 @@ def recipe(tmp_path: Path, name: str = "recipe.yaml", **fields) -> Path:
 
 # --- the shipped configs (house rule: every config is loaded by a test) --------------------------
 
+
 def test_configs_exist():
     assert YAML_CONFIGS, "no YAML recipes under configs/"
 
@@ -50,10 +51,21 @@ def test_every_json_config_parses():
 
 # --- overrides -----------------------------------------------------------------------------------
 
+
 def test_overrides_apply(tmp_path):
     path = recipe(tmp_path, init_projector="runs/stage1/projector")
-    config = load_config(path, ["max_steps=3", "data.0.samples=10", "lr=1e-4", "init_projector=null",
-                                "lora_targets=[q_proj, k_proj]", "output_dir=runs/x", "data.0.lang=both"])
+    config = load_config(
+        path,
+        [
+            "max_steps=3",
+            "data.0.samples=10",
+            "lr=1e-4",
+            "init_projector=null",
+            "lora_targets=[q_proj, k_proj]",
+            "output_dir=runs/x",
+            "data.0.lang=both",
+        ],
+    )
     assert config.max_steps == 3
     assert config.data == (DataSource("synth:qa", samples=10, lang="both"),)
     assert config.lr == pytest.approx(1e-4) and isinstance(config.lr, float)
@@ -82,23 +94,27 @@ def test_plain_string_data_source(tmp_path):
 
 # --- errors: VlchatError with a message that says what is wrong ----------------------------------
 
-@pytest.mark.parametrize("fields, overrides, match", [
-    ({"learning_rate": 0.1}, [], r"unknown training config keys: learning_rate"),
-    ({"stage": "stage3"}, [], r"stage must be one of"),
-    ({"data": []}, [], r"data: give at least one data source"),
-    ({"lm": "qlora"}, [], r"lm must be frozen, lora or full, got 'qlora'"),
-    ({"lr": 0}, [], r"lr must be > 0"),
-    ({"projector_output_rms": -1}, [], r"projector_output_rms must be >= 0"),
-    ({"projector_position_code": 8}, [], r"projector_position_code must be >= 0 and needs position_tokens"),
-    ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
-    ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
-    ({}, ["loss_weighting=sample"], r"loss_weighting must be token or answer, got 'sample'"),
-    ({"data": [{"spec": "synth:qa", "sample": 3}]}, [], r"recipe.yaml: .*sample"),
-    ({}, ["max_steps"], r"override 'max_steps' must look like key=value"),
-    ({}, ["data.3.samples=10"], r"override 'data.3.samples=10' does not fit"),
-    ({}, ["max_steps.x=1"], r"override 'max_steps.x=1' does not fit"),
-    ({}, ["warmup=5"], r"unknown training config keys: warmup"),
-])
+
+@pytest.mark.parametrize(
+    "fields, overrides, match",
+    [
+        ({"learning_rate": 0.1}, [], r"unknown training config keys: learning_rate"),
+        ({"stage": "stage3"}, [], r"stage must be one of"),
+        ({"data": []}, [], r"data: give at least one data source"),
+        ({"lm": "qlora"}, [], r"lm must be frozen, lora or full, got 'qlora'"),
+        ({"lr": 0}, [], r"lr must be > 0"),
+        ({"projector_output_rms": -1}, [], r"projector_output_rms must be >= 0"),
+        ({"projector_position_code": 8}, [], r"projector_position_code must be >= 0 and needs position_tokens"),
+        ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
+        ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
+        ({}, ["loss_weighting=sample"], r"loss_weighting must be token or answer, got 'sample'"),
+        ({"data": [{"spec": "synth:qa", "sample": 3}]}, [], r"recipe.yaml: .*sample"),
+        ({}, ["max_steps"], r"override 'max_steps' must look like key=value"),
+        ({}, ["data.3.samples=10"], r"override 'data.3.samples=10' does not fit"),
+        ({}, ["max_steps.x=1"], r"override 'max_steps.x=1' does not fit"),
+        ({}, ["warmup=5"], r"unknown training config keys: warmup"),
+    ],
+)
 def test_bad_config_is_a_clear_error(tmp_path, fields, overrides, match):
     with pytest.raises(VlchatError, match=match) as info:
         load_config(recipe(tmp_path, **fields), overrides)
@@ -147,20 +163,26 @@ def test_cli_stage_mismatch_is_one_error_line(tmp_path):
     path = recipe(tmp_path)
     script = Path(sys.executable).with_name("vlchat")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vlchat.cli"]
-    result = subprocess.run(command + ["train", "stage1", "--config", str(path)], capture_output=True,
-                            text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        command + ["train", "stage1", "--config", str(path)], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {path} is a stage2 recipe; run it with `vlchat train stage2`"]
+        f"error: {path} is a stage2 recipe; run it with `vlchat train stage2`"
+    ]
 
 
 def test_independent_turns_reach_the_collator_from_the_recipe():
     """The data source's key marks its samples; other sources' samples stay ordinary conversations."""
     from vlchat.train.datasets import build_samples
 
-    samples = build_samples([DataSource("synth:qa", samples=2, turns=3, independent_turns=True),
-                             DataSource("synth:qa", samples=2, turns=3, seed_offset=10)])
+    samples = build_samples(
+        [
+            DataSource("synth:qa", samples=2, turns=3, independent_turns=True),
+            DataSource("synth:qa", samples=2, turns=3, seed_offset=10),
+        ]
+    )
     assert [bool(samples[i].meta.get("independent_turns")) for i in range(4)] == [True, True, False, False]
     assert load_config(REPO / "configs/train/stage2.yaml").data[0].independent_turns
 
@@ -168,8 +190,9 @@ def test_independent_turns_reach_the_collator_from_the_recipe():
 def test_repeat_lists_a_source_several_times_and_refuses_less_than_once():
     from vlchat.train.datasets import build_samples
 
-    samples = build_samples([DataSource("synth:qa", samples=2), DataSource("synth:qa", samples=3, repeat=2,
-                                                                          seed_offset=10)])
+    samples = build_samples(
+        [DataSource("synth:qa", samples=2), DataSource("synth:qa", samples=3, repeat=2, seed_offset=10)]
+    )
     assert len(samples) == 2 + 3 * 2
     assert [samples[i].source for i in range(2, 8)] == [samples[i].source for i in (2, 3, 4)] * 2
     with pytest.raises(VlchatError, match="repeat must be at least 1"):
@@ -184,9 +207,11 @@ def test_qtypes_reach_the_synthetic_source_and_refuse_other_sources(tmp_path):
     source = load_config(path).data[0]
     assert source.qtypes == ("exists",)
     assert all(s.meta["qtypes"] == ["exists"] * 3 for s in build_samples([source]))
-    for refused, message in ((DataSource("easy_vqa:train", samples=2, qtypes=("exists",)), "synth:qa sources only"),
-                             (DataSource("synth:caption", samples=2, qtypes=("exists",)), "synth:qa sources only"),
-                             (DataSource("synth:qa", samples=2, qtypes=("smell",)), "unknown question types")):
+    for refused, message in (
+        (DataSource("easy_vqa:train", samples=2, qtypes=("exists",)), "synth:qa sources only"),
+        (DataSource("synth:caption", samples=2, qtypes=("exists",)), "synth:qa sources only"),
+        (DataSource("synth:qa", samples=2, qtypes=("smell",)), "unknown question types"),
+    ):
         with pytest.raises(VlchatError, match=message):
             build_samples([refused])
 
@@ -200,9 +225,11 @@ def test_max_objects_reaches_synthetic_sources_and_refuses_other_sources(tmp_pat
     assert source.max_objects == 1
     assert all(len(s.meta["scene"].objects) == 1 for s in build_samples([source]))
     assert {len(s.meta["scene"].objects) for s in build_samples([DataSource("synth:qa", samples=20)])} == {1, 2, 3, 4}
-    for refused, message in ((DataSource("easy_vqa:train", samples=2, max_objects=1), "synth sources only"),
-                             (DataSource("synth:qa", samples=2, max_objects=0), "max_objects must be 1 to 4"),
-                             (DataSource("synth:caption", samples=2, max_objects=5), "max_objects must be 1 to 4")):
+    for refused, message in (
+        (DataSource("easy_vqa:train", samples=2, max_objects=1), "synth sources only"),
+        (DataSource("synth:qa", samples=2, max_objects=0), "max_objects must be 1 to 4"),
+        (DataSource("synth:caption", samples=2, max_objects=5), "max_objects must be 1 to 4"),
+    ):
         with pytest.raises(VlchatError, match=message):
             build_samples([refused])
 
@@ -216,8 +243,10 @@ def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     assert [s.meta["image_id"] for s in plain] == [s.meta["image_id"] for s in balanced]
     with pytest.raises(VlchatError, match="balance_yes_no applies to easy_vqa sources only"):
         build_samples([DataSource("synth:qa", samples=2, balance_yes_no=True)])
-    for refused in (DataSource("synth:qa", samples=2, lang="zh", explain_yes_no=True),
-                    DataSource("synth:caption", samples=2, explain_yes_no=True)):
+    for refused in (
+        DataSource("synth:qa", samples=2, lang="zh", explain_yes_no=True),
+        DataSource("synth:caption", samples=2, explain_yes_no=True),
+    ):
         with pytest.raises(VlchatError, match="explain_yes_no applies to easy_vqa and English synth:qa"):
             build_samples([refused])
     synthetic = build_samples([DataSource("synth:qa", samples=20, turns=6, explain_yes_no=True)])
@@ -237,15 +266,23 @@ def test_recipes_that_start_from_stage1_build_its_projector():
     from vlchat.config import ModelConfig
 
     first = load_config(REPO / "configs/train/stage1.yaml")
-    chained = [load_config(REPO / f"configs/train/{name}.yaml")
-               for name in ("stage2", "stage2-reasons", "stage2-reasoned", "stage2-polish")]
+    chained = [
+        load_config(REPO / f"configs/train/{name}.yaml")
+        for name in ("stage2", "stage2-reasons", "stage2-reasoned", "stage2-polish")
+    ]
     assert chained[0].init_projector == f"{first.output_dir}/projector"
     for config in chained:
-        assert (config.projector, config.position_tokens, config.projector_position_code) == \
-            (first.projector, first.position_tokens, first.projector_position_code)
+        assert (config.projector, config.position_tokens, config.projector_position_code) == (
+            first.projector,
+            first.position_tokens,
+            first.projector_position_code,
+        )
     preset = ModelConfig.from_name("default").projector
-    assert (preset.kind, preset.position_tokens, preset.position_code) == \
-        (first.projector, first.position_tokens, first.projector_position_code)
+    assert (preset.kind, preset.position_tokens, preset.position_code) == (
+        first.projector,
+        first.position_tokens,
+        first.projector_position_code,
+    )
 
 
 def test_the_default_models_second_part_trains_on_from_stage2():
@@ -254,11 +291,18 @@ def test_the_default_models_second_part_trains_on_from_stage2():
     second = load_config(REPO / "configs/train/stage2-reasons.yaml")
     assert second.init_projector == f"{first.output_dir}/projector"
     assert second.init_adapter == f"{first.output_dir}/lora"
-    assert (second.lora_r, second.lora_alpha, second.lora_targets) == (first.lora_r, first.lora_alpha, first.lora_targets)
+    assert (second.lora_r, second.lora_alpha, second.lora_targets) == (
+        first.lora_r,
+        first.lora_alpha,
+        first.lora_targets,
+    )
     easy = [d for d in second.data if d.spec.startswith("easy_vqa")]
     assert easy and all(d.explain_yes_no and d.balance_yes_no for d in easy)
     target = (REPO / "Makefile").read_text().split("\ntrain-default:", 1)[1].split("\n\n", 1)[0]
     parts = [line.split() for line in target.splitlines() if " train stage" in line]
-    assert [part[4] for part in parts] == ["configs/train/stage1.yaml", "configs/train/stage2.yaml",
-                                           "configs/train/stage2-reasons.yaml"]
+    assert [part[4] for part in parts] == [
+        "configs/train/stage1.yaml",
+        "configs/train/stage2.yaml",
+        "configs/train/stage2-reasons.yaml",
+    ]
     assert all(part[-1] == "--resume" for part in parts)  # an interrupted chain continues

@@ -14,9 +14,25 @@ from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
 from vlchat.images import image_key
 from vlchat.train import synth, synth_phrases, synth_questions
-from vlchat.train.synth import (ANSWERS, COLOURS, HELD_OUT_SEEDS, POSITIONS, SHAPES, SIZES, TRAIN_SEEDS,
-                                WORDS, Scene, SceneObject, caption, caption_sample, make_scene, qa_sample,
-                                questions, render, synthetic_dataset)
+from vlchat.train.synth import (
+    ANSWERS,
+    COLOURS,
+    HELD_OUT_SEEDS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TRAIN_SEEDS,
+    WORDS,
+    Scene,
+    SceneObject,
+    caption,
+    caption_sample,
+    make_scene,
+    qa_sample,
+    questions,
+    render,
+    synthetic_dataset,
+)
 
 SEEDS = range(500)
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -87,8 +103,12 @@ def test_exists_questions_are_balanced(scenes):
 def test_training_exists_questions_add_hard_negatives_and_stay_balanced(scenes):
     """Training's "no" questions swap attributes between objects, or recolour a shape that is
     there, for two thirds of them; answers stay exact."""
-    asked = [(s, q, a) for s in scenes
-             for q, a, qtype in questions(s, random.Random(s.seed), askers=synth.TRAIN_ASK) if qtype == "exists"]
+    asked = [
+        (s, q, a)
+        for s in scenes
+        for q, a, qtype in questions(s, random.Random(s.seed), askers=synth.TRAIN_ASK)
+        if qtype == "exists"
+    ]
     assert 0.42 < sum(a == "yes" for _, _, a in asked) / len(asked) < 0.58
     swapped = recoloured = 0
     for scene, question, answer in asked:
@@ -113,8 +133,9 @@ def test_explained_exists_answers_give_the_shape_colours_then_the_same_verdict()
         plain, explained = qa_sample(seed, "en", 6), qa_sample(seed, "en", 6, explain_yes_no=True)
         assert [m.parts[-1].text for m in plain.messages[::2]] == [m.parts[-1].text for m in explained.messages[::2]]
         scene = explained.meta["scene"]
-        for qtype, bare, reasoned, question in zip(plain.meta["qtypes"], plain.meta["answers"],
-                                                   explained.meta["answers"], explained.messages[::2]):
+        for qtype, bare, reasoned, question in zip(
+            plain.meta["qtypes"], plain.meta["answers"], explained.meta["answers"], explained.messages[::2]
+        ):
             if qtype != "exists":
                 assert reasoned == bare
                 continue
@@ -166,8 +187,16 @@ def test_explained_answers_are_english_only():
 
 
 def test_shape_reason_names_every_colour_and_the_plural():
-    two_crosses = Scene((SceneObject("cross", "red", "small", "left"), SceneObject("cross", "blue", "large", "right"),
-                         SceneObject("star", "green", "small", "top")), "white", None, 0)
+    two_crosses = Scene(
+        (
+            SceneObject("cross", "red", "small", "left"),
+            SceneObject("cross", "blue", "large", "right"),
+            SceneObject("star", "green", "small", "top"),
+        ),
+        "white",
+        None,
+        0,
+    )
     assert synth.shape_reason(two_crosses, "cross") == "The crosses are red and blue"
     assert synth.shape_reason(two_crosses, "star") == "The star is green"
     assert synth.shape_reason(two_crosses, "heart") == "There is no heart"
@@ -206,8 +235,11 @@ def test_answers_are_in_the_declared_vocabulary(scenes, lang):
 
 
 def test_answers_are_correct_for_a_known_scene():
-    objs = (SceneObject("circle", "red", "large", "left"), SceneObject("square", "blue", "small", "top"),
-            SceneObject("circle", "green", "small", "right"))
+    objs = (
+        SceneObject("circle", "red", "large", "left"),
+        SceneObject("square", "blue", "small", "top"),
+        SceneObject("circle", "green", "small", "right"),
+    )
     scene = Scene(objs, "white", "CAT", 3)
     found = {}
     for i in range(40):
@@ -218,17 +250,24 @@ def test_answers_are_correct_for_a_known_scene():
     assert {a for _, a in found["word"]} == {"CAT"}
     assert {a for _, a in found["position"]} == {"left", "top", "right"}
     assert ("What shape is on the left?", "circle") in found["shape"] or any(
-        "left" in q and a == "circle" for q, a in found["shape"])
-    assert all(a == ("yes" if ("red circle" in q or "blue square" in q or "green circle" in q) else "no")
-               for q, a in found["exists"])
+        "left" in q and a == "circle" for q, a in found["shape"]
+    )
+    assert all(
+        a == ("yes" if ("red circle" in q or "blue square" in q or "green circle" in q) else "no")
+        for q, a in found["exists"]
+    )
 
 
 def test_captions_in_both_languages():
     objs = (SceneObject("circle", "red", "large", "left"), SceneObject("square", "blue", "small", "top"))
     scene = Scene(objs, "white", "CAT", 0)
-    assert caption(scene) == ('A large red circle on the left and a small blue square at the top, '
-                              'on a white background. The word "CAT" is written in the image.')
-    assert caption(scene, "zh") == "图中左边有一个大的红色圆形，上面有一个小的蓝色正方形，背景是白色。图中写着单词“CAT”。"
+    assert caption(scene) == (
+        "A large red circle on the left and a small blue square at the top, "
+        'on a white background. The word "CAT" is written in the image.'
+    )
+    assert (
+        caption(scene, "zh") == "图中左边有一个大的红色圆形，上面有一个小的蓝色正方形，背景是白色。图中写着单词“CAT”。"
+    )
     assert caption(Scene(objs[:1], "orange", None, 0)).endswith("on an orange background.")
 
 
@@ -260,8 +299,10 @@ def _cells(image) -> dict[str, np.ndarray]:
     """The pixels of each position's cell of the 3x3 layout, as (N, 3) float arrays."""
     pixels = np.asarray(image, dtype=np.float32)
     third = pixels.shape[0] // 3
-    return {p: pixels[r * third:(r + 1) * third, c * third:(c + 1) * third].reshape(-1, 3)
-            for p, (c, r) in synth._CELLS.items()}
+    return {
+        p: pixels[r * third : (r + 1) * third, c * third : (c + 1) * third].reshape(-1, 3)
+        for p, (c, r) in synth._CELLS.items()
+    }
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "star", "heart"])

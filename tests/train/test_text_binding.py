@@ -6,8 +6,8 @@ import json
 import re
 
 import torch
-
 from conftest import tiny_config
+
 from vlchat.chat.messages import Message
 from vlchat.chat.templates import get_template
 from vlchat.model.language import load_language_model
@@ -37,8 +37,9 @@ def test_a_reply_s_score_is_its_tokens_log_probability_end_marker_included(tiny_
     scores = reply_log_probs(lm, config.template, question)
     renderer = get_template(config.template)
     for candidate, score in zip(question.candidates, scores, strict=True):
-        sample = Sample([Message.text_message("user", question.prompt),
-                         Message.text_message("assistant", candidate)], [])
+        sample = Sample(
+            [Message.text_message("user", question.prompt), Message.text_message("assistant", candidate)], []
+        )
         encoded = encode_sample(sample, renderer, None, lm.tokenize, 0)
         scored = [t for t, label in enumerate(encoded.labels) if label != IGNORE]
         assert lm.detokenize([encoded.ids[t] for t in scored]) == candidate + renderer.assistant_end

@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from vlchat.config import ProjectorConfig
 from vlchat.errors import VlchatError
 from vlchat.model.projector import Projector
@@ -31,8 +31,9 @@ def test_grid_orders_mirror_a_row_major_grid_left_to_right():
 @pytest.fixture
 def projector() -> Projector:
     torch.manual_seed(0)
-    projector = Projector(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=N,
-                                          position_code=3.0))
+    projector = Projector(
+        ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=N, position_code=3.0)
+    )
     with torch.no_grad():
         projector.position.normal_()  # trained embeddings are not zero
     return projector

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from vlchat.config import ProjectorConfig
 from vlchat.errors import VlchatError
 from vlchat.model.projector import Projector
@@ -36,6 +36,7 @@ TIMEOUT = 600  # generous: a busy machine; an idle one needs a few seconds a run
 
 # --- helpers ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory, tiny_lm_dir) -> Path:
     """The tiny model as a model-config JSON: a recipe's `model:` value."""
@@ -46,9 +47,18 @@ def tiny_model_file(tmp_path_factory, tiny_lm_dir) -> Path:
 
 def write_recipe(folder: Path, model_file: Path, name: str = "recipe.yaml", **fields) -> Path:
     """A tiny recipe: batches of 2 synthetic samples, metrics every step, output in folder/out."""
-    recipe = {"stage": "stage2", "model": str(model_file), "data": [{"spec": "synth:qa", "samples": 32}],
-              "batch_size": 2, "lr": 0.01, "warmup_steps": 2, "max_steps": 6, "log_every": 1,
-              "save_every": 100, "output_dir": str(folder / "out")}
+    recipe = {
+        "stage": "stage2",
+        "model": str(model_file),
+        "data": [{"spec": "synth:qa", "samples": 32}],
+        "batch_size": 2,
+        "lr": 0.01,
+        "warmup_steps": 2,
+        "max_steps": 6,
+        "log_every": 1,
+        "save_every": 100,
+        "output_dir": str(folder / "out"),
+    }
     recipe.update(fields)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -65,8 +75,15 @@ def env() -> dict[str, str]:
 
 
 def vlchat(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cli() + list(args), capture_output=True, text=True, encoding="utf-8",
-                          timeout=TIMEOUT, cwd=REPO, env={**env(), **(extra_env or {})})
+    return subprocess.run(
+        cli() + list(args),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        cwd=REPO,
+        env={**env(), **(extra_env or {})},
+    )
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -113,6 +130,7 @@ def check_run(out: Path, stage: str, steps: int) -> None:
 
 # --- data order ------------------------------------------------------------------------------------
 
+
 def order(config: TrainConfig, world_size: int, steps: int, total: int) -> list[int]:
     """Indices in global order (step, micro-batch, rank) as the processes of a run see them."""
     out = []
@@ -130,7 +148,7 @@ def test_each_sample_once_per_epoch(world_size):
     per_step = config.batch_size * config.grad_accum * world_size
     steps = 5 * total // per_step + 1
     seen = order(config, world_size, steps, total)
-    epochs = [seen[i:i + total] for i in range(0, len(seen) - total + 1, total)]
+    epochs = [seen[i : i + total] for i in range(0, len(seen) - total + 1, total)]
     assert len(epochs) >= 4
     for epoch in epochs:
         assert sorted(epoch) == list(range(total))
@@ -165,6 +183,7 @@ def test_same_global_batch_on_one_or_two_processes():
 
 # --- checkpoints (in process) ----------------------------------------------------------------------
 
+
 def test_latest_checkpoint_skips_damaged_and_temporary_files(tmp_path):
     folder = tmp_path / "checkpoints"
     for step in (2, 4):
@@ -180,11 +199,13 @@ def test_latest_checkpoint_skips_damaged_and_temporary_files(tmp_path):
 
 # --- stage 1, then stage 2 from its projector ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, tiny_model_file) -> Path:
     folder = tmp_path_factory.mktemp("stage1")
-    recipe = write_recipe(folder, tiny_model_file, stage="stage1", save_every=3,
-                          data=[{"spec": "synth:caption", "samples": 32}])
+    recipe = write_recipe(
+        folder, tiny_model_file, stage="stage1", save_every=3, data=[{"spec": "synth:caption", "samples": 32}]
+    )
     result = vlchat("train", "stage1", "--config", str(recipe))
     assert_ok(result)
     assert result.stdout.strip().endswith(f"done: {folder / 'out'}")
@@ -204,8 +225,7 @@ def test_stage2_starts_from_stage1_projector(stage1_run, tiny_model_file, tmp_pa
         torch.manual_seed(0)
         fresh = Projector(ProjectorConfig(in_dim=1280, out_dim=64)).state_dict()
     assert max((trained[k] - fresh[k]).abs().max().item() for k in fresh) > 1e-3  # stage 1 trained it
-    recipe = write_recipe(tmp_path, tiny_model_file, init_projector=str(stage1_run / "projector"),
-                          lr=1e-9, max_steps=3)
+    recipe = write_recipe(tmp_path, tiny_model_file, init_projector=str(stage1_run / "projector"), lr=1e-9, max_steps=3)
     assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
     out = tmp_path / "out"
     check_run(out, "stage2", 3)
@@ -216,8 +236,11 @@ def test_stage2_starts_from_stage1_projector(stage1_run, tiny_model_file, tmp_pa
 
 
 def test_missing_init_projector_is_an_error(tiny_model_file, tmp_path):
-    config = TrainConfig(model=str(tiny_model_file), data=(DataSource("synth:qa", samples=4),),
-                         init_projector=str(tmp_path / "no-such-projector"))
+    config = TrainConfig(
+        model=str(tiny_model_file),
+        data=(DataSource("synth:qa", samples=4),),
+        init_projector=str(tmp_path / "no-such-projector"),
+    )
     with pytest.raises(VlchatError, match="no-such-projector"):
         build_model(config, torch.device("cpu"))
 
@@ -238,13 +261,20 @@ def test_lora_run_writes_the_adapter(tiny_model_file, tmp_path):
 def test_stage2_trains_on_from_an_adapter(tiny_model_file, tmp_path):
     """init_adapter starts LoRA from a run's adapter: with a vanishing learning rate the new run
     ends with the same adapter (a fresh one would start with lora_B at zero)."""
-    first = write_recipe(tmp_path / "first", tiny_model_file, lm="lora", max_steps=3, lr=0.05,
-                         autocast="bf16")  # the loop under CPU autocast, too
+    first = write_recipe(
+        tmp_path / "first", tiny_model_file, lm="lora", max_steps=3, lr=0.05, autocast="bf16"
+    )  # the loop under CPU autocast, too
     assert_ok(vlchat("train", "stage2", "--config", str(first)))
     start = load_file(tmp_path / "first" / "out" / "lora" / "adapter_model.safetensors")
     assert any("lora_B" in name and tensor.abs().max() > 1e-3 for name, tensor in start.items())
-    second = write_recipe(tmp_path / "second", tiny_model_file, lm="lora", max_steps=2, lr=1e-9,
-                          init_adapter=str(tmp_path / "first" / "out" / "lora"))
+    second = write_recipe(
+        tmp_path / "second",
+        tiny_model_file,
+        lm="lora",
+        max_steps=2,
+        lr=1e-9,
+        init_adapter=str(tmp_path / "first" / "out" / "lora"),
+    )
     assert_ok(vlchat("train", "stage2", "--config", str(second)))
     check_run(tmp_path / "second" / "out", "stage2", 2)
     end = load_file(tmp_path / "second" / "out" / "lora" / "adapter_model.safetensors")
@@ -257,7 +287,8 @@ def test_compiled_layers_train_the_same_run(tiny_model_file, tmp_path):
     """`compile: true` (torch.compile on each decoder layer) computes the same training: the same
     losses at each step (each after the previous steps' updates, so forward and gradients both
     count) and the same held-out probe (no_grad through the compiled layers), under the same
-    parameter names (checkpoints and adapters of compiled and eager runs are interchangeable). The weights themselves are not compared entry by entry: Adam's early steps
+    parameter names (checkpoints and adapters of compiled and eager runs are interchangeable).
+    The weights themselves are not compared entry by entry: Adam's early steps
     move an entry by about the learning rate whatever its gradient's size, so rounding-sized
     gradient differences flip whole steps of tiny entries (README, Training: compiled layers)."""
     fields = dict(lm="lora", max_steps=3, lr=0.05, save_every=3, probe_every=2, probe_scenes=2)
@@ -289,6 +320,7 @@ def test_init_adapter_needs_lora():
 
 # --- kill -9 and --resume ---------------------------------------------------------------------------
 
+
 def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_file, tmp_path):
     fields = dict(max_steps=12, save_every=2, keep_checkpoints=3)
     reference = write_recipe(tmp_path / "reference", tiny_model_file, **fields)
@@ -298,8 +330,13 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_file, tmp_path)
 
     log = tmp_path / "killed" / "stderr.txt"
     with open(log, "wb") as stderr:
-        process = subprocess.Popen(cli() + ["train", "stage2", "--config", str(recipe)], cwd=REPO, env=env(),
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            cli() + ["train", "stage2", "--config", str(recipe)],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + TIMEOUT
     try:
         while not any(int(p.stem[5:]) >= 4 for p in checkpoints(out)) and process.poll() is None:
@@ -359,11 +396,25 @@ def test_resume_refuses_another_recipe_and_a_finished_run_resumes_to_itself(tiny
 
 # --- torchrun (DDP, gloo on CPU) ----------------------------------------------------------------------
 
+
 def test_torchrun_two_processes(tiny_model_file, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_file, max_steps=4, save_every=2)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "vlchat.cli", "train", "stage2", "--config", str(recipe), f"output_dir={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vlchat.cli",
+        "train",
+        "stage2",
+        "--config",
+        str(recipe),
+        f"output_dir={out}",
+    ]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO, env=env())  # a hang
     assert result.returncode == 0, result.stderr[-6000:]
@@ -377,8 +428,18 @@ def test_torchrun_two_processes(tiny_model_file, tmp_path):
 
 # --- clear errors before any compute ------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["missing data file", "unknown model", "bad yaml", "missing adapter",
-                                  "adapter of another shape", "compile without a C++ compiler"])
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing data file",
+        "unknown model",
+        "bad yaml",
+        "missing adapter",
+        "adapter of another shape",
+        "compile without a C++ compiler",
+    ],
+)
 def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
     extra_env = None
     if case == "compile without a C++ compiler":
@@ -390,8 +451,9 @@ def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
         words = ["init_adapter", "no-lora", "adapter_config.json"]
     elif case == "adapter of another shape":
         (tmp_path / "lora").mkdir()
-        (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(
-            {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+        (tmp_path / "lora" / "adapter_config.json").write_text(
+            json.dumps({"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+        )
         recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", init_adapter=str(tmp_path / "lora"))
         words = ["init_adapter", "'r': 4", "'r': 8"]
     elif case == "missing data file":
@@ -447,8 +509,14 @@ def test_export_ships_the_run_in_bfloat16_and_it_loads(tiny_lm_dir, tiny_model_f
     recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", max_steps=3, lr=0.05)
     assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
     out, shipped = tmp_path / "out", tmp_path / "weights"
-    result = subprocess.run([sys.executable, "-m", "vlchat.train.export", str(out), str(shipped)],
-                            capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlchat.train.export", str(out), str(shipped)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr
     exported = load_file(shipped / "default-projector.safetensors")
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}
@@ -457,8 +525,11 @@ def test_export_ships_the_run_in_bfloat16_and_it_loads(tiny_lm_dir, tiny_model_f
     assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
     base = replace(tiny_config(tiny_lm_dir), lm=replace(tiny_config(tiny_lm_dir).lm, dtype="float32"))
     run = replace(base, projector_weights=str(out / "projector"), lm=replace(base.lm, adapter=str(out / "lora")))
-    ship = replace(base, projector_weights=str(shipped / "default-projector"),
-                   lm=replace(base.lm, adapter=str(shipped / "default-lora")))
+    ship = replace(
+        base,
+        projector_weights=str(shipped / "default-projector"),
+        lm=replace(base.lm, adapter=str(shipped / "default-lora")),
+    )
     image = PILImage.new("RGB", (64, 64), (200, 30, 30))
     ids = torch.tensor([[5, 6, 7, 8]])
     logits = []
@@ -468,8 +539,14 @@ def test_export_ships_the_run_in_bfloat16_and_it_loads(tiny_lm_dir, tiny_model_f
             images = vlm.encode_images(vlm.pixels(image).unsqueeze(0))
             logits.append(vlm.lm.prefill(torch.cat([images, vlm.lm.embed(ids)], dim=1))[0])
     torch.testing.assert_close(logits[0], logits[1], atol=0.05, rtol=0.02)  # bfloat16 keeps ~3 digits
-    missing = subprocess.run([sys.executable, "-m", "vlchat.train.export", str(tmp_path / "none"), str(shipped)],
-                             capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT)
+    missing = subprocess.run(
+        [sys.executable, "-m", "vlchat.train.export", str(tmp_path / "none"), str(shipped)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=TIMEOUT,
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
 
 
@@ -487,8 +564,9 @@ def test_training_attention_is_eager_on_cpu_unless_asked(tiny_model_file):
 def test_projector_output_rms_reaches_the_trained_projector(tiny_model_file):
     data = (DataSource("synth:qa", samples=4),)
     plain = build_model(TrainConfig(model=str(tiny_model_file), data=data), torch.device("cpu"))
-    normed = build_model(TrainConfig(model=str(tiny_model_file), data=data, projector_output_rms=0.5),
-                         torch.device("cpu"))
+    normed = build_model(
+        TrainConfig(model=str(tiny_model_file), data=data, projector_output_rms=0.5), torch.device("cpu")
+    )
     assert plain.projector.config.output_rms == 0.0 and not hasattr(plain.projector, "norm")
     assert normed.projector.config.output_rms == 0.5
     assert torch.all(normed.projector.norm.weight == 0.5) and normed.projector.norm.weight.requires_grad
@@ -496,7 +574,9 @@ def test_projector_output_rms_reaches_the_trained_projector(tiny_model_file):
 
 def test_projector_position_code_reaches_the_trained_projector(tiny_model_file):
     data = (DataSource("synth:qa", samples=4),)
-    vlm = build_model(TrainConfig(model=str(tiny_model_file), data=data, position_tokens=49,
-                                  projector_position_code=50.0), torch.device("cpu"))
+    vlm = build_model(
+        TrainConfig(model=str(tiny_model_file), data=data, position_tokens=49, projector_position_code=50.0),
+        torch.device("cpu"),
+    )
     assert vlm.projector.config.position_code == 50.0
     assert vlm.projector.grid_code.shape == (49, 14) and vlm.projector.grid_code.max() == 50.0

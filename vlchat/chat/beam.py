@@ -6,8 +6,8 @@ prompt; the answer's ids are returned and prefilled with the next turn.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -27,8 +27,9 @@ class Hypothesis:
         return self.score / max(len(self.ids), 1)
 
 
-def step_scores(lm: LanguageModel, logits: torch.Tensor, beams: list[list[int]], step: int,
-                config: GenerationConfig) -> torch.Tensor:
+def step_scores(
+    lm: LanguageModel, logits: torch.Tensor, beams: list[list[int]], step: int, config: GenerationConfig
+) -> torch.Tensor:
     """(B, V) logits -> (B, V) log-probs after repetition penalty and min_new_tokens masking."""
     if beams[0]:
         logits = apply_repetition_penalty(logits, torch.tensor(beams), config.repetition_penalty)
@@ -37,8 +38,14 @@ def step_scores(lm: LanguageModel, logits: torch.Tensor, beams: list[list[int]],
     return logits.log_softmax(-1)
 
 
-def beam_search(lm: LanguageModel, logits: torch.Tensor, state: LMState, config: GenerationConfig,
-                stops: tuple[str, ...], interrupted: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+def beam_search(
+    lm: LanguageModel,
+    logits: torch.Tensor,
+    state: LMState,
+    config: GenerationConfig,
+    stops: tuple[str, ...],
+    interrupted: Callable[[], bool] = lambda: False,
+) -> Iterator[Chunk]:
     """Yield the best hypothesis's text as one chunk, then the finish chunk. `interrupted()` is
     asked every step (a server's cancel or timeout); when true the search ends as if at max length."""
     width, eos = config.num_beams, lm.eos_token_ids

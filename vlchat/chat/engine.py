@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -40,10 +40,12 @@ class Chat:
         self.images: OrderedDict[str, torch.Tensor] = OrderedDict()  # key -> (N, D)
         self.max_cached_images = max_cached_images
 
-    def session(self, template: str | None = None, system: str | None = None,
-                generation: GenerationConfig | None = None) -> "ChatSession":
-        return ChatSession(self, get_template(template or self.model.config.template), system,
-                           generation or GenerationConfig())
+    def session(
+        self, template: str | None = None, system: str | None = None, generation: GenerationConfig | None = None
+    ) -> ChatSession:
+        return ChatSession(
+            self, get_template(template or self.model.config.template), system, generation or GenerationConfig()
+        )
 
     @torch.inference_mode()
     def image_embeddings(self, image, key: str | None = None) -> tuple[str, torch.Tensor]:
@@ -148,8 +150,11 @@ class ChatSession:
         first = first or end
         tokens = len(result.token_ids) or len(self.chat.model.lm.tokenize(result.text))
         self.timings = replace(
-            self.timings, image_encode_ms=self._pending_encode_ms, ttft_s=first - start,
-            completion_tokens=tokens, total_s=end - start,
+            self.timings,
+            image_encode_ms=self._pending_encode_ms,
+            ttft_s=first - start,
+            completion_tokens=tokens,
+            total_s=end - start,
             decode_tok_s=(tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0,
         )
         self._pending_encode_ms = 0.0
@@ -203,7 +208,9 @@ class ChatSession:
     # --- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "format": SESSION_FORMAT, "template": self.template.name, "system": self.system,
+            "format": SESSION_FORMAT,
+            "template": self.template.name,
+            "system": self.system,
             "generation": asdict(self.generation),
             "messages": [message_to_dict(m) for m in self.messages],
         }
@@ -235,8 +242,10 @@ def reusable_prefix(cached: list[PositionKey], keys: list[PositionKey]) -> int:
 
 
 def message_to_dict(message: Message) -> dict:
-    parts = [{"type": "text", "text": p.text} if isinstance(p, Text)
-             else {"type": "image", "key": p.key, "path": p.source} for p in message.parts]
+    parts = [
+        {"type": "text", "text": p.text} if isinstance(p, Text) else {"type": "image", "key": p.key, "path": p.source}
+        for p in message.parts
+    ]
     return {"role": message.role, "parts": parts, "token_ids": message.token_ids}
 
 

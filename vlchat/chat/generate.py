@@ -8,8 +8,8 @@ stop string that might still complete.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -36,6 +36,7 @@ class Chunk:
 
 
 # --- logits processing ---------------------------------------------------------------------
+
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty (Keskar et al. 2019): logits (B, V), previous ids (B, t)."""
@@ -81,6 +82,7 @@ def suppress(logits: torch.Tensor, token_ids: set[int]) -> torch.Tensor:
 
 # --- text streaming ------------------------------------------------------------------------
 
+
 def find_stop(text: str, stops: tuple[str, ...]) -> int:
     """Index of the earliest stop string in `text`, or -1."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
@@ -119,12 +121,13 @@ class TextStream:
         return self._emit(len(self.text.rstrip("\ufffd")))
 
     def _emit(self, upto: int) -> str:
-        delta = self.text[self.shown:upto] if upto > self.shown else ""
+        delta = self.text[self.shown : upto] if upto > self.shown else ""
         self.shown = max(self.shown, upto)
         return delta
 
 
 # --- one sequence, one step at a time ------------------------------------------------------
+
 
 class SequenceDecoder:
     """Picks a sequence's tokens one step at a time; `generate()` drives one, a batch scheduler many.
@@ -142,8 +145,9 @@ class SequenceDecoder:
 
     def step(self, logits: torch.Tensor) -> tuple[str, int | None]:
         config, steps = self.config, len(self.stream.ids)
-        processed = apply_repetition_penalty(logits, torch.tensor([self.stream.ids], dtype=torch.long),
-                                             config.repetition_penalty)
+        processed = apply_repetition_penalty(
+            logits, torch.tensor([self.stream.ids], dtype=torch.long), config.repetition_penalty
+        )
         if steps < config.min_new_tokens:
             processed = suppress(processed, self.eos)
         token = int(next_token(processed, config, self.generator))
@@ -170,8 +174,12 @@ class SequenceDecoder:
 
 # --- the iterator --------------------------------------------------------------------------
 
+
 def generate(
-    lm: LanguageModel, logits: torch.Tensor, state: LMState, config: GenerationConfig,
+    lm: LanguageModel,
+    logits: torch.Tensor,
+    state: LMState,
+    config: GenerationConfig,
     stops: tuple[str, ...] = (),
 ) -> Iterator[Chunk]:
     """Decode after a prefilled prompt. logits (1, V) at the prompt's last position; state its cache."""

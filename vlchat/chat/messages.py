@@ -8,7 +8,7 @@ A message is a role plus an ordered list of parts; an image part renders as Mini
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_TAG = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
@@ -30,7 +30,7 @@ class Image:
     source: str | None = None
 
 
-Part = Union[Text, Image]
+Part = Text | Image
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Message:
             raise ValueError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
 
     @classmethod
-    def text_message(cls, role: Role, text: str) -> "Message":
+    def text_message(cls, role: Role, text: str) -> Message:
         return cls(role, [Text(text)])
 
     @property

@@ -8,18 +8,23 @@ prefix; assistant messages with recorded `token_ids` use them as they are.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 from vlchat.chat.messages import Message, Text
 from vlchat.chat.templates import Template
 from vlchat.model.vlm import IMAGE_TOKEN_ID
 
-PositionKey = Union[int, tuple[str, int]]
+PositionKey = int | tuple[str, int]
 Tokenize = Callable[[str], list[int]]
 
 
-def encode(template: Template, messages: Sequence[Message], tokenize: Tokenize, tokens_per_image: int,
-           add_generation_prompt: bool = True) -> tuple[list[PositionKey], list[bool]]:
+def encode(
+    template: Template,
+    messages: Sequence[Message],
+    tokenize: Tokenize,
+    tokens_per_image: int,
+    add_generation_prompt: bool = True,
+) -> tuple[list[PositionKey], list[bool]]:
     """(position keys, trainable flags) for the rendered conversation."""
     keys: list[PositionKey] = []
     trainable: list[bool] = []

@@ -22,8 +22,8 @@ Segment layout of one conversation (markers in brackets are separate segments):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from vlchat.chat.messages import Message
 from vlchat.errors import VlchatError
@@ -140,8 +140,7 @@ def _check_roles(messages: Sequence[Message]) -> int:
 _CHATML = Template(
     name="chatml",
     default_system=(
-        "You are a helpful assistant. You can see images the user shares with you "
-        "and answer questions about them."
+        "You are a helpful assistant. You can see images the user shares with you and answer questions about them."
     ),
     stop=("<|im_end|>",),
     system_prefix="<|im_start|>system\n",

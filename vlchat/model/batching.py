@@ -55,14 +55,16 @@ class DecodeBatch:
         return len(self.lengths)
 
     @classmethod
-    def of(cls, states: list[LMState]) -> "DecodeBatch":
+    def of(cls, states: list[LMState]) -> DecodeBatch:
         """Stack batch-1 states into one left-padded batch."""
         batch = cls([s.length for s in states])
         if states:
             width = max(batch.lengths)
             per_layer = zip(*(layer_tensors(s) for s in states))
-            layers = [(_stack_left_padded([k for k, _ in pairs], width), _stack_left_padded([v for _, v in pairs], width))
-                      for pairs in per_layer]
+            layers = [
+                (_stack_left_padded([k for k, _ in pairs], width), _stack_left_padded([v for _, v in pairs], width))
+                for pairs in per_layer
+            ]
             batch.state = make_state(layers, width)
             batch.mask = torch.tensor([[0] * (width - n) + [1] * n for n in batch.lengths])
         return batch
@@ -70,8 +72,10 @@ class DecodeBatch:
     def row(self, i: int) -> LMState:
         """Row i as its own batch-1 state (a copy without the padding)."""
         n = self.lengths[i]
-        layers = [(k[i:i + 1, :, k.shape[2] - n:].clone(), v[i:i + 1, :, v.shape[2] - n:].clone())
-                  for k, v in layer_tensors(self.state)]
+        layers = [
+            (k[i : i + 1, :, k.shape[2] - n :].clone(), v[i : i + 1, :, v.shape[2] - n :].clone())
+            for k, v in layer_tensors(self.state)
+        ]
         return make_state(layers, n)
 
     def rows(self) -> list[LMState]:
@@ -82,8 +86,13 @@ class DecodeBatch:
         """One step for every row: (B,) ids -> (B, V) logits; each row's cache grows by one."""
         mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=self.mask.dtype)], dim=1)  # (B, width+1)
         positions = torch.tensor(self.lengths)[:, None]  # (B, 1): each row's own next position
-        out = lm.model.get_decoder()(inputs_embeds=lm.embed(token_ids[:, None]), attention_mask=mask,
-                                     position_ids=positions, past_key_values=self.state.cache, use_cache=True)
+        out = lm.model.get_decoder()(
+            inputs_embeds=lm.embed(token_ids[:, None]),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.state.cache,
+            use_cache=True,
+        )
         self.mask, self.lengths = mask, [n + 1 for n in self.lengths]
         self.state = LMState(out.past_key_values, mask.shape[1])
         return lm.model.get_output_embeddings()(out.last_hidden_state[:, -1, :]).float()  # (B, V)

@@ -33,7 +33,7 @@ class LMState:
     cache: object | None = None  # transformers DynamicCache
     length: int = 0
 
-    def fork(self) -> "LMState":
+    def fork(self) -> LMState:
         return LMState(copy.deepcopy(self.cache), self.length)
 
     def trim(self, length: int) -> None:
@@ -101,8 +101,14 @@ class LanguageModel(nn.Module):
         """One step: (B,) token ids -> next logits (B, V), state advanced by one."""
         return self.prefill(self.embed(token_ids[:, None]), state)
 
-    def loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is not -100 (weighted by
         `weights` (B, T-1), one per target, when given: train/collate.answer_weights).
 
@@ -118,16 +124,24 @@ class LanguageModel(nn.Module):
         weights = weights.to(logits.device)[supervised]  # (n,)
         return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum() / weights.sum()
 
-    def supervised_logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                          position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def supervised_logits(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LM head's logits at the supervised positions only: (logits (n, V), their targets
         (n,), the (B, T-1) bool mask of where they are), inputs as for `loss`."""
-        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=self._mask(attention_mask, embeds.dtype),
-                                          position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, D)
+        hidden = self.model.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=self._mask(attention_mask, embeds.dtype),
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1)
         supervised = targets != -100
         return self.model.get_output_embeddings()(hidden[:, :-1][supervised]), targets[supervised], supervised
-
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer in place (`nn.Module.compile`: parameter names, and so
@@ -138,8 +152,10 @@ class LanguageModel(nn.Module):
         Inductor builds its kernels with a C++ compiler ($CXX, else g++), checked here, before any step."""
         compiler = os.environ.get("CXX", "g++")
         if shutil.which(compiler) is None:
-            raise VlchatError(f"compile: true needs a C++ compiler for torch.compile and {compiler!r} is not on "
-                              "PATH; install g++ (or set CXX) or set compile: false")
+            raise VlchatError(
+                f"compile: true needs a C++ compiler for torch.compile and {compiler!r} is not on "
+                "PATH; install g++ (or set CXX) or set compile: false"
+            )
         for layer in self.model.get_decoder().layers:
             layer.compile(dynamic=True)
 

@@ -31,9 +31,7 @@ def _linear(config: ProjectorConfig) -> nn.Module:
 
 
 def _mlp2x_gelu(config: ProjectorConfig) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(config.in_dim, config.out_dim), nn.GELU(), nn.Linear(config.out_dim, config.out_dim)
-    )
+    return nn.Sequential(nn.Linear(config.in_dim, config.out_dim), nn.GELU(), nn.Linear(config.out_dim, config.out_dim))
 
 
 PROJECTORS = {"linear": _linear, "mlp2x_gelu": _mlp2x_gelu}
@@ -72,8 +70,10 @@ class Projector(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) vision tokens -> (B, N, D) LM embeddings."""
         if self.config.position_tokens and features.shape[1] != self.config.position_tokens:
-            raise VlchatError(f"projector has {self.config.position_tokens} position embeddings, "
-                              f"but the image has {features.shape[1]} tokens (another image_size?)")
+            raise VlchatError(
+                f"projector has {self.config.position_tokens} position embeddings, "
+                f"but the image has {features.shape[1]} tokens (another image_size?)"
+            )
         if self.grid_code.shape[1]:
             code = self.grid_code.to(features.dtype).expand(features.shape[0], -1, -1)
             features = torch.cat([features, code], dim=-1)  # (B, N, Dv + 2 * side)
@@ -136,7 +136,8 @@ def build_projector(config: ProjectorConfig, stem: str | None, seed: int = 0) ->
         pass
     log.warning(
         "WARNING: no trained projector found (%s); using a FRESH, untrained projector. "
-        "The model cannot see images until one is trained (vlchat train).", stem
+        "The model cannot see images until one is trained (vlchat train).",
+        stem,
     )
     with torch.random.fork_rng():  # a reproducible init without touching the caller's RNG
         torch.manual_seed(seed)

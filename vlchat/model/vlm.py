@@ -6,7 +6,6 @@ embeddings into the text embeddings where the prompt has image slots.
 
 from __future__ import annotations
 
-
 import torch
 from PIL import Image as PILImage
 from torch import nn
@@ -44,8 +43,7 @@ def merge_image_embeddings(
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vision: VisionEncoder, projector: Projector,
-                 lm: LanguageModel) -> None:
+    def __init__(self, config: ModelConfig, vision: VisionEncoder, projector: Projector, lm: LanguageModel) -> None:
         super().__init__()
         self.config = config
         self.vision = vision

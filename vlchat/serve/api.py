@@ -27,8 +27,12 @@ ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422,
 
 
 def create_app(service: ChatService, conversations: Conversations) -> FastAPI:
-    app = FastAPI(title="vlchat", version="0.1.0", responses=ERRORS,
-                  description="OpenAI-compatible chat completions with images, plus stored conversations.")
+    app = FastAPI(
+        title="vlchat",
+        version="0.1.0",
+        responses=ERRORS,
+        description="OpenAI-compatible chat completions with images, plus stored conversations.",
+    )
     app.state.service, app.state.conversations = service, conversations
     add_error_handlers(app)
     add_guards(app, service)
@@ -52,7 +56,9 @@ def add_error_handlers(app: FastAPI) -> None:
         first = error.errors()[0] if error.errors() else {"msg": "invalid request", "loc": ()}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         if first.get("type") == "json_invalid":
-            return error_response(ApiError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json"))
+            return error_response(
+                ApiError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
+            )
         message = f"{where}: {first['msg']}" if where else str(first["msg"])
         return error_response(ApiError(422, message, where or None, "invalid_schema"))
 
@@ -64,8 +70,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnicodeEncodeError)
     async def bad_text(request: Request, error: UnicodeEncodeError) -> JSONResponse:
-        return error_response(ApiError(400, "the request holds text that is not valid Unicode (a lone surrogate)",
-                                       code="invalid_text"))
+        return error_response(
+            ApiError(400, "the request holds text that is not valid Unicode (a lone surrogate)", code="invalid_text")
+        )
 
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception) -> JSONResponse:
@@ -82,18 +89,27 @@ def add_guards(app: FastAPI, service: ChatService) -> None:
     async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(ApiError(413, f"the request body is larger than {service.config.max_body_mb:g} MB",
-                                           code="request_too_large"))
+            return error_response(
+                ApiError(
+                    413, f"the request body is larger than {service.config.max_body_mb:g} MB", code="request_too_large"
+                )
+            )
         if key and request.url.path.startswith("/v1") and not authorized(request, key):
-            return error_response(ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                           code="invalid_api_key"))
+            return error_response(
+                ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            )
         if length is None and request.method in ("POST", "PUT", "PATCH"):
             body = b""
             async for piece in request.stream():
                 body += piece
                 if len(body) > limit:
-                    return error_response(ApiError(413, f"the request body is larger than {service.config.max_body_mb:g} MB",
-                                                   code="request_too_large"))
+                    return error_response(
+                        ApiError(
+                            413,
+                            f"the request body is larger than {service.config.max_body_mb:g} MB",
+                            code="request_too_large",
+                        )
+                    )
             request._body = body  # replayed to the route (Starlette caches the body here)
         return await call_next(request)
 
@@ -113,8 +129,12 @@ def add_openai_routes(app: FastAPI) -> None:
         body = {"status": status, "model": service.model_id}
         if service.ready:
             scheduler = service.scheduler
-            body["batch"] = {"max": scheduler.max_batch, "active": len(scheduler.active), "peak": scheduler.peak_batch,
-                             "waiting": scheduler.waiting.qsize()}
+            body["batch"] = {
+                "max": scheduler.max_batch,
+                "active": len(scheduler.active),
+                "peak": scheduler.peak_batch,
+                "waiting": scheduler.waiting.qsize(),
+            }
             body["prefix_cache"] = vars(service.scheduler.prefix_cache.stats())
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
@@ -127,8 +147,9 @@ def add_openai_routes(app: FastAPI) -> None:
         request.app.state.service.check_model(model)
         return p.ModelCard(id=model)
 
-    @app.post("/v1/chat/completions", response_model=p.ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {}}}})
+    @app.post(
+        "/v1/chat/completions", response_model=p.ChatCompletion, responses={200: {"content": {"text/event-stream": {}}}}
+    )
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         """OpenAI chat completions; `stream: true` answers with Server-Sent Events."""
         service: ChatService = request.app.state.service
@@ -141,8 +162,9 @@ def add_openai_routes(app: FastAPI) -> None:
 
 def add_conversation_routes(app: FastAPI) -> None:
     @app.get("/v1/conversations")
-    def list_conversations(request: Request, limit: int = Query(50, ge=0, le=1000),
-                           offset: int = Query(0, ge=0, le=2**63 - 1)) -> dict:
+    def list_conversations(
+        request: Request, limit: int = Query(50, ge=0, le=1000), offset: int = Query(0, ge=0, le=2**63 - 1)
+    ) -> dict:
         return request.app.state.conversations.list(limit, offset)
 
     @app.post("/v1/conversations")
@@ -161,8 +183,11 @@ def add_conversation_routes(app: FastAPI) -> None:
     def delete_conversation(conversation_id: str, request: Request) -> dict:
         return request.app.state.conversations.delete(conversation_id)
 
-    @app.post("/v1/conversations/{conversation_id}/messages", response_model=p.ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {}}}})
+    @app.post(
+        "/v1/conversations/{conversation_id}/messages",
+        response_model=p.ChatCompletion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def reply(conversation_id: str, body: p.ConversationReply, request: Request):
         """Add a user message (or regenerate the last answer) and answer it; both are stored."""
         state = request.app.state
@@ -172,9 +197,13 @@ def add_conversation_routes(app: FastAPI) -> None:
             return StreamingResponse(sse(run, state.service.model_id, usage), media_type="text/event-stream")
         return await complete(run, state.service.model_id)
 
-    @app.get("/v1/conversations/{conversation_id}/export",
-             responses={200: {"content": {"text/markdown": {}, "application/json": {}}}})
-    def export(conversation_id: str, request: Request, format: str = Query("markdown", pattern="^(markdown|json)$")) -> Response:
+    @app.get(
+        "/v1/conversations/{conversation_id}/export",
+        responses={200: {"content": {"text/markdown": {}, "application/json": {}}}},
+    )
+    def export(
+        conversation_id: str, request: Request, format: str = Query("markdown", pattern="^(markdown|json)$")
+    ) -> Response:
         """The conversation as a Markdown transcript or JSON, as a download."""
         text, media = request.app.state.conversations.export(conversation_id, format)
         name = f"{conversation_id}.{'json' if format == 'json' else 'md'}"

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
 from vlchat.errors import VlchatError
 from vlchat.serve import protocol as p
-from vlchat.serve.serving import ApiError, ChatService, Disconnected, Prompt, Run, api_role
 from vlchat.serve.scheduler import Job
+from vlchat.serve.serving import ApiError, ChatService, Disconnected, Prompt, Run, api_role
 from vlchat.serve.store import ConversationStore, NotFound
 
 
@@ -62,15 +62,19 @@ class Conversations:
 
     def create(self, body: p.ConversationCreate) -> dict:
         roles = [api_role(m.role, i) for i, m in enumerate(body.messages)]
-        messages = [{"role": role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
-                    for i, (role, m) in enumerate(zip(roles, body.messages))]
+        messages = [
+            {"role": role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
+            for i, (role, m) in enumerate(zip(roles, body.messages))
+        ]
         try:  # refuse now a history no reply could continue (e.g. starting with an answer)
             get_template(body.template or self.service.model_template).segments(
-                self.prompt(body.system, messages).messages, add_generation_prompt=False)
+                self.prompt(body.system, messages).messages, add_generation_prompt=False
+            )
         except VlchatError as error:
             raise ApiError(400, str(error), "messages") from None
-        return self._call(self.store.create, body.title or "New chat", body.system, body.template,
-                          body.settings, messages)
+        return self._call(
+            self.store.create, body.title or "New chat", body.system, body.template, body.settings, messages
+        )
 
     def stored_parts(self, content, param: str) -> list[dict]:
         """OpenAI content -> stored parts; images are decoded, checked and saved by content hash."""
@@ -110,8 +114,10 @@ class Conversations:
         a crash or stopped before any text leaves a user message unanswered)."""
         prompt = Prompt([Message("system", [Text(system)])] if system is not None else [])
         for message in stored:
-            parts = [Text(part["text"]) if part["type"] == "text" else self.image_part(part, prompt)
-                     for part in message["parts"]]
+            parts = [
+                Text(part["text"]) if part["type"] == "text" else self.image_part(part, prompt)
+                for part in message["parts"]
+            ]
             if prompt.messages and prompt.messages[-1].role == message["role"] == "user":
                 prompt.messages[-1].parts.extend(parts)
             else:
@@ -130,8 +136,12 @@ class Conversations:
         One reply per conversation at a time (409 otherwise), so stored turns never interleave."""
         with self.lock:
             if conversation_id in self.answering:
-                raise ApiError(409, "an answer is already being generated in this conversation; "
-                               "wait for it or stop it", "conversation_id", "conversation_busy")
+                raise ApiError(
+                    409,
+                    "an answer is already being generated in this conversation; wait for it or stop it",
+                    "conversation_id",
+                    "conversation_busy",
+                )
             self.answering.add(conversation_id)
         pending: dict = {}
 
@@ -164,13 +174,15 @@ class Conversations:
 
 def to_markdown(conversation: dict) -> str:
     """A readable transcript; images appear as links to the server's stored copy."""
-    created = datetime.fromtimestamp(conversation["created"], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = datetime.fromtimestamp(conversation["created"], UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# {conversation['title']}", "", f"*{created}*", ""]
     if conversation.get("system"):
         lines += [f"**System:** {conversation['system']}", ""]
     names = {"user": "User", "assistant": "Assistant", "system": "System"}
     for message in conversation["messages"]:
-        parts = [part["text"] if part["type"] == "text" else f"![image](/v1/images/{part['key']})"
-                 for part in message["parts"]]
+        parts = [
+            part["text"] if part["type"] == "text" else f"![image](/v1/images/{part['key']})"
+            for part in message["parts"]
+        ]
         lines += [f"**{names[message['role']]}:** " + "\n\n".join(parts), ""]
     return "\n".join(lines)

@@ -15,9 +15,9 @@ import re
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import httpx
@@ -106,7 +106,7 @@ def _read(url: str, policy: ImagePolicy, is_allowed: Callable[[IPAddress], bool]
 def _data_url(url: str, max_bytes: int) -> bytes:
     """Decodes `data:image/<type>[;params];base64,<payload>` strictly, refusing oversize early."""
     header, comma, payload = url.partition(",")
-    params = header[len("data:"):].split(";")
+    params = header[len("data:") :].split(";")
     if not comma or not params[0].lower().startswith("image/") or len(params[0]) <= len("image/"):
         raise ImageInputError("data URL must have an image media type, e.g. data:image/png;base64,...")
     if params[-1].lower() != "base64":
@@ -145,8 +145,9 @@ def _local_file(path: str, given: str, policy: ImagePolicy) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise ImageInputError(f"image path is not a regular file: {_shown(given)}")
         if info.st_size > policy.max_bytes:
-            raise ImageInputError(f"image too large: {_shown(given)} is {info.st_size} bytes, "
-                                  f"limit is {policy.max_bytes}", status=413)
+            raise ImageInputError(
+                f"image too large: {_shown(given)} is {info.st_size} bytes, limit is {policy.max_bytes}", status=413
+            )
         with open(fd, "rb", closefd=False) as f:
             return f.read(policy.max_bytes + 1)  # bounded even if the file grows meanwhile
     finally:

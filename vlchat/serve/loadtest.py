@@ -30,9 +30,16 @@ import httpx
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-QUESTIONS = ["What shapes are in this picture?", "Which colours do you see?", "How many objects are there?",
-             "Describe the image in one sentence.", "What is the largest shape?", "Is there a circle here?",
-             "What colour is the background?", "Where is the triangle?"]
+QUESTIONS = [
+    "What shapes are in this picture?",
+    "Which colours do you see?",
+    "How many objects are there?",
+    "Describe the image in one sentence.",
+    "What is the largest shape?",
+    "Is there a circle here?",
+    "What colour is the background?",
+    "Where is the triangle?",
+]
 
 
 class Aborted(Exception):
@@ -57,8 +64,9 @@ def check_loopback(url: str) -> str:
     """The URL without a trailing slash; exits 2 with one line when its host is not loopback."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or parts.hostname not in LOOPBACK:
-        print(f"loadtest: refusing --url {url!r}: only http(s) on 127.0.0.1, localhost or ::1 is allowed",
-              file=sys.stderr)
+        print(
+            f"loadtest: refusing --url {url!r}: only http(s) on 127.0.0.1, localhost or ::1 is allowed", file=sys.stderr
+        )
         raise SystemExit(2)
     return url.rstrip("/")
 
@@ -67,10 +75,20 @@ def request_body(model_id: str, tag: str, i: int, max_tokens: int, image_url: st
     # The tag makes every prompt unique, so no request finds another's whole prompt in the prefix cache;
     # the shared system+image prefix is still reused, as it would be for real clients.
     question = f"{QUESTIONS[i % len(QUESTIONS)]} (request {tag}{i + 1})"
-    return {"model": model_id, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
-            "max_tokens": max_tokens, "min_tokens": max_tokens,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                      {"type": "text", "text": question}]}]}
+    return {
+        "model": model_id,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}],
+            }
+        ],
+    }
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
@@ -154,14 +172,28 @@ async def scenario(name: str, url: str, clients: int, bodies: list[dict]) -> dic
     batch, ok = (await health(url))["batch"], [r for r in results if r.ok]
     busy = [s for s in samples if s > 0]
     latencies, ttfts = [r.latency for r in ok], [r.ttft for r in ok if r.ttft is not None]
-    return {"name": name, "clients": clients, "max_batch": batch["max"], "requests": len(results), "ok": len(ok),
-            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r.tokens for r in ok) / wall,
-            "tokens_per_request": sorted({r.tokens for r in ok}),
-            "latency_p50_s": pct(latencies, 0.5), "latency_p95_s": pct(latencies, 0.95),
-            "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
-            "peak_batch": batch["peak"], "mean_active_batch": statistics.fmean(busy) if busy else None,
-            "failures": [f"{name} #{i + 1}: {r.error or 'empty content or no finish_reason'}"
-                         for i, r in enumerate(results) if not r.ok]}
+    return {
+        "name": name,
+        "clients": clients,
+        "max_batch": batch["max"],
+        "requests": len(results),
+        "ok": len(ok),
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "tokens_per_s": sum(r.tokens for r in ok) / wall,
+        "tokens_per_request": sorted({r.tokens for r in ok}),
+        "latency_p50_s": pct(latencies, 0.5),
+        "latency_p95_s": pct(latencies, 0.95),
+        "ttft_p50_s": pct(ttfts, 0.5),
+        "ttft_p95_s": pct(ttfts, 0.95),
+        "peak_batch": batch["peak"],
+        "mean_active_batch": statistics.fmean(busy) if busy else None,
+        "failures": [
+            f"{name} #{i + 1}: {r.error or 'empty content or no finish_reason'}"
+            for i, r in enumerate(results)
+            if not r.ok
+        ],
+    }
 
 
 class LocalServer:
@@ -172,8 +204,22 @@ class LocalServer:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url, self.log_path = f"http://127.0.0.1:{port}", home / "server.log"
-        command = [sys.executable, "-m", "vlchat.cli", "serve", "--port", str(port), "--home", str(home),
-                   "--model", model, "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+        command = [
+            sys.executable,
+            "-m",
+            "vlchat.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--home",
+            str(home),
+            "--model",
+            model,
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            str(max_queue),
+        ]
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -204,18 +250,26 @@ async def wait_ready(url: str, server: LocalServer | None) -> dict:
         except (httpx.HTTPError, ValueError):
             pass
         if server and server.process.poll() is not None:
-            raise Aborted(f"the server stopped (exit status {server.process.returncode}): "
-                          f"{server.log_path.read_text()[-600:].strip()}")
+            raise Aborted(
+                f"the server stopped (exit status {server.process.returncode}): "
+                f"{server.log_path.read_text()[-600:].strip()}"
+            )
         await asyncio.sleep(0.2)
 
 
-async def measure(args: argparse.Namespace, urls: dict[str, str], servers: dict[str, LocalServer],
-                  phase: list[str]) -> dict:
+async def measure(
+    args: argparse.Namespace, urls: dict[str, str], servers: dict[str, LocalServer], phase: list[str]
+) -> dict:
     """Wait for each server and warm it up with one uncounted request, then run the scenarios in turn.
     `phase[0]` says where the run is, for the abort message."""
     image = f"data:image/png;base64,{base64.b64encode(EXAMPLE.read_bytes()).decode()}"
-    report = {"model": None, "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
-              "load_average": [os.getloadavg()[0]]}  # other processes skew timings on a small machine
+    report = {
+        "model": None,
+        "clients": args.clients,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "load_average": [os.getloadavg()[0]],
+    }  # other processes skew timings on a small machine
     for kind, url in urls.items():
         phase[0] = f"waiting for the {kind} server"
         report["model"] = (await wait_ready(url, servers.get(kind)))["model"]
@@ -237,8 +291,10 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], servers: dict[
 def with_ratios(report: dict) -> dict:
     rate = {s["name"]: s["tokens_per_s"] for s in report["scenarios"]}
     ratio = lambda a, b: rate[a] / rate[b] if a in rate and rate.get(b) else None  # noqa: E731
-    report["ratios"] = {"concurrent_vs_serial": ratio("concurrent", "serial"),
-                        "batched_vs_unbatched": ratio("concurrent", "unbatched")}
+    report["ratios"] = {
+        "concurrent_vs_serial": ratio("concurrent", "serial"),
+        "batched_vs_unbatched": ratio("concurrent", "unbatched"),
+    }
     report["peak_batch"] = max(s["peak_batch"] for s in report["scenarios"] if s["name"] != "unbatched")
     report["failures"] = [f for s in report["scenarios"] for f in s["failures"]]
     report["ok"] = not report["failures"]
@@ -247,22 +303,44 @@ def with_ratios(report: dict) -> dict:
 
 def table(report: dict) -> str:
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    head = ["scenario", "clients", "batch", "reqs", "ok", "req/s", "tok/s", "lat p50", "lat p95", "ttft p50",
-            "ttft p95", "peak", "mean act"]
+    head = [
+        "scenario",
+        "clients",
+        "batch",
+        "reqs",
+        "ok",
+        "req/s",
+        "tok/s",
+        "lat p50",
+        "lat p95",
+        "ttft p50",
+        "ttft p95",
+        "peak",
+        "mean act",
+    ]
     lines = [f"{head[0]:<11}" + "".join(f"{h:>9}" for h in head[1:])]
     for s in report["scenarios"]:
-        cells = [s["clients"], s["max_batch"], s["requests"], s["ok"], num(s["requests_per_s"], ".2f"),
-                 num(s["tokens_per_s"], ".1f"), *(num(s[k], ".2f") for k in
-                 ("latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s")),
-                 s["peak_batch"], num(s["mean_active_batch"], ".1f")]
+        cells = [
+            s["clients"],
+            s["max_batch"],
+            s["requests"],
+            s["ok"],
+            num(s["requests_per_s"], ".2f"),
+            num(s["tokens_per_s"], ".1f"),
+            *(num(s[k], ".2f") for k in ("latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s")),
+            s["peak_batch"],
+            num(s["mean_active_batch"], ".1f"),
+        ]
         lines.append(f"{s['name']:<11}" + "".join(f"{c:>9}" for c in cells))
     r = report["ratios"]
-    lines += [f"throughput (tok/s): concurrent-batched / serial = {num(r['concurrent_vs_serial'], '.2f')}x, "
-              f"batched / unbatched = {num(r['batched_vs_unbatched'], '.2f')}x; "
-              f"peak batch in /health: {report['peak_batch']}",
-              f"(model {report['model']}; {report['max_tokens']} tokens per request, forced with min_tokens; "
-              f"greedy; times in s; 'mean act' = mean active batch in /health while busy; "
-              f"1-min load average {report['load_average'][0]:.1f} at start, {report['load_average'][1]:.1f} at end)"]
+    lines += [
+        f"throughput (tok/s): concurrent-batched / serial = {num(r['concurrent_vs_serial'], '.2f')}x, "
+        f"batched / unbatched = {num(r['batched_vs_unbatched'], '.2f')}x; "
+        f"peak batch in /health: {report['peak_batch']}",
+        f"(model {report['model']}; {report['max_tokens']} tokens per request, forced with min_tokens; "
+        f"greedy; times in s; 'mean act' = mean active batch in /health while busy; "
+        f"1-min load average {report['load_average'][0]:.1f} at start, {report['load_average'][1]:.1f} at end)",
+    ]
     return "\n".join(lines + [f"FAILED {f}" for f in report["failures"]])
 
 
@@ -287,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, LocalServer] = {}
     phase = ["starting"]
     with ExitStack() as stack:
-        for kind, batch in ([] if args.url else [("batched", args.clients), ("unbatched", 1)]):
+        for kind, batch in [] if args.url else [("batched", args.clients), ("unbatched", 1)]:
             # Both start now, so their model loads overlap; the idle one only polls an empty queue.
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"vlchat-load-{kind}-")))
             servers[kind] = LocalServer(home, args.model, batch, max(32, args.clients))
@@ -296,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             left = args.duration_limit - (time.monotonic() - start)
             report = asyncio.run(asyncio.wait_for(measure(args, urls, servers, phase), timeout=left))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             print(f"loadtest: aborted ({phase[0]}): past --duration-limit {args.duration_limit:g} s", file=sys.stderr)
             return 1
         except (Aborted, httpx.HTTPError) as error:

@@ -58,7 +58,7 @@ class PrefixCache:
         entry = tuple(keys)
         with self.lock:
             for entry_id, (cached, _) in list(self.entries.items()):
-                if entry[:len(cached)] == cached:  # subsumed: the new entry answers every lookup it did
+                if entry[: len(cached)] == cached:  # subsumed: the new entry answers every lookup it did
                     del self.entries[entry_id]
             self.entries[self._next_id] = (entry, state)
             self._next_id += 1
@@ -67,5 +67,10 @@ class PrefixCache:
 
     def stats(self) -> CacheStats:
         with self.lock:
-            return CacheStats(len(self.entries), sum(len(k) for k, _ in self.entries.values()),
-                              sum(state_bytes(s) for _, s in self.entries.values()), self.hits, self.lookups)
+            return CacheStats(
+                len(self.entries),
+                sum(len(k) for k, _ in self.entries.values()),
+                sum(state_bytes(s) for _, s in self.entries.values()),
+                self.hits,
+                self.lookups,
+            )

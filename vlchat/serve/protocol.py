@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,14 +31,14 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str  # checked by the server (400 for an unknown role, as OpenAI does)
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -55,7 +55,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = None  # the older name; max_completion_tokens wins when both are set
     n: int | None = 1
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None  # None: the server's default (0 = greedy)
@@ -154,8 +154,10 @@ class ErrorResponse(BaseModel):
 
 # --- /v1/conversations (a vlchat extension) --------------------------------------------------
 
+
 def small_settings(settings: dict[str, Any] | None) -> dict[str, Any] | None:
     """UI settings are a small JSON object: at most 16 levels deep and 16 KB."""
+
     def depth(value: Any) -> int:
         if isinstance(value, dict):
             return 1 + max(map(depth, value.values()), default=0)
@@ -197,7 +199,7 @@ class ConversationReply(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None

@@ -16,9 +16,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
 
 import torch
 from PIL.Image import Image as PILImage
@@ -66,7 +66,7 @@ class Failed:
     code: str | None = None
 
 
-Event = Union[Started, Delta, Finished, Failed]
+Event = Started | Delta | Finished | Failed
 
 
 @dataclass
@@ -99,8 +99,7 @@ class ContextTooLong(VlchatError):
 
 
 class Scheduler:
-    def __init__(self, chat, prefix_cache: PrefixCache | None = None, max_batch: int = 8,
-                 max_queue: int = 32) -> None:
+    def __init__(self, chat, prefix_cache: PrefixCache | None = None, max_batch: int = 8, max_queue: int = 32) -> None:
         self.chat, self.lm = chat, chat.model.lm
         self.prefix_cache = prefix_cache or PrefixCache()
         self.max_batch = max_batch
@@ -183,8 +182,10 @@ class Scheduler:
         keys = encode(job.template, job.messages, self.lm.tokenize, model.tokens_per_image)[0]
         window = self.lm.context_window
         if len(keys) + job.config.max_new_tokens > window:
-            raise ContextTooLong(f"this conversation needs {len(keys)} prompt tokens + max_tokens "
-                                 f"{job.config.max_new_tokens}, more than the context window of {window} tokens")
+            raise ContextTooLong(
+                f"this conversation needs {len(keys)} prompt tokens + max_tokens "
+                f"{job.config.max_new_tokens}, more than the context window of {window} tokens"
+            )
         common, state = self.prefix_cache.lookup(keys)
         rest = keys[common:]
         # only the images after the reused prefix are embedded
@@ -232,7 +233,7 @@ class Scheduler:
         if self.active:
             logits = self.batch.decode(self.lm, torch.tensor(tokens))  # (B, V)
             for row, active in enumerate(self.active):
-                active.logits = logits[row:row + 1]
+                active.logits = logits[row : row + 1]
 
     def _pick(self, active: Active) -> int | None:
         """The row's next token, or None when it is done (finished, cancelled, timed out)."""
@@ -257,4 +258,4 @@ class Scheduler:
             job.emit(Finished(decoder.finish_reason or "length", job.usage))
         state = self.batch.row(row)
         fed = active.keys + decoder.stream.ids
-        self.prefix_cache.store(fed[:state.length], state)
+        self.prefix_cache.store(fed[: state.length], state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import FastAPI
 
@@ -19,8 +19,9 @@ from vlchat.serve.serving import ChatService, ServeConfig
 from vlchat.serve.store import ConversationStore, vlchat_home
 
 
-def build_app(config: ServeConfig, load_chat: Callable[[], object], model_name: str,
-              template: str = "chatml") -> FastAPI:
+def build_app(
+    config: ServeConfig, load_chat: Callable[[], object], model_name: str, template: str = "chatml"
+) -> FastAPI:
     home = config.home or vlchat_home()
     store = ConversationStore(home / "vlchat.db")
     service = ChatService(config, load_chat, model_name, template)
@@ -43,6 +44,9 @@ def serve(app: FastAPI, host: str, port: int) -> None:
 
     logging.getLogger("vlchat").setLevel(logging.INFO)
     shown = f"[{host}]" if ":" in host else host
-    print(f"vlchat: web UI at http://{shown}:{port}/ , OpenAI-compatible API at http://{shown}:{port}/v1 "
-          "(the model loads in the background; Ctrl-C stops)", flush=True)
+    print(
+        f"vlchat: web UI at http://{shown}:{port}/ , OpenAI-compatible API at http://{shown}:{port}/v1 "
+        "(the model loads in the background; Ctrl-C stops)",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -12,9 +12,9 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
@@ -24,7 +24,7 @@ from vlchat.images import DEFAULT_MAX_PIXELS, image_key
 from vlchat.serve import protocol as p
 from vlchat.serve.image_source import ImageInputError, ImagePolicy, resolve_image
 from vlchat.serve.prefix_cache import PrefixCache
-from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started
+from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # GenerationConfig -> request
@@ -56,17 +56,29 @@ class ServeConfig:
 
     @property
     def image_policy(self) -> ImagePolicy:
-        return ImagePolicy(image_dir=self.image_dir, allow_remote=self.allow_remote_images,
-                           max_bytes=int(self.max_image_mb * 2**20), max_pixels=self.max_image_pixels)
+        return ImagePolicy(
+            image_dir=self.image_dir,
+            allow_remote=self.allow_remote_images,
+            max_bytes=int(self.max_image_mb * 2**20),
+            max_pixels=self.max_image_pixels,
+        )
 
 
 class ApiError(Exception):
     """An error the API reports as OpenAI-style JSON with `status`."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-             422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
-             504: "timeout_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        409: "conflict_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable_error",
+        504: "timeout_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         message = message.encode("utf-8", "replace").decode("utf-8")  # echoed input may hold surrogates
@@ -75,8 +87,9 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = self.TYPES.get(self.status, "server_error")
-        return p.ErrorResponse(error=p.ErrorBody(message=self.message, type=kind, param=self.param,
-                                                 code=self.code)).model_dump()
+        return p.ErrorResponse(
+            error=p.ErrorBody(message=self.message, type=kind, param=self.param, code=self.code)
+        ).model_dump()
 
 
 @dataclass
@@ -88,8 +101,9 @@ class Prompt:
 
 
 class ChatService:
-    def __init__(self, config: ServeConfig, load_chat: Callable[[], object], model_name: str,
-                 template: str = "chatml") -> None:
+    def __init__(
+        self, config: ServeConfig, load_chat: Callable[[], object], model_name: str, template: str = "chatml"
+    ) -> None:
         self.config = config
         self.model_id = f"vlchat-{model_name}"
         self.model_template = template  # the model's conversation template, known before it loads
@@ -102,8 +116,9 @@ class ChatService:
     def _load(self, load_chat: Callable[[], object]) -> None:
         try:
             self.chat = load_chat()
-            self.scheduler = Scheduler(self.chat, PrefixCache(self.config.prefix_cache_tokens),
-                                       self.config.max_batch, self.config.max_queue)
+            self.scheduler = Scheduler(
+                self.chat, PrefixCache(self.config.prefix_cache_tokens), self.config.max_batch, self.config.max_queue
+            )
             log.info("model %s loaded", self.model_id)
         except Exception as error:  # reported by /health and every request (503), never a crash
             self.load_error = str(error) if isinstance(error, VlchatError) else f"{type(error).__name__}: {error}"
@@ -115,23 +130,37 @@ class ChatService:
 
     def require_ready(self) -> Scheduler:
         if self.scheduler is None:
-            raise ApiError(503, f"the model failed to load: {self.load_error}" if self.load_error
-                           else "the model is still loading; retry in a few seconds", code="model_loading")
+            raise ApiError(
+                503,
+                f"the model failed to load: {self.load_error}"
+                if self.load_error
+                else "the model is still loading; retry in a few seconds",
+                code="model_loading",
+            )
         return self.scheduler
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_id!r}",
+                "model",
+                "model_not_found",
+            )
 
     # --- requests -> jobs ----------------------------------------------------------------
     def generation(self, request, max_tokens: int | None) -> GenerationConfig:
-        fields = {"max_new_tokens": self.config.default_max_tokens if max_tokens is None else max_tokens,
-                  "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed,
-                  "num_beams": request.num_beams, "top_k": getattr(request, "top_k", None),
-                  "min_new_tokens": getattr(request, "min_tokens", None),
-                  "repetition_penalty": getattr(request, "repetition_penalty", None),
-                  "stop": stop_strings(getattr(request, "stop", None))}
+        fields = {
+            "max_new_tokens": self.config.default_max_tokens if max_tokens is None else max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
+            "num_beams": request.num_beams,
+            "top_k": getattr(request, "top_k", None),
+            "min_new_tokens": getattr(request, "min_tokens", None),
+            "repetition_penalty": getattr(request, "repetition_penalty", None),
+            "stop": stop_strings(getattr(request, "stop", None)),
+        }
         try:
             return GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
         except VlchatError as error:
@@ -183,7 +212,9 @@ class ChatService:
             chosen = get_template(template or self.model_template)
             chosen.segments(prompt.messages)  # refuses a bad role order now
         except VlchatError as error:
-            raise ApiError(400, str(error), "template" if template and "template" in str(error) else "messages") from None
+            raise ApiError(
+                400, str(error), "template" if template and "template" in str(error) else "messages"
+            ) from None
         if not prompt.messages or prompt.messages[-1].role != "user":
             raise ApiError(400, "the last message must be a user message (the one to answer)", "messages")
         return Job(prompt.messages, prompt.images, chosen, generation, emit, self.config.timeout_s)
@@ -198,7 +229,7 @@ class ChatService:
         return self.job(self.prompt(request.messages), request.template, generation, emit)
 
     # --- running jobs --------------------------------------------------------------------
-    async def run(self, build: Callable[[Callable], Job], disconnected: Disconnected) -> "Run":
+    async def run(self, build: Callable[[Callable], Job], disconnected: Disconnected) -> Run:
         """Build and queue a job (in a thread: images may be fetched and decoded), wait until it starts."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -223,13 +254,13 @@ class Run:
         self.text: list[str] = []
         self.finished: Finished | None = None
         self.done = False
-        self.on_end: Callable[["Run"], None] | None = None
+        self.on_end: Callable[[Run], None] | None = None
 
     async def next(self):
         while True:
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await self.disconnected():
                     raise ClientGone() from None
                 continue
@@ -260,8 +291,11 @@ def api_role(role: str, index: int) -> str:
     """An OpenAI message role as ours (`developer` is a system message); 400 for the others."""
     ours = {"developer": "system"}.get(role, role)
     if ours not in ("system", "user", "assistant"):
-        raise ApiError(400, f"messages[{index}].role {role!r} is not supported; use system, user or assistant",
-                       f"messages[{index}].role")
+        raise ApiError(
+            400,
+            f"messages[{index}].role {role!r} is not supported; use system, user or assistant",
+            f"messages[{index}].role",
+        )
     return ours
 
 
@@ -284,9 +318,12 @@ def valid_text(text: str, param: str) -> str:
 
 
 def usage(u) -> p.Usage:
-    return p.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                   total_tokens=u.prompt_tokens + u.completion_tokens,
-                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=u.cached_tokens))
+    return p.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=u.cached_tokens),
+    )
 
 
 async def complete(run: Run, model_id: str) -> p.ChatCompletion:
@@ -300,8 +337,11 @@ async def complete(run: Run, model_id: str) -> p.ChatCompletion:
     finally:
         run.close()
     message = p.ResponseMessage(content="".join(run.text))
-    return p.ChatCompletion(model=model_id, choices=[p.Choice(message=message, finish_reason=run.finished.finish_reason)],
-                            usage=usage(run.finished.usage))
+    return p.ChatCompletion(
+        model=model_id,
+        choices=[p.Choice(message=message, finish_reason=run.finished.finish_reason)],
+        usage=usage(run.finished.usage),
+    )
 
 
 async def sse(run: Run, model_id: str, include_usage: bool) -> AsyncIterator[str]:
@@ -327,4 +367,3 @@ async def sse(run: Run, model_id: str, include_usage: bool) -> AsyncIterator[str
         return
     finally:  # also when the client goes away and the server cancels this generator
         run.close()
-

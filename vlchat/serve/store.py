@@ -64,11 +64,16 @@ def _check_parts(parts: Any) -> None:
     for part in parts:
         if part.get("type") == "text" and isinstance(part.get("text"), str):
             continue
-        if part.get("type") == "image" and _KEY.fullmatch(str(part.get("key"))) \
-                and isinstance(part.get("path"), (str, type(None))):
+        if (
+            part.get("type") == "image"
+            and _KEY.fullmatch(str(part.get("key")))
+            and isinstance(part.get("path"), (str, type(None)))
+        ):
             continue
-        raise VlchatError(f"bad message part {json.dumps(part, default=str)[:80]}: expected {{'type': 'text', "
-                          "'text': str} or {'type': 'image', 'key': sha256 hex, 'path': str|null}")
+        raise VlchatError(
+            f"bad message part {json.dumps(part, default=str)[:80]}: expected {{'type': 'text', "
+            "'text': str} or {'type': 'image', 'key': sha256 hex, 'path': str|null}"
+        )
 
 
 def _check_messages(messages: Any) -> list[tuple[str, str]]:
@@ -144,8 +149,10 @@ class ConversationStore:
         conn.execute("PRAGMA foreign_keys=ON")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise VlchatError(f"its schema version {version} is newer than this vlchat supports "
-                              f"({SCHEMA_VERSION}): upgrade vlchat or use another file")
+            raise VlchatError(
+                f"its schema version {version} is newer than this vlchat supports "
+                f"({SCHEMA_VERSION}): upgrade vlchat or use another file"
+            )
         if version == 0:
             with self._write() as c:
                 # Re-read under the write lock: another process may have created the schema meanwhile.
@@ -171,30 +178,49 @@ class ConversationStore:
         """Append validated messages at the next positions and auto-title from the first user text."""
         checked = _check_messages(messages)
         row = self._require(conn, conversation_id)
-        start = conn.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?",
-                             (conversation_id,)).fetchone()[0]
+        start = conn.execute(
+            "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()[0]
         rows = [(conversation_id, start + i, role, parts, now) for i, (role, parts) in enumerate(checked)]
         conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", rows)
         title = _auto_title(checked) if row["title"] == DEFAULT_TITLE else None
-        conn.execute("UPDATE conversations SET updated = ?, title = COALESCE(?, title) WHERE id = ?",
-                     (now, title, conversation_id))
+        conn.execute(
+            "UPDATE conversations SET updated = ?, title = COALESCE(?, title) WHERE id = ?",
+            (now, title, conversation_id),
+        )
 
     def get(self, conversation_id: str) -> dict:
         """The conversation with its `messages` ({"role", "parts", "created"}) in order; NotFound if unknown."""
         with self._lock:
             row = self._require(self._conn, conversation_id)
-            rows = self._conn.execute("SELECT role, parts, created FROM messages WHERE conversation_id = ? "
-                                      "ORDER BY position", (conversation_id,)).fetchall()
+            rows = self._conn.execute(
+                "SELECT role, parts, created FROM messages WHERE conversation_id = ? ORDER BY position",
+                (conversation_id,),
+            ).fetchall()
         result = dict(row) | {"settings": json.loads(row["settings"])}
-        result["messages"] = [{"role": r["role"], "parts": json.loads(r["parts"]), "created": r["created"]}
-                              for r in rows]
+        result["messages"] = [
+            {"role": r["role"], "parts": json.loads(r["parts"]), "created": r["created"]} for r in rows
+        ]
         return result
 
-    def create(self, title: str = DEFAULT_TITLE, system: str | None = None, template: str | None = None,
-               settings: dict | None = None, messages: list[dict] | None = None) -> dict:
+    def create(
+        self,
+        title: str = DEFAULT_TITLE,
+        system: str | None = None,
+        template: str | None = None,
+        settings: dict | None = None,
+        messages: list[dict] | None = None,
+    ) -> dict:
         conversation_id, now = f"conv_{uuid.uuid4().hex}", time.time()
-        row = (conversation_id, _check_title(title), _check_optional_text("system", system),
-               _check_optional_text("template", template), _settings_json(settings or {}), now, now)
+        row = (
+            conversation_id,
+            _check_title(title),
+            _check_optional_text("system", system),
+            _check_optional_text("template", template),
+            _settings_json(settings or {}),
+            now,
+            now,
+        )
         with self._write() as conn:
             conn.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)", row)
             self._insert(conn, conversation_id, messages or [], now)
@@ -205,8 +231,9 @@ class ConversationStore:
         if not (isinstance(limit, int) and isinstance(offset, int) and 0 <= limit <= 1000 and offset >= 0):
             raise VlchatError("limit must be 0..1000 and offset >= 0")
         with self._lock:
-            rows = self._conn.execute(f"{_SUMMARY} ORDER BY c.updated DESC, c.rowid DESC LIMIT ? OFFSET ?",
-                                      (limit, offset)).fetchall()
+            rows = self._conn.execute(
+                f"{_SUMMARY} ORDER BY c.updated DESC, c.rowid DESC LIMIT ? OFFSET ?", (limit, offset)
+            ).fetchall()
         return [dict(r) | {"settings": json.loads(r["settings"])} for r in rows]
 
     def append(self, conversation_id: str, messages: list[dict]) -> dict:
@@ -220,13 +247,21 @@ class ConversationStore:
             raise VlchatError(f"keep must be a non-negative integer, got {keep!r}")
         with self._write() as conn:
             self._require(conn, conversation_id)
-            deleted = conn.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?",
-                                   (conversation_id, keep)).rowcount
+            deleted = conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (conversation_id, keep)
+            ).rowcount
             conn.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conversation_id))
         return deleted
 
-    def update(self, conversation_id: str, *, title: str | None = None, system: str | None = _UNSET,
-               template: str | None = _UNSET, settings: dict | None = None) -> dict:
+    def update(
+        self,
+        conversation_id: str,
+        *,
+        title: str | None = None,
+        system: str | None = _UNSET,
+        template: str | None = _UNSET,
+        settings: dict | None = None,
+    ) -> dict:
         """Change the given fields; `system=None` / `template=None` clear them, omitted ones stay."""
         changes: dict[str, Any] = {"updated": time.time()}
         if title is not None:
@@ -240,8 +275,7 @@ class ConversationStore:
         assignments = ", ".join(f"{column} = ?" for column in changes)  # column names are ours, not input
         with self._write() as conn:
             self._require(conn, conversation_id)
-            conn.execute(f"UPDATE conversations SET {assignments} WHERE id = ?",
-                         (*changes.values(), conversation_id))
+            conn.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*changes.values(), conversation_id))
         return self.get(conversation_id)
 
     def delete(self, conversation_id: str) -> bool:

@@ -34,5 +34,8 @@ def add_webui(app: FastAPI) -> None:
     def ui_config() -> dict:
         service = app.state.service
         examples = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".png", ".jpg", ".jpeg"))
-        return {"model": service.model_id, "personas": PERSONAS,
-                "examples": [{"name": name, "url": f"/examples/{name}"} for name in examples]}
+        return {
+            "model": service.model_id,
+            "personas": PERSONAS,
+            "examples": [{"name": name, "url": f"/examples/{name}"} for name in examples],
+        }

@@ -34,6 +34,7 @@ from vlchat.train.trainer import COMPILE_STEPS, autocast_context, prepare, train
 @dataclass(frozen=True)
 class PartTiming:
     """One recipe's measured figures (seconds) and, when a reference run is known, its figures."""
+
     name: str
     max_steps: int
     setup_s: float
@@ -110,22 +111,38 @@ def measure(paths: list[str], overrides: list[str], steps: int, reference: Path 
     for path, config, (at_steps, run_s) in zip(paths, configs, references):
         setup_s, seconds = time_part(config, steps, world)
         one_off = one_off_steps(config, steps)
-        parts.append(PartTiming(Path(path).name, config.max_steps, setup_s, steps, sum(seconds), one_off,
-                                sum(seconds[:one_off]), at_steps, run_s))
+        parts.append(
+            PartTiming(
+                Path(path).name,
+                config.max_steps,
+                setup_s,
+                steps,
+                sum(seconds),
+                one_off,
+                sum(seconds[:one_off]),
+                at_steps,
+                run_s,
+            )
+        )
         print(format_part(parts[-1]), flush=True)
     return parts
 
 
 def format_part(part: PartTiming) -> str:
-    line = (f"{part.name}: set-up {part.setup_s:.1f} s, first {part.steps_timed} steps {part.steps_s:.1f} s "
-            f"({part.steps_s / part.steps_timed:.2f} s/step")
+    line = (
+        f"{part.name}: set-up {part.setup_s:.1f} s, first {part.steps_timed} steps {part.steps_s:.1f} s "
+        f"({part.steps_s / part.steps_timed:.2f} s/step"
+    )
     if part.one_off_steps:
-        line += (f"; the first {part.one_off_steps} compiling {part.one_off_s:.1f} s, "
-                 f"then {part.steady_step_s:.2f} s/step")
+        line += (
+            f"; the first {part.one_off_steps} compiling {part.one_off_s:.1f} s, then {part.steady_step_s:.2f} s/step"
+        )
     line += f") -> {part.max_steps} steps ≈ {part.projected_s / 60:.1f} min"
     if part.ratio is not None:
-        line += (f"; reference {part.reference_steps_s:.1f} s for the same steps ({part.ratio:.2f}x), "
-                 f"its run {part.reference_run_s / 60:.1f} min -> ≈ {part.scaled_reference_s / 60:.1f} min here")
+        line += (
+            f"; reference {part.reference_steps_s:.1f} s for the same steps ({part.ratio:.2f}x), "
+            f"its run {part.reference_run_s / 60:.1f} min -> ≈ {part.scaled_reference_s / 60:.1f} min here"
+        )
     return line
 
 
@@ -133,19 +150,26 @@ def format_total(parts: list[PartTiming]) -> str:
     line = f"total: ≈ {sum(p.projected_s for p in parts) / 60:.1f} min projected from the timed steps"
     if all(p.ratio is not None for p in parts):
         reference = sum(p.reference_run_s for p in parts) / 60
-        line += (f", ≈ {sum(p.scaled_reference_s for p in parts) / 60:.1f} min from the reference runs "
-                 f"scaled ({reference:.1f} min of training loops there)")
+        line += (
+            f", ≈ {sum(p.scaled_reference_s for p in parts) / 60:.1f} min from the reference runs "
+            f"scaled ({reference:.1f} min of training loops there)"
+        )
     return line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlchat.train.bench_recipe",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlchat.train.bench_recipe", description=__doc__.split("\n")[0])
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="training recipes (YAML), in order")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed per recipe")
     parser.add_argument("--reference", type=Path, help="a folder of reference runs' <name>-metrics.jsonl")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="recipe overrides applied to every recipe")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides applied to every recipe",
+    )
     args = parser.parse_args(argv)
     try:
         if args.steps < 1:

@@ -19,21 +19,22 @@ from vlchat.errors import VlchatError
 from vlchat.train import distributed
 from vlchat.train.datasets import build_samples
 from vlchat.train.recipe import TrainConfig, load_config
-from vlchat.train.trainer import (BatchMaker, TrainModule, autocast_context, build_model, group_weights,
-                                  sample_indices)
+from vlchat.train.trainer import BatchMaker, TrainModule, autocast_context, build_model, group_weights, sample_indices
 
 MODES = ("off", "bf16")
 
 
-def timed_step(module: TrainModule, optimizer, batches: BatchMaker, indices: list[int],
-               config: TrainConfig, device: torch.device) -> float:
+def timed_step(
+    module: TrainModule, optimizer, batches: BatchMaker, indices: list[int], config: TrainConfig, device: torch.device
+) -> float:
     """One optimizer step on the samples at `indices` (data preparation not timed), in seconds."""
     groups = batches(indices)
     began = time.perf_counter()
     for batch, weight in zip(groups, group_weights(groups)):
         with autocast_context(config, device):
-            loss = module(batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids,
-                          batch.weights)
+            loss = module(
+                batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids, batch.weights
+            )
         (loss * weight).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -49,8 +50,14 @@ def measure(config: TrainConfig, steps: int, rounds: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr)
     configs = {mode: replace(config, autocast=mode) for mode in MODES}
     for number, mode in enumerate(MODES):  # warm-up: first-call allocations and kernel choices
-        timed_step(module, optimizer, batches, sample_indices(number, 0, config, world, len(samples)),
-                   configs[mode], world.device)
+        timed_step(
+            module,
+            optimizer,
+            batches,
+            sample_indices(number, 0, config, world, len(samples)),
+            configs[mode],
+            world.device,
+        )
     spent = dict.fromkeys(MODES, 0.0)
     for round_ in range(rounds):
         for mode in MODES:
@@ -77,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for mode, seconds in per_step.items():
         print(f"autocast {mode:4s}: {seconds:.3f} s/step, {config.batch_size / seconds:.2f} samples/s")
-    print(f"bf16 autocast speed-up: {per_step['off'] / per_step['bf16']:.2f}x "
-          f"({args.rounds} x {args.steps} steps per mode, batch {config.batch_size})")
+    print(
+        f"bf16 autocast speed-up: {per_step['off'] / per_step['bf16']:.2f}x "
+        f"({args.rounds} x {args.steps} steps per mode, batch {config.batch_size})"
+    )
     return 0
 
 

@@ -47,12 +47,10 @@ class Batch:
     weights: torch.Tensor | None = None  # (B, T-1) loss weight per target (loss_weighting: answer), else None
 
 
-def encode_sample(sample: Sample, template: Template, system: str | None, tokenize,
-                  tokens_per_image: int) -> Encoded:
+def encode_sample(sample: Sample, template: Template, system: str | None, tokenize, tokens_per_image: int) -> Encoded:
     """Render a sample with `template` (+ system prompt) and mark what the loss sees."""
     head = [Message.text_message("system", system)] if system is not None else []
-    keys, trainable = encode(template, head + sample.messages, tokenize, tokens_per_image,
-                             add_generation_prompt=False)
+    keys, trainable = encode(template, head + sample.messages, tokenize, tokens_per_image, add_generation_prompt=False)
     n_images = sum(1 for k in keys if isinstance(k, tuple) and k[1] == 0)
     if n_images != len(sample.images):
         raise VlchatError(f"{sample.source}: {n_images} image placeholder(s) but {len(sample.images)} image(s)")
@@ -71,12 +69,14 @@ def _turns_alone(messages: list[Message]) -> list[list[Message]] | None:
     """Each user/assistant pair as its own conversation, the first user message's images in
     front of every question; None if the sample is not pairs with images in the first turn only."""
     pairs = list(zip(messages[::2], messages[1::2]))
-    if (len(messages) % 2 or any(u.role != "user" or a.role != "assistant" for u, a in pairs)
-            or any(m.images for m in messages[1:])):
+    if (
+        len(messages) % 2
+        or any(u.role != "user" or a.role != "assistant" for u, a in pairs)
+        or any(m.images for m in messages[1:])
+    ):
         return None
     images = messages[0].images
-    return [[replace(user, parts=(images if i else []) + user.parts), answer]
-            for i, (user, answer) in enumerate(pairs)]
+    return [[replace(user, parts=(images if i else []) + user.parts), answer] for i, (user, answer) in enumerate(pairs)]
 
 
 def _independent_turns(messages, images, head, template, tokenize, tokens_per_image) -> Encoded | None:
@@ -85,8 +85,9 @@ def _independent_turns(messages, images, head, template, tokenize, tokens_per_im
     turns = _turns_alone(messages)
     if turns is None or len(turns) < 2:
         return None
-    rendered = [encode(template, head + turn, tokenize, tokens_per_image, add_generation_prompt=False)
-                for turn in turns]
+    rendered = [
+        encode(template, head + turn, tokenize, tokens_per_image, add_generation_prompt=False) for turn in turns
+    ]
     prefix = _common_prefix([keys for keys, _ in rendered])
     if any(isinstance(k, tuple) for keys, _ in rendered for k in keys[prefix:]):
         return None  # an image slot past the shared prefix: the image is not in front of the question
@@ -145,7 +146,7 @@ def branch_positions(items: list[Encoded], width: int) -> torch.Tensor:
     """(B, T) position ids: each branch continues from the end of the shared prefix."""
     positions = torch.zeros((len(items), width), dtype=torch.long)
     for row, item in enumerate(items):
-        positions[row, :len(item.ids)] = torch.tensor(item.positions or range(len(item.ids)))
+        positions[row, : len(item.ids)] = torch.tensor(item.positions or range(len(item.ids)))
     return positions
 
 

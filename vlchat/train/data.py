@@ -30,9 +30,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image as PILImage
 
@@ -87,9 +87,7 @@ class _Item:
 # --- public readers -----------------------------------------------------------------------------
 
 
-def read_llava_json(
-    path: str | os.PathLike, image_folder: str | os.PathLike | None = None
-) -> Iterator[Sample]:
+def read_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> Iterator[Sample]:
     """LLaVA's JSON list of {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}.
 
     "image" is a path (or a list of paths) relative to `image_folder` (default: the JSON's folder),
@@ -137,8 +135,9 @@ def read_minigpt4_stage2(path: str | os.PathLike) -> Iterator[Sample]:
     return _checked(_stage2_items(_stage2_folder(path)))
 
 
-def read_easy_vqa(split: str = "train", turns: int = 1, balance_yes_no: bool = False,
-                  explain_yes_no: bool = False) -> Iterator[Sample]:
+def read_easy_vqa(
+    split: str = "train", turns: int = 1, balance_yes_no: bool = False, explain_yes_no: bool = False
+) -> Iterator[Sample]:
     """easy-VQA from its package: one question (or up to `turns` questions about one image) a sample.
 
     Questions keep the package's order (grouped by image); with `turns` > 1 each image's questions
@@ -219,10 +218,10 @@ def _checked(items: Iterable[_Item]) -> Iterator[Sample]:
         yield item.sample
 
 
-def _build(where: str, make: Callable[[], Sample]) -> _Item:
-    """Run a record's builder; a VlchatError it raises becomes the record's error."""
+def _build(where: str, make: Callable[..., Sample], *args: object) -> _Item:
+    """Run a record's builder on `args`; a VlchatError it raises becomes the record's error."""
     try:
-        return _Item(where, sample=make())
+        return _Item(where, sample=make(*args))
     except VlchatError as err:
         return _Item(where, error=str(err))
 
@@ -233,8 +232,10 @@ def sample_problems(sample: Sample) -> list[str]:
     for i, message in enumerate(sample.messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
-            problems.append(f"roles must alternate user, assistant, ...: message {i} (from 0) is "
-                            f"{message.role!r} where {expected!r} was expected")
+            problems.append(
+                f"roles must alternate user, assistant, ...: message {i} (from 0) is "
+                f"{message.role!r} where {expected!r} was expected"
+            )
             break
     if not sample.messages:
         problems.append("no messages")
@@ -258,9 +259,7 @@ def _has_text(message: Message) -> bool:
 # --- conversations with <image> markers ----------------------------------------------------------
 
 
-def _messages(
-    turns: Sequence[tuple[str, str]], images: Sequence[Image], images_first: bool = False
-) -> list[Message]:
+def _messages(turns: Sequence[tuple[str, str]], images: Sequence[Image], images_first: bool = False) -> list[Message]:
     """(role, text with <image> markers) -> Messages, the i-th marker becoming images[i].
 
     Text next to a marker is stripped ("<image>\\nWhat is it?" -> [Image, Text("What is it?")]).
@@ -271,8 +270,10 @@ def _messages(
         turns = [(turns[0][0], IMAGE_MARKER * len(images) + turns[0][1]), *turns[1:]]
         markers = len(images)
     if markers != len(images):
-        raise VlchatError(f"{len(images)} image(s) but {markers} {IMAGE_MARKER} marker(s); "
-                          f"put one {IMAGE_MARKER} in a user turn where each image goes")
+        raise VlchatError(
+            f"{len(images)} image(s) but {markers} {IMAGE_MARKER} marker(s); "
+            f"put one {IMAGE_MARKER} in a user turn where each image goes"
+        )
     queue = iter(images)
     messages = []
     for i, (role, text) in enumerate(turns):

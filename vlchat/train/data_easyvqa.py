@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
 from vlchat.train.data import EASY_VQA_SPLITS, Sample, _build, _Item, question_type
-
 
 # --- easy-VQA -----------------------------------------------------------------------------------
 
@@ -21,8 +20,9 @@ def _easy_vqa_split(split: str) -> str:
     return split
 
 
-def _easy_vqa_items(split: str, turns: int, balance_yes_no: bool = False,
-                    explain_yes_no: bool = False) -> Iterator[_Item]:
+def _easy_vqa_items(
+    split: str, turns: int, balance_yes_no: bool = False, explain_yes_no: bool = False
+) -> Iterator[_Item]:
     questions, answers, image_ids, paths = _easy_vqa_data(split)
     by_image: dict[int, list[tuple[str, str]]] = {}  # insertion order: the package's order
     for question, answer, image_id in zip(questions, answers, image_ids):
@@ -37,7 +37,7 @@ def _easy_vqa_items(split: str, turns: int, balance_yes_no: bool = False,
         for start in range(0, len(pairs), turns):
             where = f"easy_vqa:{split}: image {image_id} question {start}"
             group = pairs[start : start + turns]
-            yield _build(where, lambda: _vqa_sample(paths.get(image_id), group, image_id, split, where))
+            yield _build(where, _vqa_sample, paths.get(image_id), group, image_id, split, where)
 
 
 def _easy_vqa_data(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
@@ -51,9 +51,7 @@ def _easy_vqa_data(split: str) -> tuple[list[str], list[str], list[int], dict[in
     return (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
 
 
-def _vqa_sample(
-    path: str | None, pairs: Sequence[tuple[str, str]], image_id: int, split: str, where: str
-) -> Sample:
+def _vqa_sample(path: str | None, pairs: Sequence[tuple[str, str]], image_id: int, split: str, where: str) -> Sample:
     if path is None:
         raise VlchatError(f"the easy_vqa package has no image {image_id}.png for this question")
     messages = []
@@ -61,8 +59,15 @@ def _vqa_sample(
         parts = [Image(key=path, source=path), Text(question)] if i == 0 else [Text(question)]
         messages += [Message("user", parts), Message.text_message("assistant", answer)]
     qtypes = [question_type(q) for q, _ in pairs]
-    meta = {"answer": pairs[-1][1], "qtype": qtypes[-1], "answers": [a for _, a in pairs],
-            "qtypes": qtypes, "image_id": image_id, "split": split, "lang": "en"}
+    meta = {
+        "answer": pairs[-1][1],
+        "qtype": qtypes[-1],
+        "answers": [a for _, a in pairs],
+        "qtypes": qtypes,
+        "image_id": image_id,
+        "split": split,
+        "lang": "en",
+    }
     return Sample(messages, [path], where, meta)
 
 

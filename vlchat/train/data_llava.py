@@ -5,13 +5,23 @@ in vlchat.train.data."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from vlchat.errors import VlchatError
-from vlchat.train.data import (LLAVA_ROLES, Sample, _build, _field, _image_paths, _Item, _json_file,
-                               _messages, _object, _parse_json, _path_images)
-
+from vlchat.train.data import (
+    LLAVA_ROLES,
+    Sample,
+    _build,
+    _field,
+    _image_paths,
+    _Item,
+    _json_file,
+    _messages,
+    _object,
+    _parse_json,
+    _path_images,
+)
 
 # --- LLaVA JSON ---------------------------------------------------------------------------------
 
@@ -26,7 +36,7 @@ def _llava_items(path: Path, image_folder: str | os.PathLike | None) -> Iterator
     folder = Path(image_folder) if image_folder is not None else path.parent
     for i, record in enumerate(data):
         where = f"{path}: item {i}"
-        yield _build(where, lambda: _llava_sample(record, folder, where))
+        yield _build(where, _llava_sample, record, folder, where)
 
 
 def _llava_sample(record: object, folder: Path, where: str) -> Sample:
@@ -56,7 +66,11 @@ def _jsonl_items(path: Path, image_folder: str | os.PathLike | None) -> Iterator
         for n, line in enumerate(lines, 1):
             if line.strip():
                 where = f"{path}:line {n}"
-                yield _build(where, lambda: _jsonl_sample(_parse_json(line), folder, where))
+                yield _build(where, _jsonl_line_sample, line, folder, where)
+
+
+def _jsonl_line_sample(line: str, folder: Path, where: str) -> Sample:
+    return _jsonl_sample(_parse_json(line), folder, where)
 
 
 def _jsonl_sample(record: object, folder: Path, where: str) -> Sample:

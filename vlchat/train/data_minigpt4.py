@@ -7,17 +7,27 @@ from __future__ import annotations
 import os
 import tarfile
 import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from PIL import Image as PILImage
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
-from vlchat.train.data import (_BRACES, IMAGE_EXTENSIONS, INSTRUCTIONS, Sample, _build, _existing, _field,
-                               _Item, _json_file, _object, _parse_json)
-
+from vlchat.train.data import (
+    _BRACES,
+    IMAGE_EXTENSIONS,
+    INSTRUCTIONS,
+    Sample,
+    _build,
+    _existing,
+    _field,
+    _Item,
+    _json_file,
+    _object,
+    _parse_json,
+)
 
 # --- MiniGPT-4 stage 1: webdataset tar shards ----------------------------------------------------
 
@@ -29,8 +39,10 @@ def _shard_paths(path: str | os.PathLike) -> list[Path]:
     if found:
         first, last = found.group(1), found.group(2)
         width = len(first) if first.startswith("0") else 0
-        return [Path(text[: found.start()] + str(n).zfill(width) + text[found.end():])
-                for n in range(int(first), int(last) + 1)]
+        return [
+            Path(text[: found.start()] + str(n).zfill(width) + text[found.end() :])
+            for n in range(int(first), int(last) + 1)
+        ]
     path = _existing(path)
     if not path.is_dir():
         return [path]
@@ -51,7 +63,7 @@ def _shard_items(shard: Path) -> Iterator[_Item]:
         with tarfile.open(shard, "r|*") as tar:
             for key, files in _tar_groups(tar):
                 where = f"{shard}: {key}"
-                yield _build(where, lambda: _stage1_sample(files, key, where))
+                yield _build(where, _stage1_sample, files, key, where)
     except (tarfile.TarError, OSError, EOFError) as err:
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
         yield _Item(str(shard), error=f"cannot read tar shard ({reason})")
@@ -118,13 +130,13 @@ def _stage2_items(folder: Path) -> Iterator[_Item]:
     captions = folder / "filter_cap.json"
     data, error = _json_file(captions)
     if error is None and not (isinstance(data, dict) and isinstance(data.get("annotations"), list)):
-        error = _Item(str(captions), error="expected {\"annotations\": [{\"image_id\", \"caption\"}, ...]}")
+        error = _Item(str(captions), error='expected {"annotations": [{"image_id", "caption"}, ...]}')
     if error is not None:
         yield error
         return
     for i, record in enumerate(data["annotations"]):
         where = f"{captions}: item {i}"
-        yield _build(where, lambda: _stage2_sample(record, folder, where))
+        yield _build(where, _stage2_sample, record, folder, where)
 
 
 def _stage2_sample(record: object, folder: Path, where: str) -> Sample:
@@ -135,5 +147,3 @@ def _stage2_sample(record: object, folder: Path, where: str) -> Sample:
     sample = _caption_sample(path, Image(key=path, source=path), caption, str(image_id), where)
     sample.meta = {"image_id": image_id}
     return sample
-
-

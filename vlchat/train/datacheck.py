@@ -4,8 +4,8 @@ instead of failing mid-epoch on the first one."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from PIL import Image as PILImage
 
@@ -71,11 +71,15 @@ def _image_problems(images: Sequence[PILImage.Image | str], loaded: dict[str, st
     return [loaded[p] for p in images if isinstance(p, str) and loaded[p] is not None]
 
 
-def _length_problems(sample: Sample, template: Template, tokenizer_fn: Callable[[str], Sequence[int]],
-                     max_tokens: int, tokens_per_image: int) -> list[str]:
+def _length_problems(
+    sample: Sample,
+    template: Template,
+    tokenizer_fn: Callable[[str], Sequence[int]],
+    max_tokens: int,
+    tokens_per_image: int,
+) -> list[str]:
     # the same tokenizer path as training and inference (chat/prompt.py), images as N slots each
     count = len(encode(template, sample.messages, tokenizer_fn, tokens_per_image, add_generation_prompt=False)[0])
     if count <= max_tokens:
         return []
-    return [f"too long: {count} tokens with template {template.name} "
-            f"({tokens_per_image} an image), limit {max_tokens}"]
+    return [f"too long: {count} tokens with template {template.name} ({tokens_per_image} an image), limit {max_tokens}"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Sequence
+from collections.abc import Sequence
 
 from vlchat.errors import VlchatError
 from vlchat.train.data import Sample
@@ -31,8 +31,14 @@ class SyntheticSamples(Sequence):
         lang = self.source.lang if self.source.lang != "both" else ("en", "zh")[seed % 2]
         if self.kind == "caption":
             return self.synth.caption_sample(seed, lang, self.source.max_objects)
-        sample = self.synth.qa_sample(seed, lang, self.source.turns, self.source.explain_yes_no,
-                                      self.source.qtypes or self.synth.QTYPES, self.source.max_objects)
+        sample = self.synth.qa_sample(
+            seed,
+            lang,
+            self.source.turns,
+            self.source.explain_yes_no,
+            self.source.qtypes or self.synth.QTYPES,
+            self.source.max_objects,
+        )
         return tagged(sample, self.source)
 
 
@@ -80,8 +86,9 @@ def check_yes_no_options(source: DataSource) -> None:
     if source.balance_yes_no and not easy:
         raise VlchatError(f"data source {source.spec!r}: balance_yes_no applies to easy_vqa sources only")
     if source.explain_yes_no and not (easy or (synth_qa and source.lang == "en")):
-        raise VlchatError(f"data source {source.spec!r}: explain_yes_no applies to easy_vqa and "
-                          "English synth:qa sources only")
+        raise VlchatError(
+            f"data source {source.spec!r}: explain_yes_no applies to easy_vqa and English synth:qa sources only"
+        )
 
 
 def check_qtypes(source: DataSource) -> None:
@@ -102,8 +109,9 @@ def check_max_objects(source: DataSource) -> None:
     if not source.spec.startswith("synth:"):
         raise VlchatError(f"data source {source.spec!r}: max_objects applies to synth sources only")
     if not 1 <= source.max_objects <= MAX_OBJECTS:
-        raise VlchatError(f"data source {source.spec!r}: max_objects must be 1 to {MAX_OBJECTS}, "
-                          f"got {source.max_objects}")
+        raise VlchatError(
+            f"data source {source.spec!r}: max_objects must be 1 to {MAX_OBJECTS}, got {source.max_objects}"
+        )
 
 
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:

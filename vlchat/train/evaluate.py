@@ -45,8 +45,9 @@ class Scores:
     replies: list[dict] = field(default_factory=list)  # one row per item; the totals derive from it
 
     def add(self, item: Item, reply: str, score: float) -> None:
-        self.replies.append({"group": item.group, "question": item.question, "answer": item.answer,
-                             "reply": reply, "score": score})
+        self.replies.append(
+            {"group": item.group, "question": item.question, "answer": item.answer, "reply": reply, "score": score}
+        )
 
     @property
     def total(self) -> dict[str, int]:
@@ -103,8 +104,10 @@ def caption_items(scenes: int, lang: str) -> list[Item]:
 
     prompt = "Describe this image." if lang == "en" else "请描述这张图片。"
     offset = synth.HELD_OUT_SEEDS[50_000]  # a held-out range apart from the QA scenes
-    return [Item(synth.render(s), prompt, "", f"caption/{lang}", s)
-            for s in (synth.make_scene(offset + i) for i in range(scenes))]
+    return [
+        Item(synth.render(s), prompt, "", f"caption/{lang}", s)
+        for s in (synth.make_scene(offset + i) for i in range(scenes))
+    ]
 
 
 def caption_recall(text: str, scene, lang: str) -> float:
@@ -127,15 +130,14 @@ class Answerer:
     def prompt(self, item: Item) -> tuple[list[int], torch.Tensor | None]:
         image = load_image(item.image) if isinstance(item.image, str) else item.image
         parts = ([Image(image_key(image))] if self.with_image else []) + [Text(item.question)]
-        keys, _ = encode(self.template, [Message("user", parts)], self.model.lm.tokenize,
-                         self.model.tokens_per_image)
+        keys, _ = encode(self.template, [Message("user", parts)], self.model.lm.tokenize, self.model.tokens_per_image)
         return slot_ids(keys), self.model.pixels(image) if self.with_image else None
 
     @torch.inference_mode()
     def answer(self, items: list[Item], max_new_tokens: int) -> list[str]:
         out = []
         for start in range(0, len(items), self.batch_size):
-            out += self._batch(items[start:start + self.batch_size], max_new_tokens)
+            out += self._batch(items[start : start + self.batch_size], max_new_tokens)
         return out
 
     def _batch(self, items: list[Item], max_new_tokens: int) -> list[str]:
@@ -144,14 +146,19 @@ class Answerer:
         ids = torch.zeros((len(items), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, (row_ids, _) in enumerate(prompts):  # left padding, for generation
-            ids[row, width - len(row_ids):], mask[row, width - len(row_ids):] = torch.tensor(row_ids), 1
+            ids[row, width - len(row_ids) :], mask[row, width - len(row_ids) :] = torch.tensor(row_ids), 1
         images = None
         if self.with_image:
             images = self.model.encode_images(torch.stack([p for _, p in prompts]))
         embeds = self.model.embed(ids, images)
         lm = self.model.lm
-        new = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id or 0)
+        new = lm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id or 0,
+        )
         stop = self.template.stop
         texts = [lm.tokenizer.decode(row, skip_special_tokens=False) for row in new.tolist()]
         return [min((t.split(s)[0] for s in stop), key=len).strip() for t in texts]
@@ -168,8 +175,14 @@ def score(model: VisionLanguageModel, items: list[Item], with_image: bool, batch
     return scores
 
 
-def evaluate(model: VisionLanguageModel, suites: list[str], limit: int | None, scenes: int,
-             langs: list[str], batch_size: int = 16) -> dict:
+def evaluate(
+    model: VisionLanguageModel,
+    suites: list[str],
+    limit: int | None,
+    scenes: int,
+    langs: list[str],
+    batch_size: int = 16,
+) -> dict:
     items: list[Item] = []
     if "easy_vqa" in suites:
         items += easy_vqa_items(limit)
@@ -179,8 +192,13 @@ def evaluate(model: VisionLanguageModel, suites: list[str], limit: int | None, s
     for name, with_image in (("model", True), ("text_only", False)):
         start = time.perf_counter()
         scores = score(model, items, with_image, batch_size)
-        report[name] = {"accuracy": scores.table(), "counts": dict(scores.total), "overall": overall(scores),
-                        "seconds": round(time.perf_counter() - start, 1), "replies": scores.replies}
+        report[name] = {
+            "accuracy": scores.table(),
+            "counts": dict(scores.total),
+            "overall": overall(scores),
+            "seconds": round(time.perf_counter() - start, 1),
+            "replies": scores.replies,
+        }
     return report
 
 
@@ -205,8 +223,7 @@ def markdown(report: dict, title: str) -> str:
         lines.append(f"| **{key} (all)** | {n} | **{value:.1%}** | {base['overall'][key]:.1%} |")
     for group, value in model["accuracy"].items():
         metric = "attribute recall" if group.startswith("caption") else "accuracy"
-        lines.append(f"| {group} ({metric}) | {model['counts'][group]} | {value:.1%} | "
-                     f"{base['accuracy'][group]:.1%} |")
+        lines.append(f"| {group} ({metric}) | {model['counts'][group]} | {value:.1%} | {base['accuracy'][group]:.1%} |")
     lines.append("")
     lines.append(f"Time: {model['seconds']} s (model), {base['seconds']} s (baseline).")
     return "\n".join(lines) + "\n"

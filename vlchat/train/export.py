@@ -24,8 +24,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def to_bfloat16(source: Path, target: Path) -> None:
     """Copy a safetensors file with floating tensors cast to bfloat16 (atomic: temp file + rename)."""
-    tensors = {name: t.to(torch.bfloat16) if t.is_floating_point() else t
-               for name, t in load_file(source).items()}
+    tensors = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in load_file(source).items()}
     save_file(tensors, f"{target}.tmp")
     os.replace(f"{target}.tmp", target)
 

@@ -52,7 +52,9 @@ def scene_tokens(encoder: VisionEncoder, seeds: range, batch: int = 32) -> tuple
     tokens = []
     for start in range(0, len(scenes), batch):
         with torch.no_grad():
-            tokens.append(encoder(torch.stack([to_tensor(render(s, size), size) for s in scenes[start:start + batch]])))
+            tokens.append(
+                encoder(torch.stack([to_tensor(render(s, size), size) for s in scenes[start : start + batch]]))
+            )
     return torch.cat(tokens), scenes
 
 
@@ -100,8 +102,11 @@ class Score(NamedTuple):
     share: float  # the attribute's share of the tokens' variance, 0-1 (variance_share)
 
 
-def measure(encoder: VisionEncoder, scenes: int, projectors: dict[str, Projector] | None = None,
-            ) -> dict[str, dict[str, Score]]:
+def measure(
+    encoder: VisionEncoder,
+    scenes: int,
+    projectors: dict[str, Projector] | None = None,
+) -> dict[str, dict[str, Score]]:
     """{feature slice: {attribute: Score}} over the objects of `scenes` held-out scenes; each of
     `projectors` adds a row of the same tokens after it."""
     tokens, drawn = scene_tokens(encoder, range(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + scenes))
@@ -113,9 +118,16 @@ def measure(encoder: VisionEncoder, scenes: int, projectors: dict[str, Projector
         with torch.no_grad():
             projected = projector.float().eval()(tokens.float())  # (scenes, N, D), as the LM gets them
         slices[f"projector {name}"] = centre_rows(projected, drawn, encoder.image_size)[0]
-    labels = {attr: torch.tensor([values.index(getattr(o, attr)) for o in objects]) for attr, values in ATTRIBUTES.items()}
-    return {name: {attr: Score(linear_probe(x, labels[attr], len(ATTRIBUTES[attr])), variance_share(x, labels[attr]))
-                   for attr in ATTRIBUTES} for name, x in slices.items()}
+    labels = {
+        attr: torch.tensor([values.index(getattr(o, attr)) for o in objects]) for attr, values in ATTRIBUTES.items()
+    }
+    return {
+        name: {
+            attr: Score(linear_probe(x, labels[attr], len(ATTRIBUTES[attr])), variance_share(x, labels[attr]))
+            for attr in ATTRIBUTES
+        }
+        for name, x in slices.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlchat.train.feature_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="a preset name or a model config file")
     parser.add_argument("--scenes", type=int, default=1200, help="scenes to render (about 2.5 objects each)")
-    parser.add_argument("--projector", action="append", default=[], metavar="STEM",
-                        help="also score the tokens after this projector (e.g. runs/stage1/projector); repeatable")
+    parser.add_argument(
+        "--projector",
+        action="append",
+        default=[],
+        metavar="STEM",
+        help="also score the tokens after this projector (e.g. runs/stage1/projector); repeatable",
+    )
     args = parser.parse_args(argv)
     try:
         if args.scenes < 4:
@@ -146,12 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     except VlchatError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"linear probe, {args.model}'s vision encoder, {args.scenes} held-out scenes: accuracy on the "
-          f"last {1 - FIT_SHARE:.0%} of the objects, and each attribute's share of the token variance (%)")
+    print(
+        f"linear probe, {args.model}'s vision encoder, {args.scenes} held-out scenes: accuracy on the "
+        f"last {1 - FIT_SHARE:.0%} of the objects, and each attribute's share of the token variance (%)"
+    )
     print("| features | " + " | ".join(ATTRIBUTES) + " | " + " | ".join(f"{a} share" for a in ATTRIBUTES) + " |")
     print("|---|" + "---:|" * 2 * len(ATTRIBUTES))
     for name, scores in results.items():
-        cells = [f"{100 * scores[a].accuracy:.1f}" for a in ATTRIBUTES] + [f"{100 * scores[a].share:.1f}" for a in ATTRIBUTES]
+        cells = [f"{100 * scores[a].accuracy:.1f}" for a in ATTRIBUTES] + [
+            f"{100 * scores[a].share:.1f}" for a in ATTRIBUTES
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 

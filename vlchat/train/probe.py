@@ -38,8 +38,13 @@ class ProbeScene:
     encoded: Encoded  # the scene's questions as independent turns (collate.py), answers supervised
 
 
-def encode_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = None,
-                  system: str | None = None, explained: bool = False) -> list[ProbeScene]:
+def encode_scenes(
+    vlm: VisionLanguageModel,
+    scenes: int,
+    template: str | None = None,
+    system: str | None = None,
+    explained: bool = False,
+) -> list[ProbeScene]:
     """The held-out scenes' English questions (evaluate.synth_items), each scene's packed as
     independent turns: every question is scored as if asked alone, the image attended once.
     `explained`: "is there ...?" targets give their reason first, as the recipe trains them."""
@@ -62,8 +67,9 @@ def encode_scenes(vlm: VisionLanguageModel, scenes: int, template: str | None = 
     return out
 
 
-def answer_scores(logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor,
-                  n_answers: int) -> tuple[list[float], list[bool]]:
+def answer_scores(
+    logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor, n_answers: int
+) -> tuple[list[float], list[bool]]:
     """Per answer: mean answer-token cross-entropy, and whether every token is the argmax.
     logits (n, V), targets (n,), answers (n,) = the answer (0-based) each supervised token is in."""
     losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
@@ -75,8 +81,15 @@ def answer_scores(logits: torch.Tensor, targets: torch.Tensor, answers: torch.Te
 
 
 class Probe:
-    def __init__(self, vlm: VisionLanguageModel, scenes: int, template: str | None = None,
-                 system: str | None = None, batch_size: int = 8, explained: bool = False) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        scenes: int,
+        template: str | None = None,
+        system: str | None = None,
+        batch_size: int = 8,
+        explained: bool = False,
+    ) -> None:
         self.vlm, self.batch_size = vlm, batch_size
         self.scenes = encode_scenes(vlm, scenes, template, system, explained)
         tokenizer = vlm.lm.tokenizer
@@ -90,7 +103,7 @@ class Probe:
         losses, exact = defaultdict(list), defaultdict(list)
         try:
             for start in range(0, len(self.scenes), self.batch_size):
-                chunk = self.scenes[start:start + self.batch_size]
+                chunk = self.scenes[start : start + self.batch_size]
                 with autocast or contextlib.nullcontext():
                     answer_loss, answer_exact = self.score([scene.encoded for scene in chunk])
                 qtypes = [qtype for scene in chunk for qtype in scene.qtypes]
@@ -101,9 +114,13 @@ class Probe:
             for module, training in modes.items():
                 module.training = training
         every = [ok for oks in exact.values() for ok in oks]
-        return {"probe_loss": {q: round(sum(v) / len(v), 4) for q, v in sorted(losses.items())},
-                "probe_exact": {**{q: round(sum(v) / len(v), 4) for q, v in sorted(exact.items())},
-                                "all": round(sum(every) / max(1, len(every)), 4)}}
+        return {
+            "probe_loss": {q: round(sum(v) / len(v), 4) for q, v in sorted(losses.items())},
+            "probe_exact": {
+                **{q: round(sum(v) / len(v), 4) for q, v in sorted(exact.items())},
+                "all": round(sum(every) / max(1, len(every)), 4),
+            },
+        }
 
     def score(self, encoded: list[Encoded]) -> tuple[list[float], list[bool]]:
         """(loss, exact) of every answer in `encoded`, in reading order."""
@@ -113,6 +130,7 @@ class Probe:
         embeds = self.vlm.embed(batch.ids.to(device), images)  # (B, T, D)
         position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
         logits, targets, supervised = self.vlm.lm.supervised_logits(
-            embeds, batch.attention_mask.to(device), batch.labels.to(device), position_ids)
+            embeds, batch.attention_mask.to(device), batch.labels.to(device), position_ids
+        )
         answers = answer_runs(batch.labels)[supervised.cpu()] - 1  # (n,) 0-based answer of each token
         return answer_scores(logits.cpu(), targets.cpu(), answers, int(answers.max()) + 1)

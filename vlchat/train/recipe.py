@@ -43,7 +43,9 @@ class TrainConfig:
     model: str = "default"  # model preset (vision + LM + template)
     projector: str = "linear"  # linear | mlp2x_gelu
     position_tokens: int = 0  # learned per-token position embeddings in the projector (0 = none)
-    projector_output_rms: float = 0.0  # > 0: RMS-normalised projector outputs at this scale (ProjectorConfig.output_rms)
+    projector_output_rms: float = (
+        0.0  # > 0: RMS-normalised projector outputs at this scale (ProjectorConfig.output_rms)
+    )
     projector_position_code: float = 0.0  # > 0: grid row/column code fed to the projector (ProjectorConfig)
     init_projector: str | None = None  # start from these weights (stage 2 starts from stage 1)
     # lm: lora: start the adapter from a run's `lora` folder (train on from an earlier run), not zero
@@ -98,16 +100,23 @@ class TrainConfig:
             (self.init_adapter is None or self.lm == "lora", f"init_adapter needs lm: lora, not {self.lm!r}"),
             (len(self.data) > 0, "data: give at least one data source"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.attention in ("auto", "eager", "sdpa"), f"attention must be auto, eager or sdpa, got {self.attention!r}"),
+            (
+                self.attention in ("auto", "eager", "sdpa"),
+                f"attention must be auto, eager or sdpa, got {self.attention!r}",
+            ),
             (self.autocast in ("auto", "bf16", "off"), f"autocast must be auto, bf16 or off, got {self.autocast!r}"),
             (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
             (1 <= self.length_groups <= 8, f"length_groups must be 1..8, got {self.length_groups}"),
-            (self.loss_weighting in ("token", "answer"),
-             f"loss_weighting must be token or answer, got {self.loss_weighting!r}"),
+            (
+                self.loss_weighting in ("token", "answer"),
+                f"loss_weighting must be token or answer, got {self.loss_weighting!r}",
+            ),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.projector_output_rms >= 0, f"projector_output_rms must be >= 0, got {self.projector_output_rms}"),
-            (self.projector_position_code >= 0 and (self.position_tokens or not self.projector_position_code),
-             f"projector_position_code must be >= 0 and needs position_tokens, got {self.projector_position_code}"),
+            (
+                self.projector_position_code >= 0 and (self.position_tokens or not self.projector_position_code),
+                f"projector_position_code must be >= 0 and needs position_tokens, got {self.projector_position_code}",
+            ),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
             (self.probe_every >= 0 and self.probe_scenes >= 1, "probe_every must be >= 0 and probe_scenes >= 1"),

@@ -21,9 +21,22 @@ log = logging.getLogger(__name__)
 # started from (the checkpoint's weights replace that start), and how a step's samples are split
 # (batch_size x grad_accum x processes: only their product, the global batch, fixes the data
 # order). Any other change makes it another run.
-RESUME_MAY_CHANGE = frozenset({"output_dir", "log_every", "save_every", "keep_checkpoints", "probe_every",
-                               "probe_scenes", "init_projector", "init_adapter", "attention", "compile",
-                               "batch_size", "grad_accum"})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "output_dir",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "probe_every",
+        "probe_scenes",
+        "init_projector",
+        "init_adapter",
+        "attention",
+        "compile",
+        "batch_size",
+        "grad_accum",
+    }
+)
 
 
 def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
@@ -36,9 +49,11 @@ def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
         return None
     changes = recipe_changes(state.get("config", {}), state.get("world_size", 1), config, world.size)
     if changes:
-        raise VlchatError(f"{out} holds step {state['step']} of another recipe ({'; '.join(changes)}): --resume "
-                          f"continues the same run only; to train on from it, use a new output_dir with "
-                          f"init_projector (and init_adapter)")
+        raise VlchatError(
+            f"{out} holds step {state['step']} of another recipe ({'; '.join(changes)}): --resume "
+            f"continues the same run only; to train on from it, use a new output_dir with "
+            f"init_projector (and init_adapter)"
+        )
     return state
 
 
@@ -46,14 +61,18 @@ def recipe_changes(saved: dict, saved_world_size: int, config: TrainConfig, worl
     """'key old -> new' for each recipe key (outside RESUME_MAY_CHANGE) that differs from a
     checkpoint's recipe, and for the global batch; keys the checkpoint predates count as their
     defaults."""
+
     def normal(recipe: dict) -> dict:
         recipe = {**defaults(TrainConfig), **recipe}
         recipe["data"] = [{**defaults(DataSource), **source} for source in recipe.get("data") or ()]
         return json.loads(json.dumps(recipe))  # tuples and lists alike
 
     before, now = normal(saved), normal(config.to_dict())
-    changes = [("data sources differ" if key == "data" else f"{key} {before.get(key)!r} -> {now[key]!r}")
-               for key in now if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]]
+    changes = [
+        ("data sources differ" if key == "data" else f"{key} {before.get(key)!r} -> {now[key]!r}")
+        for key in now
+        if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]
+    ]
     batch_before = before["batch_size"] * before["grad_accum"] * saved_world_size
     batch_now = now["batch_size"] * now["grad_accum"] * world_size
     if batch_before != batch_now:

@@ -44,8 +44,12 @@ def plot_loss(records: list[dict], path: Path, title: str) -> None:
     if probed:
         ax = axes[0][1]
         for qtype in probed[-1]["probe_exact"]:
-            ax.plot([r["step"] for r in probed], [r["probe_exact"].get(qtype) for r in probed],
-                    lw=2.0 if qtype == "all" else 1.0, label=qtype)
+            ax.plot(
+                [r["step"] for r in probed],
+                [r["probe_exact"].get(qtype) for r in probed],
+                lw=2.0 if qtype == "all" else 1.0,
+                label=qtype,
+            )
         ax.set(xlabel="step", ylabel="held-out answers exact", ylim=(-0.02, 1.02), title="probe")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
-from PIL import Image as PILImage, ImageDraw, ImageFont
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
@@ -27,11 +29,32 @@ from vlchat.images import image_key
 from vlchat.train.data import Sample
 from vlchat.train.synth_phrases import INSTRUCTIONS
 from vlchat.train.synth_questions import (  # noqa: F401  (re-exported: synth.questions, ...)
-    ALWAYS_ASKABLE, ANSWERS, FOCUS_QTYPES, HELD_OUT_ASK_EXPLAINED, QTYPES, TRAIN_ASK, TRAIN_ASK_EXPLAINED, caption,
-    check_qtypes, questions, shape_reason)
+    ALWAYS_ASKABLE,
+    ANSWERS,
+    FOCUS_QTYPES,
+    HELD_OUT_ASK_EXPLAINED,
+    QTYPES,
+    TRAIN_ASK,
+    TRAIN_ASK_EXPLAINED,
+    caption,
+    check_qtypes,
+    questions,
+    shape_reason,
+)
 from vlchat.train.synth_scene import (  # noqa: F401
-    COLOURS, HELD_OUT_SEEDS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, TRAIN_SEEDS, WORD_RATE, WORDS, Scene,
-    SceneObject, make_scene)
+    COLOURS,
+    HELD_OUT_SEEDS,
+    MAX_OBJECTS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TRAIN_SEEDS,
+    WORD_RATE,
+    WORDS,
+    Scene,
+    SceneObject,
+    make_scene,
+)
 
 _CELLS = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "centre": (1, 1)}  # (col, row)
 _SCALE = {"small": 1 / 8, "large": 1 / 4}  # bounding-box side / image side
@@ -40,16 +63,24 @@ _JITTER = 1 / 40  # max centre offset / image side; large + 2 jitter stays insid
 
 # --- rendering -------------------------------------------------------------------------------
 
+
 def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
-    return [((1 if i % 2 == 0 else inner) * math.sin(math.pi * i / points),
-             -(1 if i % 2 == 0 else inner) * math.cos(math.pi * i / points)) for i in range(2 * points)]
+    return [
+        (
+            (1 if i % 2 == 0 else inner) * math.sin(math.pi * i / points),
+            -(1 if i % 2 == 0 else inner) * math.cos(math.pi * i / points),
+        )
+        for i in range(2 * points)
+    ]
 
 
 def _heart(n: int = 40) -> list[tuple[float, float]]:
     # The classic parametric heart curve, flipped to y-down and stretched to fill [-1, 1]^2.
     ts = [2 * math.pi * i / n for i in range(n)]
-    pts = [(math.sin(t) ** 3,
-            -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))) for t in ts]
+    pts = [
+        (math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+        for t in ts
+    ]
     lo, hi = min(y for _, y in pts), max(y for _, y in pts)
     return [(x, 2 * (y - lo) / (hi - lo) - 1) for x, y in pts]
 
@@ -60,8 +91,20 @@ _POLYGONS: dict[str, list[tuple[float, float]]] = {  # unit shapes in [-1, 1]^2,
     "triangle": [(0, -1), (1, 1), (-1, 1)],
     "star": _star(),
     "heart": _heart(),
-    "cross": [(-_A, -1), (_A, -1), (_A, -_A), (1, -_A), (1, _A), (_A, _A), (_A, 1), (-_A, 1),
-              (-_A, _A), (-1, _A), (-1, -_A), (-_A, -_A)],
+    "cross": [
+        (-_A, -1),
+        (_A, -1),
+        (_A, -_A),
+        (1, -_A),
+        (1, _A),
+        (_A, _A),
+        (_A, 1),
+        (-_A, 1),
+        (-_A, _A),
+        (-1, _A),
+        (-1, -_A),
+        (-_A, -_A),
+    ],
     "diamond": [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)],  # narrower than a rotated square
 }
 
@@ -116,8 +159,15 @@ def _draw_word(draw: ImageDraw.ImageDraw, scene: Scene, side: int, rng: random.R
     jitter = _JITTER * side
     cx = side / 2 + rng.uniform(-jitter, jitter)
     cy = (row + 0.5) * side / 3 + rng.uniform(-jitter / 2, jitter / 2)
-    draw.text((cx, cy), scene.word, font=_font(round(0.16 * side)), fill=ink, anchor="mm",
-              stroke_width=stroke, stroke_fill=ink)
+    draw.text(
+        (cx, cy),
+        scene.word,
+        font=_font(round(0.16 * side)),
+        fill=ink,
+        anchor="mm",
+        stroke_width=stroke,
+        stroke_fill=ink,
+    )
 
 
 def render(scene: Scene, size: int = 224) -> PILImage.Image:
@@ -133,6 +183,7 @@ def render(scene: Scene, size: int = 224) -> PILImage.Image:
 
 
 # --- samples -----------------------------------------------------------------------------------
+
 
 def _check_lang(lang: str) -> None:
     if lang not in ("en", "zh"):
@@ -150,13 +201,18 @@ def caption_sample(seed: int, lang: str = "en", max_objects: int = MAX_OBJECTS) 
     _check_lang(lang)
     scene, image, part = _image_sample(seed, max_objects)
     instruction = random.Random(f"{seed}:instruction").choice(INSTRUCTIONS[lang])
-    messages = [Message("user", [part, Text(instruction)]),
-                Message.text_message("assistant", caption(scene, lang))]
+    messages = [Message("user", [part, Text(instruction)]), Message.text_message("assistant", caption(scene, lang))]
     return Sample(messages, [image], source=f"synth:{seed}", meta={"lang": lang, "scene": scene})
 
 
-def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool = False,
-              qtypes: tuple[str, ...] = QTYPES, max_objects: int = MAX_OBJECTS) -> Sample:
+def qa_sample(
+    seed: int,
+    lang: str = "en",
+    turns: int = 1,
+    explain_yes_no: bool = False,
+    qtypes: tuple[str, ...] = QTYPES,
+    max_objects: int = MAX_OBJECTS,
+) -> Sample:
     """Stage 2: `turns` question-answer pairs about one image (the image comes with the first),
     of the types `qtypes` (each once, then the hardest of them again). `explain_yes_no`
     (English): "is there a ...?" is answered with its reason first. `max_objects`: scenes hold
@@ -180,13 +236,18 @@ def qa_sample(seed: int, lang: str = "en", turns: int = 1, explain_yes_no: bool 
     for i, (question, answer, _) in enumerate(asked[:turns]):
         messages.append(Message("user", ([part] if i == 0 else []) + [Text(question)]))
         messages.append(Message.text_message("assistant", answer))
-    meta = {"lang": lang, "qtypes": [q[2] for q in asked[:turns]], "answers": [q[1] for q in asked[:turns]],
-            "scene": scene}
+    meta = {
+        "lang": lang,
+        "qtypes": [q[2] for q in asked[:turns]],
+        "answers": [q[1] for q in asked[:turns]],
+        "scene": scene,
+    }
     return Sample(messages, [image], source=f"synth:{seed}", meta=meta)
 
 
-def synthetic_dataset(kind: Literal["caption", "qa"], seeds: range, lang: str = "en",
-                      turns: int = 1) -> Iterator[Sample]:
+def synthetic_dataset(
+    kind: Literal["caption", "qa"], seeds: range, lang: str = "en", turns: int = 1
+) -> Iterator[Sample]:
     """Samples for `seeds`; lang "both" gives English for even seeds and Chinese for odd ones."""
     if kind not in ("caption", "qa"):
         raise VlchatError(f"unknown synthetic dataset kind {kind!r}; expected caption or qa")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from vlchat.errors import VlchatError
-from vlchat.train.synth_phrases import EN_WHERE as _EN_WHERE, PHRASES as _PHRASES, ZH as _ZH
+from vlchat.train.synth_phrases import EN_WHERE as _EN_WHERE
+from vlchat.train.synth_phrases import PHRASES as _PHRASES
+from vlchat.train.synth_phrases import ZH as _ZH
 from vlchat.train.synth_scene import COLOURS, POSITIONS, SHAPES, SIZES, WORDS, Scene, SceneObject
 
 QTYPES = ("colour", "shape", "count", "position", "exists", "word", "size")
@@ -46,9 +48,11 @@ Asked = tuple[dict[str, str], str]
 
 def _ask_about_shape(attr: str) -> Callable[[Scene, random.Random], Asked | None]:
     """Colour or size of a shape named by its kind, so only shapes that appear once."""
+
     def ask(scene: Scene, rng: random.Random) -> Asked | None:
         objs = _unique(scene, lambda o: o.shape)
         return ({"shape": (o := rng.choice(objs)).shape}, getattr(o, attr)) if objs else None
+
     return ask
 
 
@@ -68,8 +72,9 @@ def _ask_exists(scene: Scene, rng: random.Random) -> Asked:
     if rng.random() < 0.5:
         colour, shape = rng.choice(sorted(present))
     else:
-        colour, shape = rng.choice([(c, s) for c in COLOURS if c != scene.background for s in SHAPES
-                                    if (c, s) not in present])
+        colour, shape = rng.choice(
+            [(c, s) for c in COLOURS if c != scene.background for s in SHAPES if (c, s) not in present]
+        )
     return {"colour": colour, "shape": shape}, "yes" if (colour, shape) in present else "no"
 
 
@@ -81,8 +86,7 @@ def _ask_exists_binding(scene: Scene, rng: random.Random) -> Asked:
     answers: the held-out misses of the v4 model were mostly such questions answered "yes"."""
     present = {(o.colour, o.shape) for o in scene.objects}
     swapped = sorted({(a.colour, b.shape) for a in scene.objects for b in scene.objects} - present)
-    recoloured = sorted({(c, o.shape) for o in scene.objects for c in COLOURS if c != scene.background}
-                        - present)
+    recoloured = sorted({(c, o.shape) for o in scene.objects for c in COLOURS if c != scene.background} - present)
     kind = rng.random()
     if kind < 0.5:
         colour, shape = rng.choice(sorted(present))
@@ -96,16 +100,20 @@ def _ask_exists_binding(scene: Scene, rng: random.Random) -> Asked:
 
 
 def _ask_exists_absent(scene: Scene, rng: random.Random, present: set[tuple[str, str]]) -> Asked:
-    colour, shape = rng.choice([(c, s) for c in COLOURS if c != scene.background for s in SHAPES
-                                if (c, s) not in present])
+    colour, shape = rng.choice(
+        [(c, s) for c in COLOURS if c != scene.background for s in SHAPES if (c, s) not in present]
+    )
     return {"colour": colour, "shape": shape}, "no"
 
 
 Asker = Callable[[Scene, random.Random], Asked | None]
 _ASK: dict[str, Asker] = {
-    "colour": _ask_about_shape("colour"), "shape": _ask_shape,
-    "count": lambda scene, rng: ({}, str(len(scene.objects))), "position": _ask_position,
-    "exists": _ask_exists, "word": lambda scene, rng: ({}, scene.word) if scene.word else None,
+    "colour": _ask_about_shape("colour"),
+    "shape": _ask_shape,
+    "count": lambda scene, rng: ({}, str(len(scene.objects))),
+    "position": _ask_position,
+    "exists": _ask_exists,
+    "word": lambda scene, rng: ({}, scene.word) if scene.word else None,
     "size": _ask_about_shape("size"),
 }
 # Training asks "is there ...?" with binding negatives; evaluation keeps `_ASK`, so held-out
@@ -134,9 +142,11 @@ def _explained(ask: Asker) -> Asker:
     """An "is there a {colour} {shape}?" asker whose answer gives the reason first: "The star is
     red, so no." The LM then compares the question's colour with one it has just generated,
     as easy-VQA's explain_yes_no does (README, evaluation); English only."""
+
     def explained(scene: Scene, rng: random.Random) -> Asked:
         fields, verdict = ask(scene, rng)
         return fields, f"{shape_reason(scene, fields['shape'])}, so {verdict}."
+
     return explained
 
 
@@ -156,8 +166,13 @@ def _say(key: str, field: str, lang: str) -> str:
     return _EN_WHERE[key] if field == "where" else key
 
 
-def questions(scene: Scene, rng: random.Random, lang: str = "en", qtypes: tuple[str, ...] = QTYPES,
-              askers: dict[str, Asker] = _ASK) -> list[tuple[str, str, str]]:
+def questions(
+    scene: Scene,
+    rng: random.Random,
+    lang: str = "en",
+    qtypes: tuple[str, ...] = QTYPES,
+    askers: dict[str, Asker] = _ASK,
+) -> list[tuple[str, str, str]]:
     """One (question, answer, qtype) per qtype that applies to the scene, in a shuffled order."""
     out = []
     for qtype in qtypes:
@@ -174,9 +189,16 @@ def questions(scene: Scene, rng: random.Random, lang: str = "en", qtypes: tuple[
 def _vocab(lang: str) -> dict[str, frozenset[str]]:
     def names(values) -> frozenset[str]:
         return frozenset(_say(v, "answer", lang) for v in values)
-    return {"colour": names(COLOURS), "shape": names(SHAPES), "count": frozenset("1234"),
-            "position": names(POSITIONS), "exists": names(("yes", "no")), "word": frozenset(WORDS),
-            "size": names(SIZES)}
+
+    return {
+        "colour": names(COLOURS),
+        "shape": names(SHAPES),
+        "count": frozenset("1234"),
+        "position": names(POSITIONS),
+        "exists": names(("yes", "no")),
+        "word": frozenset(WORDS),
+        "size": names(SIZES),
+    }
 
 
 ANSWERS: dict[str, dict[str, frozenset[str]]] = {lang: _vocab(lang) for lang in ("en", "zh")}
@@ -188,6 +210,6 @@ def check_qtypes(qtypes: tuple[str, ...]) -> None:
     if unknown:
         raise VlchatError(f"unknown question types {unknown}; expected some of {', '.join(QTYPES)}")
     if not any(q in ALWAYS_ASKABLE for q in qtypes):
-        raise VlchatError(f"qtypes {list(qtypes)} must include one of {', '.join(ALWAYS_ASKABLE)}, "
-                          "which every scene can answer")
-
+        raise VlchatError(
+            f"qtypes {list(qtypes)} must include one of {', '.join(ALWAYS_ASKABLE)}, which every scene can answer"
+        )

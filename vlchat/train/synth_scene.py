@@ -15,8 +15,14 @@ from vlchat.errors import VlchatError
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (245, 215, 20),
-    "purple": (130, 40, 170), "orange": (245, 130, 10), "black": (15, 15, 15), "white": (250, 250, 250),
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (245, 215, 20),
+    "purple": (130, 40, 170),
+    "orange": (245, 130, 10),
+    "black": (15, 15, 15),
+    "white": (250, 250, 250),
 }
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
@@ -35,8 +41,12 @@ class SceneObject:
     position: str
 
     def __post_init__(self) -> None:
-        for value, vocab in ((self.shape, SHAPES), (self.colour, COLOURS), (self.size, SIZES),
-                             (self.position, POSITIONS)):
+        for value, vocab in (
+            (self.shape, SHAPES),
+            (self.colour, COLOURS),
+            (self.size, SIZES),
+            (self.position, POSITIONS),
+        ):
             if value not in vocab:
                 raise VlchatError(f"unknown scene value {value!r}; expected one of {', '.join(vocab)}")
 
@@ -75,7 +85,5 @@ def make_scene(seed: int, max_objects: int = MAX_OBJECTS) -> Scene:
     free = [p for p in POSITIONS if p != band]
     positions = rng.sample(free, rng.randint(1, max_objects))
     colours = [c for c in COLOURS if c != background]
-    objects = tuple(SceneObject(rng.choice(SHAPES), rng.choice(colours), rng.choice(SIZES), p)
-                    for p in positions)
+    objects = tuple(SceneObject(rng.choice(SHAPES), rng.choice(colours), rng.choice(SIZES), p) for p in positions)
     return Scene(objects, background, word, seed)
-

@@ -63,9 +63,16 @@ def binding_questions(scenes: int) -> list[Question]:
 def reply_log_probs(lm: LanguageModel, template: str, question: Question) -> list[float]:
     """Teacher-forced log-probability of each candidate as the whole reply, end marker included."""
     renderer = get_template(template)
-    encoded = [encode_sample(Sample([Message.text_message("user", question.prompt),
-                                     Message.text_message("assistant", candidate)], []),
-                             renderer, None, lm.tokenize, 0) for candidate in question.candidates]
+    encoded = [
+        encode_sample(
+            Sample([Message.text_message("user", question.prompt), Message.text_message("assistant", candidate)], []),
+            renderer,
+            None,
+            lm.tokenize,
+            0,
+        )
+        for candidate in question.candidates
+    ]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     batch = collate(encoded, 1, pad_id)
     with torch.no_grad():

@@ -11,9 +11,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,7 +33,6 @@ from vlchat.train.probe import Probe
 from vlchat.train.recipe import TrainConfig
 from vlchat.train.resume import restore, resumable_state
 from vlchat.train.runlog import MetricsLog, plot_loss
-
 
 
 class TrainModule(nn.Module):
@@ -61,8 +60,13 @@ COMPILE_STEPS = 2
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
     """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
     base = ModelConfig.from_name(config.model)
-    projector = replace(base.projector, kind=config.projector, position_tokens=config.position_tokens,
-                        output_rms=config.projector_output_rms, position_code=config.projector_position_code)
+    projector = replace(
+        base.projector,
+        kind=config.projector,
+        position_tokens=config.position_tokens,
+        output_rms=config.projector_output_rms,
+        position_code=config.projector_position_code,
+    )
     # Training starts from the preset's frozen parts only: no trained projector, no LoRA adapter.
     base = replace(base, projector=projector, projector_weights=None, lm=replace(base.lm, adapter=None))
     vlm = load_model(base)
@@ -81,8 +85,10 @@ def start_projector(config: TrainConfig, projector: ProjectorConfig) -> Projecto
     try:
         return load_projector(config.init_projector, projector)
     except FileNotFoundError:
-        raise VlchatError(f"init_projector {config.init_projector!r} not found (expected "
-                          f"{config.init_projector}.safetensors and .json; run stage 1 first?)") from None
+        raise VlchatError(
+            f"init_projector {config.init_projector!r} not found (expected "
+            f"{config.init_projector}.safetensors and .json; run stage 1 first?)"
+        ) from None
 
 
 def training_attention(config: TrainConfig, device: torch.device) -> str:
@@ -102,8 +108,13 @@ def configure_lm(vlm: VisionLanguageModel, config: TrainConfig, device: torch.de
             check_init_adapter(config)
             vlm.lm.model = PeftModel.from_pretrained(vlm.lm.model, config.init_adapter, is_trainable=True)
         else:
-            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=list(config.lora_targets),
+                task_type="CAUSAL_LM",
+            )
             vlm.lm.model = get_peft_model(vlm.lm.model, lora)
         vlm.lm.model.train()
     if config.compile:  # after LoRA: its layers are traced with their adapters
@@ -117,11 +128,15 @@ def check_init_adapter(config: TrainConfig) -> None:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise VlchatError(f"init_adapter {config.init_adapter!r}: no readable adapter_config.json "
-                          "(expected a run's lora folder)") from None
+        raise VlchatError(
+            f"init_adapter {config.init_adapter!r}: no readable adapter_config.json (expected a run's lora folder)"
+        ) from None
     wanted = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.lora_targets)}
-    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
-             "target_modules": sorted(saved.get("target_modules") or [])}
+    found = {
+        "r": saved.get("r"),
+        "lora_alpha": saved.get("lora_alpha"),
+        "target_modules": sorted(saved.get("target_modules") or []),
+    }
     if found != wanted:
         raise VlchatError(f"init_adapter {config.init_adapter!r} has {found}, the recipe asks for {wanted}")
 
@@ -158,8 +173,9 @@ class BatchMaker:
 
     def encode(self, index: int):
         sample = self.samples[index]
-        encoded = encode_sample(sample, self.template, self.config.system, self.vlm.lm.tokenize,
-                                self.vlm.tokens_per_image)
+        encoded = encode_sample(
+            sample, self.template, self.config.system, self.vlm.lm.tokenize, self.vlm.tokens_per_image
+        )
         if len(encoded.ids) > self.config.max_tokens:
             self.skipped += 1
             return None
@@ -171,8 +187,9 @@ class BatchMaker:
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
         groups = 1 if self.config.deepspeed else self.config.length_groups  # DeepSpeed steps per backward
-        batches = [collate(group, self.vlm.config.vision.image_size, self.pad_id)
-                   for group in length_groups(items, groups)]
+        batches = [
+            collate(group, self.vlm.config.vision.image_size, self.pad_id) for group in length_groups(items, groups)
+        ]
         if self.config.loss_weighting == "answer":
             batches = [replace(batch, weights=answer_weights(batch.labels)) for batch in batches]
         return batches
@@ -180,11 +197,13 @@ class BatchMaker:
 
 def lr_lambda(config: TrainConfig):
     """Linear warm-up, then cosine decay to 10% of the peak."""
+
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -232,8 +251,12 @@ def deepspeed_engine(module: nn.Module, optimizer, config: TrainConfig):
         raise VlchatError("deepspeed is not installed; on a GPU machine: pip install deepspeed") from None
     ds = json.loads(Path(config.deepspeed).read_text())
     ds.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=config.grad_accum)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
-                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        config=ds,
+        model_parameters=[p for p in module.parameters() if p.requires_grad],
+    )
     return engine
 
 
@@ -256,23 +279,40 @@ def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: Train
 def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics, start, total, out) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=config.max_steps, initial=start, disable=not world.main, mininterval=2.0,
-               dynamic_ncols=True, desc=config.stage)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start,
+        disable=not world.main,
+        mininterval=2.0,
+        dynamic_ncols=True,
+        desc=config.stage,
+    )
     began, seen, probing = time.perf_counter(), 0, 0.0  # probing: seconds spent in the probe
     autocast = autocast_context(config, world.device)
-    probe = Probe(module.vlm, config.probe_scenes, config.template, config.system,
-                  explained=config.explains_synthetic_yes_no) if world.main and config.probe_every else None
+    probe = (
+        Probe(
+            module.vlm, config.probe_scenes, config.template, config.system, explained=config.explains_synthetic_yes_no
+        )
+        if world.main and config.probe_every
+        else None
+    )
     for step in range(start, config.max_steps):
-        loss_sum, samples = train_step(step, config, world, wrapped, module, batches, optimizer, scheduler,
-                                       autocast, total)
+        loss_sum, samples = train_step(
+            step, config, world, wrapped, module, batches, optimizer, scheduler, autocast, total
+        )
         seen += samples
         loss_value = distributed.mean_across(loss_sum, world)
         rate = seen / (time.perf_counter() - began - probing)  # training alone
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.1f}")
         bar.update(1)
         done = step + 1
-        row = {"step": done, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
-               "samples_per_s": round(rate, 3), "elapsed_s": round(time.perf_counter() - began, 1)}
+        row = {
+            "step": done,
+            "loss": round(loss_value, 5),
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_s": round(rate, 3),
+            "elapsed_s": round(time.perf_counter() - began, 1),
+        }
         if probe and done % config.probe_every == 0:
             probed = time.perf_counter()
             row |= probe(autocast) | {"probe_s": round(time.perf_counter() - probed, 1)}
@@ -280,15 +320,26 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
         if world.main and (done % config.log_every == 0 or done == config.max_steps or "probe_s" in row):
             metrics.write(row)
         if world.main and (done % config.save_every == 0 or done == config.max_steps):
-            save_checkpoint(out / "checkpoints", done, {
-                "step": done, "trainable": trainable_state(module), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
-                "world_size": world.size,
-            }, config.keep_checkpoints)
+            save_checkpoint(
+                out / "checkpoints",
+                done,
+                {
+                    "step": done,
+                    "trainable": trainable_state(module),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "config": config.to_dict(),
+                    "world_size": world.size,
+                },
+                config.keep_checkpoints,
+            )
     bar.close()
 
 
-def train_step(step, config, world, wrapped, module, batches, optimizer, scheduler, autocast, total) -> tuple[float, int]:
+def train_step(
+    step, config, world, wrapped, module, batches, optimizer, scheduler, autocast, total
+) -> tuple[float, int]:
     """One optimizer step (all its micro-batches and length groups): (this rank's loss, samples seen
     across ranks). The training loop's body, also timed as it is by bench_recipe."""
     loss_sum, seen = 0.0, 0
@@ -299,11 +350,28 @@ def train_step(step, config, world, wrapped, module, batches, optimizer, schedul
             last_group = number == len(groups) - 1
             with gradient_sync(wrapped, last_group):
                 with autocast:
-                    loss = wrapped(*(to_device(t, world.device) for t in
-                                     (batch.ids, batch.labels, batch.attention_mask, batch.pixels,
-                                      batch.position_ids, batch.weights)))
-                backward_and_step(wrapped, module, loss * weight, optimizer, scheduler, config,
-                                  last_group and micro == config.grad_accum - 1)
+                    loss = wrapped(
+                        *(
+                            to_device(t, world.device)
+                            for t in (
+                                batch.ids,
+                                batch.labels,
+                                batch.attention_mask,
+                                batch.pixels,
+                                batch.position_ids,
+                                batch.weights,
+                            )
+                        )
+                    )
+                backward_and_step(
+                    wrapped,
+                    module,
+                    loss * weight,
+                    optimizer,
+                    scheduler,
+                    config,
+                    last_group and micro == config.grad_accum - 1,
+                )
             loss_sum += loss.item() * weight / config.grad_accum
             seen += batch.ids.shape[0] * world.size
     return loss_sum, seen
@@ -345,7 +413,10 @@ def finish(config: TrainConfig, vlm: VisionLanguageModel, out: Path, metrics: Me
     records = metrics.records()
     if records:
         plot_loss(records, out / "loss.png", f"{config.stage}: {Path(config.output_dir).name}")
-    summary = {"steps": config.max_steps, "final_loss": records[-1]["loss"] if records else None,
-               "samples_per_s": records[-1]["samples_per_s"] if records else None,
-               "skipped_too_long": skipped}
+    summary = {
+        "steps": config.max_steps,
+        "final_loss": records[-1]["loss"] if records else None,
+        "samples_per_s": records[-1]["samples_per_s"] if records else None,
+        "skipped_too_long": skipped,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
