@@ -46,7 +46,7 @@ load: prepare
 	$(BIN)/python -m vlchat.serve.loadtest
 
 # How long train-default would take on this machine: the first 10 steps of each part, timed and
-# projected, beside the committed runs' own times (about 15 minutes; README, Training).
+# projected, beside the committed runs' own times (about 15 minutes; docs/benchmarks.md).
 bench-train: setup
 	$(BIN)/python -m vlchat.train.bench_recipe configs/train/stage1.yaml configs/train/stage2.yaml \
 	  configs/train/stage2-reasons.yaml --reference reports/default-model
@@ -55,7 +55,7 @@ bench-train: setup
 # lone-object captions), stage 2, then stage 2's second part (yes/no answers with their reason
 # first); 58.3 minutes of training on a 2-core AMD EPYC with AVX512-BF16 (the LM in bfloat16,
 # layers compiled), hours on a CPU without native bfloat16 (v6's recipe: about 6.5 on one with AVX2
-# only): make bench-train (README, Training).
+# only): make bench-train (docs/benchmarks.md).
 # Interrupted, it continues: each part resumes from its newest checkpoint (a finished part from its last).
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml --resume
