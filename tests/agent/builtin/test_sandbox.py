@@ -5,6 +5,7 @@ observation within the limits while this process carries on. Time bounds are gen
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -92,12 +93,12 @@ def test_writing_outside_its_directory_is_refused_and_tmp_is_private(executor, t
 def test_network_is_unreachable_even_past_the_socket_shim(executor):
     shim = run(executor, "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)")
     assert shim.error == "the code raised PermissionError: network access is disabled in this sandbox"
-    # _socket is the C module under the shim: only the network namespace stops it.
-    raw = run(
-        executor,
-        "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
-        "s.settimeout(2)\ns.connect(('1.1.1.1', 80))",
-    )
+    with socket.socket() as listener:  # a server on this machine's loopback the code must not reach
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        # _socket is the C module under the shim: only the network namespace stops it.
+        raw = run(executor, f"import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))")
     assert not raw.ok and "Network is unreachable" in raw.error, raw.error
 
 
