@@ -195,3 +195,24 @@ def save_tiny_llava(out: Path, seed: int = 0):
     }
     (out / "processor_config.json").write_text(json.dumps(processor))
     return model, tokenizer
+
+
+# A Qwen2.5-style ChatML template that writes a default system prompt when the conversation has none.
+CHATML_DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}"
+    "{% endif %}" + CHATML_TEMPLATE
+)
+
+
+def save_tiny_causal_lm(out: Path, chat_template: str = CHATML_TEMPLATE, seed: int = 0):
+    """A tiny random LLaMA causal LM directory whose tokenizer has ChatML markers and a chat template."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(("<|im_start|>", "<|im_end|>"), chat_template=chat_template)
+    tokenizer.eos_token = "<|im_end|>"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model, tokenizer

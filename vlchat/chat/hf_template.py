@@ -64,26 +64,23 @@ class _Renderer:
     """Renders probe conversations with the Jinja template, in the content format it accepts."""
 
     def __init__(self, jinja: str, tokenizer) -> None:
-        self.jinja, self.tokenizer = jinja, tokenizer
-        probe = self.render([("user", USER1)], False, as_list=True)
+        self.jinja, self.tokenizer, self.as_list = jinja, tokenizer, True
+        try:  # multimodal templates take content as a list of typed parts; text templates a string
+            probe = self.render([("user", USER1)], False)
+        except Exception:  # a Jinja template may raise anything on content it does not expect
+            probe = None
         self.as_list = probe is not None and probe.count(USER1) == 1 and "'type'" not in probe
 
-    def render(self, turns: list[tuple[str, str]], generation: bool, as_list: bool | None = None, image: bool = False):
-        as_list = self.as_list if as_list is None else as_list
+    def render(self, turns: list[tuple[str, str]], generation: bool, image: bool = False) -> str:
         messages = []
         for role, text in turns:
-            content = [{"type": "text", "text": text}] if as_list else text
+            content = [{"type": "text", "text": text}] if self.as_list else text
             if image and role == "user":
                 content = [{"type": "image"}, *content]
             messages.append({"role": role, "content": content})
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.jinja, tokenize=False, add_generation_prompt=generation
-            )
-        except Exception:  # a Jinja template may raise anything (TemplateError, TypeError on string content)
-            if as_list is not None and not self.as_list:
-                return None
-            raise
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.jinja, tokenize=False, add_generation_prompt=generation
+        )
 
 
 def template_from_jinja(jinja: str, tokenizer, name: str, image: str | None = None) -> Template:
@@ -98,7 +95,7 @@ def template_from_jinja(jinja: str, tokenizer, name: str, image: str | None = No
     two = r.render([("user", USER1), ("assistant", ASSISTANT1), ("user", USER2)], False)
     between = _between(two, ASSISTANT1, USER2, name)
     end, tail, user_prefix = _split_turn_end(between, head, tokenizer)
-    bos = _bos(head, tokenizer)
+    bos = _bos(head, tokenizer, processor_tokenizes=image is not None)
     system = _system_markers(r, user_prefix, bos, name)
     default_system = _default_system(head, bos, user_prefix, system, name)
     markup = _image_markup(r, head, image, name) if image else {}
@@ -151,12 +148,14 @@ def _common_suffix(a: str, b: str) -> str:
     return a[len(a) - n :]
 
 
-def _bos(head: str, tokenizer) -> str:
-    """The BOS text: rendered by the template, or added by the tokenizer itself (LLaMA's add_bos)."""
+def _bos(head: str, tokenizer, processor_tokenizes: bool) -> str:
+    """The BOS text: rendered by the template, or added by the tokenizer itself (LLaMA's add_bos)
+    where the reference tokenizes the rendered prompt with special tokens: a VLM's processor does,
+    `apply_chat_template` does not."""
     bos = tokenizer.bos_token or ""
     if bos and head.startswith(bos):
         return bos
-    if bos and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+    if bos and processor_tokenizes and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return bos
     return ""
 
