@@ -13,6 +13,7 @@ Name form: `hf:<checkpoint dir>` (ModelConfig.template), resolved lazily by `get
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def checkpoint_template(directory: str) -> Template:
     except (OSError, ValueError) as error:
         raise VlchatError(f"cannot read the tokenizer of {path}: {str(error).splitlines()[0]}") from None
     jinja = read_chat_template(path, tokenizer)
-    return template_from_jinja(jinja, tokenizer, path.name, image_token(path, tokenizer))
+    template = template_from_jinja(jinja, tokenizer, path.name, image_token(path, tokenizer))
+    return replace(template, name=f"hf:{directory}")  # the name get_template resolves again (saved sessions)
 
 
 def read_chat_template(directory: Path, tokenizer) -> str:
