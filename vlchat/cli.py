@@ -28,7 +28,12 @@ Images = Annotated[list[Path], typer.Option("--image", "-i", help="An image file
 Template = Annotated[str | None, typer.Option(help="Conversation template (default: the model's).")]
 System = Annotated[str | None, typer.Option(help="System prompt; '' for none (default: the template's).")]
 Persona = Annotated[str | None, typer.Option(help="A system-prompt preset: assistant, zhubajie, chinese.")]
-Model = Annotated[str, typer.Option(help="Model preset name.")]
+Model = Annotated[
+    str,
+    typer.Option(
+        help="Model: a preset, a model directory, or a name from `vlchat models` (HF cache, $VLCHAT_HOME/models)."
+    ),
+]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
 TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 = off).")]
@@ -186,7 +191,9 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="VLCHAT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
     ] = None,
-    model: Annotated[str, typer.Option(help="Model preset name or config file.")] = "default",
+    model: Annotated[
+        str, typer.Option(help="Model preset, config file, model directory or `vlchat models` name.")
+    ] = "default",
     image_dir: Annotated[Path | None, typer.Option(help="Allow local image paths under this folder.")] = None,
     allow_remote_images: Annotated[
         bool, typer.Option(help="Fetch http(s) image URLs (never private addresses).")
@@ -273,6 +280,23 @@ def evaluate(
     title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''})"
     write_report(report, out, title)
     print(markdown(report, title))
+
+
+@app.command("models")
+def models(json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
+    """List the models --model accepts: presets, folders in $VLCHAT_HOME/models, and the Hugging Face cache."""
+    import json
+    from dataclasses import asdict
+
+    from vlchat.hub import human_size, list_models
+
+    entries = list_models()
+    if json_output:
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+        return
+    width = max(len(e.name) for e in entries)
+    for entry in entries:
+        print(f"{entry.name:<{width}}  {entry.kind:<8}  {human_size(entry.size_bytes):>9}  {entry.path}")
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")

@@ -27,6 +27,13 @@ class VisionConfig:
     weights: str | None = EFFICIENTNET_PTH  # None = random init (tests)
     sha256: str | None = EFFICIENTNET_SHA256
     taps: tuple[int, ...] = ()  # extra encoder blocks whose features are appended (model/vision.py)
+    # Hugging Face vision towers ("clip", "siglip": model/hf_vision.py). `source`: a local directory,
+    # a standalone vision model or a whole VLM checkpoint whose tower is read from its weights; its
+    # preprocessor_config.json gives the image preprocessing.
+    source: str | None = None
+    patch_size: int = 32  # input pixels per token side: the EfficientNet grid's stride, or the ViT's patch
+    feature_layer: int = -1  # which hidden state of a ViT is the output (LLaVA-1.5: -2, the penultimate)
+    keep_cls: bool = False  # keep a CLIP ViT's CLS token in front of the patches (LLaVA-1.5 drops it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(self.taps))  # lists from JSON/YAML
@@ -34,17 +41,20 @@ class VisionConfig:
             raise VlchatError(f"vision taps must be block indices 0..15, got {self.taps!r}")
         if not isinstance(self.name, str) or not self.name:
             raise VlchatError(f"vision name must be a non-empty string, got {self.name!r}")
-        size = self.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 32:
+        size, patch = self.image_size, self.patch_size
+        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+            raise VlchatError(f"vision patch_size must be a positive integer, got {patch!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < patch or size % patch:
             raise VlchatError(
-                f"vision image_size must be an integer multiple of 32 and at least 32 (e.g. 224), got {size!r}"
+                f"vision image_size must be an integer multiple of {patch} and at least {patch} (e.g. {7 * patch}), "
+                f"got {size!r}"
             )
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
             raise VlchatError(f"vision weights must be a non-empty string or None, got {self.weights!r}")
 
     @property
     def num_tokens(self) -> int:
-        return (self.image_size // 32) ** 2
+        return (self.image_size // self.patch_size) ** 2 + int(self.keep_cls)
 
 
 @dataclass(frozen=True)
@@ -99,20 +109,32 @@ def _default_projector() -> ProjectorConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "default"
-    vision: VisionConfig = field(default_factory=_default_vision)
-    projector: ProjectorConfig = field(default_factory=_default_projector)
+    vision: VisionConfig | None = field(default_factory=_default_vision)  # None: a text-only model
+    projector: ProjectorConfig | None = field(default_factory=_default_projector)  # None: text-only
     lm: LMConfig = field(default_factory=lambda: LMConfig(adapter=DEFAULT_ADAPTER))
     template: str = "chatml"  # conversation template the LM was tuned with (chat/templates.py)
     # Trained projector: "<dir or package:...>/name" -> name.safetensors + name.json; None = fresh.
     projector_weights: str | None = DEFAULT_PROJECTOR
+    # A Hugging Face checkpoint directory holding every part in one state dict (LLaVA, BLIP-2 layouts,
+    # or a causal LM alone): model/loaders/ maps its weights onto the parts; None: each part has its own.
+    checkpoint: str | None = None
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A preset by name, or a model config file (JSON or YAML) by path."""
+        """A preset by name, a model config file (JSON or YAML) by path, or a Hugging Face checkpoint
+        directory (a path, a folder name under $VLCHAT_HOME/models, or an org/name in the HF cache)."""
         if name not in PRESETS and name.endswith((".json", ".yaml", ".yml")):
             return replace(cls.from_file(name), **overrides)
         if name not in PRESETS:
-            raise VlchatError(f"unknown model {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+            from vlchat.model.loaders import find_checkpoint, model_config_from_checkpoint
+
+            if (directory := find_checkpoint(name)) is not None:
+                return replace(model_config_from_checkpoint(directory), **overrides)
+        if name not in PRESETS:
+            raise VlchatError(
+                f"unknown model {name!r}: not a preset ({', '.join(sorted(PRESETS))}), a model directory, "
+                "or a model in $VLCHAT_HOME/models or the Hugging Face cache (vlchat models lists them)"
+            )
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +156,7 @@ class ModelConfig:
         check_keys(cls, data, "model config")
         kwargs = dict(data)
         for key, kind in nested.items():
-            if key in data:
+            if key in data and not (key in ("vision", "projector") and data[key] is None):
                 check_keys(kind, data[key], f"model config {key!r}")
                 kwargs[key] = kind(**data[key])
         return cls(**kwargs)

@@ -25,20 +25,59 @@ def encode(
     tokens_per_image: int,
     add_generation_prompt: bool = True,
 ) -> tuple[list[PositionKey], list[bool]]:
-    """(position keys, trainable flags) for the rendered conversation."""
+    """(position keys, trainable flags) for the rendered conversation.
+
+    Tokenized piece by piece, the prompt must still get the tokens that tokenizing it whole would
+    (what the reference implementations feed): spaces that end a piece are carried into the next
+    text piece (BPE tokenizers attach a space to the word after it: "USER:" + " What"), and, for
+    tokenizers that prepend "▁" to a text (LLaMA's SentencePiece), every piece after the first is
+    tokenized as a continuation (`LanguageModel.tokenize_continuation`).
+    """
+    pieces = _Pieces(tokenize)
     keys: list[PositionKey] = []
     trainable: list[bool] = []
     for segment in template.segments(messages, add_generation_prompt):
         message = messages[segment.message_index] if segment.is_content else None
         if message is not None and message.token_ids is not None:
-            piece = list(message.token_ids)
+            piece = pieces.flush() + list(message.token_ids)
         elif message is not None and message.images:
-            piece = content_keys(message, tokenize, tokens_per_image)
+            piece = content_keys(message, pieces.text, tokens_per_image, template, pieces.flush)
         else:
-            piece = tokenize(segment.text)
+            piece = pieces.text(segment.text, bos=segment.text == template.bos and not keys)
         keys += piece
         trainable += [segment.trainable] * len(piece)
-    return keys, trainable
+    tail = pieces.flush()
+    return keys + tail, trainable + [False] * len(tail)
+
+
+class _Pieces:
+    """Tokenizes consecutive text pieces, carrying trailing spaces forward (see `encode`)."""
+
+    def __init__(self, tokenize: Tokenize) -> None:
+        owner = getattr(tokenize, "__self__", None)  # lm.tokenize: its model knows continuations
+        self.first, self.rest = tokenize, getattr(owner, "tokenize_continuation", tokenize)
+        self.started, self.carry = False, ""
+
+    def text(self, text: str, bos: bool = False) -> list[int]:
+        """Ids of `text` after the carried spaces; its own trailing spaces are carried on. The BOS
+        piece does not count as a start: the text after it is tokenized as a prompt's beginning."""
+        text = self.carry + text
+        stripped = text.rstrip(" ")
+        self.carry = text[len(stripped) :]
+        if not stripped:
+            return []
+        ids = (self.rest if self.started else self.first)(stripped)
+        self.started = self.started or not bos
+        return ids
+
+    def flush(self) -> list[int]:
+        """The carried spaces as tokens of their own (an image or recorded answer ids come next)."""
+        if not self.carry:
+            return []
+        carry, self.carry = self.carry, ""
+        ids = (self.rest if self.started else self.first)(carry)
+        self.started = True
+        return ids
 
 
 def slot_ids(keys: Sequence[PositionKey]) -> list[int]:
@@ -51,16 +90,26 @@ def first_slots(keys: Sequence[PositionKey]) -> list[str]:
     return [k[0] for k in keys if isinstance(k, tuple) and k[1] == 0]
 
 
-def content_keys(message: Message, tokenize: Tokenize, tokens_per_image: int) -> list[PositionKey]:
-    """A message's parts, images as `<Img>` + N slots + `</Img>`, parts joined by one space."""
+def content_keys(
+    message: Message,
+    tokenize: Tokenize,
+    tokens_per_image: int,
+    template: Template | None = None,
+    flush: Callable[[], list[int]] = list,
+) -> list[PositionKey]:
+    """A message's parts, images as the template's open text + N slots + close text (MiniGPT-4's
+    `<Img>` ... `</Img>` by default), parts joined by its separator (one space by default).
+    `flush` returns tokens still owed before an image slot (spaces carried by `encode`)."""
+    open_, close, separator = ("<Img>", "</Img>", " ") if template is None else template.image_markup
     keys: list[PositionKey] = []
     text = ""
     for i, part in enumerate(message.parts):
-        text += " " if i else ""
+        text += separator if i else ""
         if isinstance(part, Text):
             text += part.text
             continue
-        keys += tokenize(text + "<Img>")
+        keys += tokenize(text + open_) if text + open_ else []
+        keys += flush()
         keys += [(part.key, slot) for slot in range(tokens_per_image)]
-        text = "</Img>"
-    return keys + tokenize(text)
+        text = close
+    return keys + (tokenize(text) if text else [])

@@ -68,6 +68,11 @@ class Template:
     # Prefix of the user message right after a system block; None = `user_prefix`. LLaMA-2 opens
     # "[INST]" inside the system block, so the first user message continues it with "".
     first_user_prefix: str | None = None
+    # How an image part is written around its embedding slots, and what joins a message's parts
+    # (MiniGPT-4: "<Img>" slots "</Img>", parts joined by " "; LLaVA-1.5: slots "\n", nothing between).
+    image_open: str = "<Img>"
+    image_close: str = "</Img>"
+    part_separator: str = " "
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         """Render `messages` as segments; see the module docstring for the layout."""
@@ -81,6 +86,10 @@ class Template:
         if out and self.bos:
             out.insert(0, Segment(self.bos, False, out[0].message_index, False))
         return out
+
+    @property
+    def image_markup(self) -> tuple[str, str, str]:
+        return self.image_open, self.image_close, self.part_separator
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return "".join(s.text for s in self.segments(messages, add_generation_prompt))
@@ -207,7 +216,12 @@ TEMPLATES: dict[str, Template] = {
 
 
 def get_template(name: str) -> Template:
-    """The template registered under `name`; VlchatError listing the names if there is none."""
+    """The template registered under `name`, or a checkpoint's own ("hf:<dir>", chat/hf_template.py);
+    VlchatError listing the names if there is none."""
+    if name.startswith("hf:"):
+        from vlchat.chat.hf_template import checkpoint_template
+
+        return checkpoint_template(name[len("hf:") :])
     try:
         return TEMPLATES[name]
     except KeyError:

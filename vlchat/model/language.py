@@ -80,6 +80,17 @@ class LanguageModel(nn.Module):
         """Text -> ids; special tokens written in the text (e.g. `<|im_start|>`) are recognised."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def tokenize_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it tokenizes inside a longer prompt. Tokenizers that prepend "▁" to the
+        start of a text (LLaMA's SentencePiece, Metaspace prepend_scheme "first") would add one to
+        every piece tokenized alone; tokenized after a special token (which splits the text as it
+        does inside a prompt) they do not. Other tokenizers: the same as `tokenize`."""
+        if not prepends_space(self.tokenizer):
+            return self.tokenize(text)
+        anchor = self.tokenizer.eos_token or self.tokenizer.bos_token
+        ids = self.tokenize(anchor + text)
+        return ids[1:]
+
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -166,6 +177,21 @@ class LanguageModel(nn.Module):
             return attention_mask
         additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
+
+
+def prepends_space(tokenizer) -> bool:
+    """Whether the tokenizer prepends "▁" to the first word of a text (Metaspace or Prepend normaliser)."""
+    cached = getattr(tokenizer, "_vlchat_prepends_space", None)
+    if cached is None:
+        import json
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec = json.loads(backend.to_str()) if backend is not None else {}
+        text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")])
+        cached = '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
+        cached = cached and bool(tokenizer.eos_token or tokenizer.bos_token)
+        tokenizer._vlchat_prepends_space = cached
+    return cached
 
 
 def cpu_has_native_bf16() -> bool:

@@ -180,7 +180,12 @@ class VisionEncoder(nn.Module):
 
 def load_vision_encoder(config: VisionConfig, weights_path: Path | None) -> VisionEncoder:
     """Build the encoder, load backbone weights from `weights_path` (strict) if given, and
-    return it frozen: eval() mode and no parameter requires grad."""
+    return it frozen: eval() mode and no parameter requires grad. CLIP/SigLIP towers come from
+    their checkpoint directory (`config.source`, model/hf_vision.py)."""
+    if config.name not in VISION_BACKBONES:
+        from vlchat.model.hf_vision import load_hf_vision_encoder
+
+        return load_hf_vision_encoder(config)
     encoder = VisionEncoder(config)
     if weights_path is not None:
         state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)

@@ -43,7 +43,9 @@ def merge_image_embeddings(
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vision: VisionEncoder, projector: Projector, lm: LanguageModel) -> None:
+    def __init__(
+        self, config: ModelConfig, vision: VisionEncoder | None, projector: Projector | None, lm: LanguageModel
+    ) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
@@ -52,26 +54,45 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.config.vision.num_tokens
+        if self.vision is None:  # a text-only model
+            return 0
+        # a connector with a fixed number of outputs (BLIP-2's Q-Former queries) sets the count
+        return getattr(self.projector, "num_output_tokens", None) or self.config.vision.num_tokens
 
     def pixels(self, image: PILImage.Image) -> torch.Tensor:
-        """A loaded RGB image -> (3, S, S) normalised pixels."""
+        """A loaded RGB image -> (3, S, S) normalised pixels (the checkpoint's preprocessing if it has one)."""
+        self._refuse_text_only()
+        if hasattr(self.vision, "preprocess"):
+            return self.vision.preprocess(image)
         return to_tensor(image, self.config.vision.image_size)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, D) image embeddings in the LM's input space."""
-        return self.projector(self.vision(pixels))
+        self._refuse_text_only()
+        device = next(self.vision.parameters()).device
+        return self.projector(self.vision(pixels.to(device)))
+
+    def _refuse_text_only(self) -> None:
+        if self.vision is None:
+            raise VlchatError(f"model {self.config.name!r} is text-only: it cannot take images")
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids with IMAGE_TOKEN_ID slots + (n, N, D) image embeddings -> (B, T, D)."""
-        text_embeds = self.lm.embed(input_ids.clamp(min=0))
+        device = self.lm.model.get_input_embeddings().weight.device
+        text_embeds = self.lm.embed(input_ids.clamp(min=0).to(device))
+        input_ids = input_ids.to(device)
         if image_embeds is None:
             image_embeds = text_embeds.new_zeros(0, self.tokens_per_image, text_embeds.shape[-1])
         return merge_image_embeddings(input_ids, text_embeds, image_embeds)
 
 
 def load_model(config: ModelConfig) -> VisionLanguageModel:
-    """Build the model from its config: frozen encoder and LM, trained (or fresh) projector."""
+    """Build the model from its config: frozen encoder and LM, trained (or fresh) projector; a
+    Hugging Face checkpoint (config.checkpoint) through its family's loader (model/loaders/)."""
+    if config.checkpoint is not None:
+        from vlchat.model.loaders import load_checkpoint_model
+
+        return load_checkpoint_model(config)
     weights = verified_file(config.vision.weights, config.vision.sha256) if config.vision.weights else None
     vision = load_vision_encoder(config.vision, weights)
     lm = load_language_model(config.lm)

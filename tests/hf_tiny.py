@@ -1,0 +1,218 @@
+"""Tiny random Hugging Face checkpoints built from configs and saved locally (no downloads).
+
+A tiny SentencePiece-style BPE tokenizer (Metaspace pre-tokenizer, as LLaMA's) is trained on a few
+sentences, so the prompt tokenization paths of real Llama-family checkpoints are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CORPUS = [
+    "USER: What is in the picture? ASSISTANT: A cat sits on a red mat.",
+    "Describe the image in detail. The dog runs in the green park near a blue car.",
+    "system user assistant You are a helpful assistant. Answer the question briefly.",
+    "Hello! How are you today? I am fine, thank you. What colour is the sky?",
+] * 4
+# LLaVA-1.5's chat template as published with llava-hf checkpoints (processor chat_template): roles
+# upper-cased, images first as "<image>\n", each text followed by a space, generation prompt "ASSISTANT:".
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(extra_special: tuple[str, ...] = (), vocab_size: int = 300, chat_template: str | None = None):
+    """A LLaMA-style tokenizer: <unk>=0, <s>=1, </s>=2, then `extra_special`, byte fallback BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", *extra_special]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Trained with words split at "▁" (no piece spans two words, as in LLaMA's SentencePiece model),
+    # then run unsplit with the "▁" prepended at the start only, as transformers converts LLaMA's tokenizer.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256, special_tokens=specials + bytes_, show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(extra_special),
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**base, **overrides})
+
+
+def photo(seed: int = 0, size: tuple[int, int] = (50, 40)) -> Image.Image:
+    """A random RGB image, not square, so resize and crop matter."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def save_preprocessor(out: Path, kind: str, size: int) -> None:
+    """preprocessor_config.json as CLIP (shortest edge + center crop) or SigLIP (square resize) publish it."""
+    if kind == "clip":
+        config = {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": size},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": size, "width": size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_convert_rgb": True,
+        }
+    else:
+        config = {
+            "image_processor_type": "SiglipImageProcessor",
+            "do_resize": True,
+            "size": {"height": size, "width": size},
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
+    (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def tiny_clip_vision_config(image_size: int = 28, patch_size: int = 7):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=16,
+    )
+
+
+def tiny_siglip_vision_config(image_size: int = 28, patch_size: int = 7):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+def save_tiny_vision(out: Path, kind: str, seed: int = 0) -> Path:
+    """A standalone CLIP or SigLIP vision tower directory: weights + config + preprocessor config."""
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = tiny_clip_vision_config() if kind == "clip" else tiny_siglip_vision_config()
+    model = (CLIPVisionModel if kind == "clip" else SiglipVisionModel)(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_preprocessor(out, kind, config.image_size)
+    return out
+
+
+def save_tiny_llava(out: Path, seed: int = 0):
+    """A tiny random LlavaForConditionalGeneration (CLIP tower, mlp2x_gelu, LLaMA) with its processor files."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = tiny_tokenizer(("<image>",), chat_template=LLAVA_TEMPLATE)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vision = tiny_clip_vision_config()
+    config = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=tiny_llama_config(len(tokenizer)).to_dict(),
+        image_token_index=image_token,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
+    config.vision_config.model_type = "clip_vision_model"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_preprocessor(out, "clip", vision.image_size)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_TEMPLATE}))
+    processor = {
+        "processor_class": "LlavaProcessor",
+        "patch_size": vision.patch_size,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,  # CLIP's CLS, dropped by the "default" strategy
+        "image_token": "<image>",
+    }
+    (out / "processor_config.json").write_text(json.dumps(processor))
+    return model, tokenizer
+
+
+# A Qwen2.5-style ChatML template that writes a default system prompt when the conversation has none.
+CHATML_DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}"
+    "{% endif %}" + CHATML_TEMPLATE
+)
+
+
+def save_tiny_causal_lm(out: Path, chat_template: str = CHATML_TEMPLATE, seed: int = 0):
+    """A tiny random LLaMA causal LM directory whose tokenizer has ChatML markers and a chat template."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(("<|im_start|>", "<|im_end|>"), chat_template=chat_template)
+    tokenizer.eos_token = "<|im_end|>"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model, tokenizer

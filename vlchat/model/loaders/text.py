@@ -1,0 +1,46 @@
+"""Any Hugging Face causal LM directory as a text-only vlchat model, with its own chat template."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from vlchat.config import LMConfig, ModelConfig
+from vlchat.errors import VlchatError
+
+
+def model_config(directory: Path, raw: dict) -> ModelConfig:
+    return ModelConfig(
+        name=directory.name,
+        vision=None,
+        projector=None,
+        lm=LMConfig(source=str(directory), sha256=None),
+        template=f"hf:{directory}",
+        projector_weights=None,
+        checkpoint=str(directory),
+    )
+
+
+def load(config: ModelConfig, directory: Path):
+    from vlchat.model.language import LanguageModel, merge_adapter, resolve_dtype
+    from vlchat.model.loaders.checkpoint import pretrained_strict
+    from vlchat.model.vlm import VisionLanguageModel
+
+    if config.vision is not None:
+        raise VlchatError(f"{directory} is a text-only model; its config cannot have a vision encoder")
+    from transformers import AutoModelForCausalLM
+
+    model = pretrained_strict(AutoModelForCausalLM, directory, resolve_dtype(config.lm.dtype), "language model")
+    if config.lm.adapter:
+        model = merge_adapter(model, config.lm.adapter).eval().requires_grad_(False)
+    lm = LanguageModel(model, load_tokenizer(directory), config.lm.context_window)
+    return VisionLanguageModel(replace(config, projector=None), None, None, lm).eval()
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise VlchatError(f"cannot load the tokenizer of {directory}: {str(error).splitlines()[0]}") from None
