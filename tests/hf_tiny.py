@@ -216,3 +216,101 @@ def save_tiny_causal_lm(out: Path, chat_template: str = CHATML_TEMPLATE, seed: i
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, tokenizer
+
+
+def tiny_gpt2_tokenizer(vocab_size: int = 300):
+    """An OPT-style byte-level BPE tokenizer (GPT-2's): <s>=0, <pad>=1, </s>=2 (BOS and EOS, as OPT's),
+    <unk>=3, then "<image>"; the tokenizer adds "</s>" in front of a text, as OPT's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 256,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS + ["Question: what is this? Answer: a cat."] * 4, trainer)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+
+
+def tiny_blip2_config(vocab_size: int, image_token: int, num_query_tokens: int = 8):
+    """BLIP-2 with a tiny ViT (28 px, 7 px patches: 16 patches + CLS), a 2-layer Q-Former and a tiny OPT."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    vision = Blip2VisionConfig(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        encoder_hidden_size=24,
+        cross_attention_frequency=1,
+        vocab_size=50,
+    )
+    text = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=32,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        init_std=0.3,  # far from uniform logits: greedy decoding then varies its tokens
+    )
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token,
+    )
+
+
+def save_tiny_blip2(out: Path, seed: int = 0, num_query_tokens: int = 8):
+    """A tiny random Blip2ForConditionalGeneration (OPT decoder) with its processor files, as
+    Salesforce/blip2-opt-* publish them (BlipImageProcessor: 224 -> here 28 px square, CLIP mean/std)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    tokenizer = tiny_gpt2_tokenizer()
+    config = tiny_blip2_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), num_query_tokens)
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random query tokens (the init leaves them at zero: every query the same)
+        model.query_tokens.normal_(std=0.5)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    preprocess = {
+        "image_processor_type": "BlipImageProcessor",
+        "do_resize": True,
+        "size": {"height": 28, "width": 28},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2))
+    processor = {"processor_class": "Blip2Processor", "num_query_tokens": num_query_tokens}
+    (out / "processor_config.json").write_text(json.dumps(processor))
+    return model, tokenizer

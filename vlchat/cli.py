@@ -299,6 +299,21 @@ def models(json_output: Annotated[bool, typer.Option("--json", help="Print a JSO
         print(f"{entry.name:<{width}}  {entry.kind:<8}  {human_size(entry.size_bytes):>9}  {entry.path}")
 
 
+@app.command("pull")
+def pull(
+    name: Annotated[str, typer.Argument(help="org/repo, or a short name (llava-1.5-7b, blip2-opt-2.7b, ...).")],
+    source: Annotated[str, typer.Option(help="Where from: huggingface (HF_ENDPOINT, HF_TOKEN) or modelscope.")] = (
+        "huggingface"
+    ),
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (default: the main branch).")] = None,
+) -> None:
+    """Download a checkpoint into $VLCHAT_HOME/models (resumable; files verified) for --model org/repo.
+    Prints the model folder. With HF_HUB_OFFLINE=1 nothing is fetched: the Hugging Face cache is used."""
+    from vlchat.pull import pull as run_pull
+
+    print(run_pull(name, source, revision))
+
+
 train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(train_app, name="train")

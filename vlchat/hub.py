@@ -1,4 +1,5 @@
-"""Getting checkpoints: the Hugging Face cache (huggingface_hub) and, later in this file, `vlchat pull`."""
+"""Finding checkpoints: the Hugging Face cache (huggingface_hub) and $VLCHAT_HOME/models, where
+`vlchat pull` (pull.py) puts what it downloads; `vlchat models` lists them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 @dataclass(frozen=True)
 class ModelEntry:
     name: str  # what --model takes
-    kind: str  # "preset" | "local" | "hf-cache"
+    kind: str  # "preset" | "local" | "pulled" (by vlchat pull) | "hf-cache"
     size_bytes: int | None
     path: str
 
@@ -33,11 +34,14 @@ def directory_size(path: Path) -> int:
 
 def local_models(root: Path) -> list[ModelEntry]:
     """Model directories (with config.json) at $VLCHAT_HOME/models/<name> or .../<org>/<name>."""
+    from vlchat.pull import MANIFEST
+
     found = []
     for config in sorted(list(root.glob("*/config.json")) + list(root.glob("*/*/config.json"))):
         directory = config.parent
+        kind = "pulled" if (directory / MANIFEST).is_file() else "local"
         found.append(
-            ModelEntry(directory.relative_to(root).as_posix(), "local", directory_size(directory), str(directory))
+            ModelEntry(directory.relative_to(root).as_posix(), kind, directory_size(directory), str(directory))
         )
     return found
 

@@ -6,6 +6,7 @@ import pytest
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.personas import get_persona
+from vlchat.chat.prompt import encode
 from vlchat.chat.templates import TEMPLATES, Segment, get_template
 from vlchat.errors import VlchatError
 
@@ -92,6 +93,16 @@ GOLDEN: dict[str, dict[str, str]] = {
     },
     "chatml": _chatml(CS),
     "internlm2": {k: "<s>" + v for k, v in _chatml(IS).items()},
+    # The rendered text keeps images where they were given; the position keys put them first (below).
+    "blip2": {
+        "single": f"</s>Question: {Q} Answer:",
+        "multi": f"</s>Question: {Q} Answer:A cat.</s>Question: And its colour? Answer:",
+        "two_images": f"</s>Question: {IMG} {IMG} Compare them. Answer:",
+        "images_in_two_turns": f"</s>Question: {Q} Answer:A cat.</s>Question: {IMG} And this one? Answer:",
+        "custom_system": f"</s>Be brief.\nQuestion: {Q} Answer:",
+        "empty_system": f"</s>Question: {Q} Answer:",
+        "persona": f"</s>{ZBJ}\nQuestion: {Q} Answer:",
+    },
     "ziya": {
         "single": f"<human>:{Q}\n<bot>:",
         "multi": f"<human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:",
@@ -120,6 +131,7 @@ GOLDEN_TRAINING = {
         "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nAnd its colour?<|im_end|>\n"
         "<|im_start|>assistant\nOrange.<|im_end|>\n"
     ),
+    "blip2": f"</s>Question: {Q} Answer:A cat.</s>Question: And its colour? Answer:Orange.</s>",
     "ziya": f"<human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:Orange.\n",
 }
 GOLDEN_TRAINABLE = {
@@ -127,17 +139,19 @@ GOLDEN_TRAINABLE = {
     "llama2": "A cat. </s>Orange. </s>",
     "chatml": "A cat.<|im_end|>Orange.<|im_end|>",
     "internlm2": "A cat.<|im_end|>Orange.<|im_end|>",
+    "blip2": "A cat.</s>Orange.</s>",
     "ziya": "A cat.\nOrange.\n",
 }
 
 
 def test_registry_names_and_stops() -> None:
-    assert list(TEMPLATES) == ["vicuna_v0", "llama2", "chatml", "internlm2", "ziya"]
+    assert list(TEMPLATES) == ["vicuna_v0", "llama2", "chatml", "internlm2", "blip2", "ziya"]
     assert {n: t.stop for n, t in TEMPLATES.items()} == {
         "vicuna_v0": ("###",),
         "llama2": ("</s>",),
         "chatml": ("<|im_end|>",),
         "internlm2": ("<|im_end|>",),
+        "blip2": ("</s>",),
         "ziya": ("<human>:", "</s>"),
     }
     for name, template in TEMPLATES.items():
@@ -228,6 +242,22 @@ def test_shorter_conversation_segments_are_a_prefix(name: str, messages: list[Me
         # With the generation prompt too: it is exactly the next answer's role-prefix segment.
         prompted = template.segments(messages[:k], add_generation_prompt=True)
         assert full[: len(prompted)] == prompted, k
+
+
+def test_images_first_puts_every_image_slot_before_the_bos() -> None:
+    """BLIP-2: the image embeddings lead the prompt, then BOS and the text without image markup."""
+    words = {"</s>": 2, "Question:": 10, "What": 11, "is": 12, "this?": 13, "Answer:": 14, "A": 15, "cat.": 16}
+    words |= {"And": 17, "this": 18, "one?": 19}
+
+    def tokenize(text: str) -> list[int]:  # one id per word, "</s>" a word of its own
+        return [words[w] for w in text.replace("</s>", " </s> ").split()]
+
+    messages = [U1, A1, user(Image("k2"), Text("And this one?"))]
+    keys, trainable = encode(get_template("blip2"), messages, tokenize, tokens_per_image=2)
+    assert keys == [("k", 0), ("k", 1), ("k2", 0), ("k2", 1), 2, 10, 11, 12, 13, 14, 15, 16, 2, 10, 17, 18, 19, 14]
+    assert trainable == [False] * 10 + [True] * 3 + [False] * 5
+    chatml_keys, _ = encode(get_template("chatml"), [U1], lambda text: [0] * len(text.split()), tokens_per_image=2)
+    assert chatml_keys.index(("k", 0)) > 0  # other templates keep images in place
 
 
 def test_unknown_template() -> None:

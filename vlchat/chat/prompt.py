@@ -40,6 +40,8 @@ def encode(
         message = messages[segment.message_index] if segment.is_content else None
         if message is not None and message.token_ids is not None:
             piece = pieces.flush() + list(message.token_ids)
+        elif message is not None and message.images and template.images_first:
+            piece = pieces.text(template.part_separator.join(p.text for p in message.parts if isinstance(p, Text)))
         elif message is not None and message.images:
             piece = content_keys(message, pieces.text, tokens_per_image, template, pieces.flush)
         else:
@@ -47,7 +49,13 @@ def encode(
         keys += piece
         trainable += [segment.trainable] * len(piece)
     tail = pieces.flush()
-    return keys + tail, trainable + [False] * len(tail)
+    front = leading_image_keys(messages, tokens_per_image) if template.images_first else []
+    return front + keys + tail, [False] * len(front) + trainable + [False] * len(tail)
+
+
+def leading_image_keys(messages: Sequence[Message], tokens_per_image: int) -> list[PositionKey]:
+    """The slots of every image in the conversation, in order, for templates that put images first."""
+    return [(image.key, slot) for m in messages for image in m.images for slot in range(tokens_per_image)]
 
 
 class _Pieces:

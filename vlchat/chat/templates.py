@@ -73,6 +73,10 @@ class Template:
     image_open: str = "<Img>"
     image_close: str = "</Img>"
     part_separator: str = " "
+    # Every image of the conversation goes first, as its embedding slots alone, before the BOS and
+    # all text (BLIP-2: Blip2Processor puts the Q-Former's query embeddings in front of the prompt);
+    # a message's text parts are then joined by `part_separator`. Rendered text is unchanged.
+    images_first: bool = False
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         """Render `messages` as segments; see the module docstring for the layout."""
@@ -199,6 +203,21 @@ TEMPLATES: dict[str, Template] = {
         name="internlm2",
         default_system="You are an AI assistant whose name is InternLM (书生·浦语).",
         bos="<s>",
+    ),
+    # BLIP-2 (OPT): "Question: U Answer:" as in the Salesforce/blip2-opt-* model cards, the image
+    # embeddings in front of "</s>" (OPT's BOS; Blip2Processor). A finished answer ends with "</s>"
+    # (OPT's EOS, also its BOS), and the next turn starts after it: "...Answer: A</s>Question: U2 Answer:".
+    "blip2": Template(
+        name="blip2",
+        default_system="",
+        stop=("</s>",),
+        system_suffix="\n",
+        user_prefix="Question: ",
+        user_suffix=" ",
+        assistant_prefix="Answer:",
+        assistant_end="</s>",
+        bos="</s>",
+        images_first=True,
     ),
     # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:";
     # no default system; a given one goes first as "S\n". The model also stops on "</s>".

@@ -1,9 +1,10 @@
-"""Vision towers from transformers (CLIP, SigLIP) behind the same seam as the EfficientNet encoder:
+"""Vision towers from transformers (CLIP, SigLIP, BLIP-2's ViT) behind the same seam as the EfficientNet encoder:
 pixels (B, 3, S, S) -> tokens (B, N, D), plus the checkpoint's own image preprocessing.
 
 The output is one hidden state of the ViT (`VisionConfig.feature_layer`; LLaVA-1.5 takes -2, the
 penultimate layer's output, as `LlavaModel.get_image_features` does) with CLIP's CLS token dropped
-unless `keep_cls` (LLaVA's "default" feature select strategy drops it; SigLIP has none).
+unless `keep_cls` (LLaVA's "default" feature select strategy drops it; SigLIP has none). BLIP-2's
+tower gives its final, post-layernormed output with the CLS token (`Blip2Model.get_image_features`).
 
 Preprocessing follows the checkpoint's preprocessor_config.json the way transformers' PIL image
 processors apply it (`image_processing_backends.PilBackend`): resize (shortest edge, aspect kept,
@@ -25,8 +26,11 @@ from torch import nn
 from vlchat.config import VisionConfig
 from vlchat.errors import VlchatError
 
-HF_VISION_FAMILIES = ("clip", "siglip")
-HAS_CLS = {"clip": True, "siglip": False}
+HF_VISION_FAMILIES = ("clip", "siglip", "blip2")
+HAS_CLS = {"clip": True, "siglip": False, "blip2": True}
+# Families whose feature_layer -1 is the tower's final output after its post-layernorm (BLIP-2's Q-Former
+# attends to `Blip2VisionModel(...).last_hidden_state`), not the last encoder layer's raw hidden state.
+POST_NORM_OUTPUT = ("blip2",)
 # model_type of a standalone vision checkpoint's config.json -> family
 VISION_MODEL_TYPES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
 
@@ -102,7 +106,7 @@ def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
 
 
 class HFVisionEncoder(nn.Module):
-    """A transformers CLIPVisionModel / SiglipVisionModel: pixels (B, 3, S, S) -> (B, N, D)."""
+    """A transformers CLIPVisionModel / SiglipVisionModel / Blip2VisionModel: pixels (B, 3, S, S) -> (B, N, D)."""
 
     def __init__(self, config: VisionConfig, tower: nn.Module, preprocess: ImagePreprocess) -> None:
         super().__init__()
@@ -126,17 +130,21 @@ class HFVisionEncoder(nn.Module):
         s = self.config.image_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"vision encoder expects pixels of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
-        out = self.tower(pixel_values=pixels.to(self.tower.dtype), output_hidden_states=True)
-        hidden = out.hidden_states[self.config.feature_layer]  # (B, [1 +] P, D); index 0 = the embeddings
+        pixels = pixels.to(self.tower.dtype)
+        if self.config.name in POST_NORM_OUTPUT and self.config.feature_layer == -1:
+            hidden = self.tower(pixel_values=pixels).last_hidden_state  # (B, 1 + P, D), post-layernorm
+        else:
+            out = self.tower(pixel_values=pixels, output_hidden_states=True)
+            hidden = out.hidden_states[self.config.feature_layer]  # (B, [1 +] P, D); index 0 = the embeddings
         if HAS_CLS[self.config.name] and not self.config.keep_cls:
             hidden = hidden[:, 1:]  # (B, P, D): patches only
         return hidden
 
 
 def tower_class(family: str) -> type[nn.Module]:
-    from transformers import CLIPVisionModel, SiglipVisionModel
+    from transformers import Blip2VisionModel, CLIPVisionModel, SiglipVisionModel
 
-    return {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}[family]
+    return {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "blip2": Blip2VisionModel}[family]
 
 
 def check_family(config: VisionConfig) -> None:

@@ -93,22 +93,13 @@ def assemble(config: ModelConfig, directory: Path, vision_config, text_config, s
     """Shared with other families that pair a HF vision tower, a vlchat projector and a causal LM."""
     import torch
 
-    from vlchat.model.hf_vision import HFVisionEncoder, check_family, check_geometry, read_preprocess, tower_class
     from vlchat.model.language import resolve_dtype
-    from vlchat.model.loaders.checkpoint import build_frozen, load_strict, rename_keys
+    from vlchat.model.loaders.checkpoint import load_strict, rename_keys
     from vlchat.model.projector import Projector
     from vlchat.model.vlm import VisionLanguageModel
 
     dtype = resolve_dtype(config.lm.dtype)
-    check_family(config.vision)
-    check_geometry(vision_config, config.vision, directory)
-    tower = build_frozen(
-        lambda: tower_class(config.vision.name)(vision_config),
-        rename_keys(state, VISION_PREFIXES),
-        "vision tower",
-        dtype,
-    )
-    vision = HFVisionEncoder(config.vision, tower, read_preprocess(directory, config.vision)).eval()
+    vision = build_vision(config, directory, vision_config, rename_keys(state, VISION_PREFIXES), dtype)
     if config.projector.in_dim != vision.hidden_size:
         raise VlchatError(
             f"projector in_dim {config.projector.in_dim} does not fit the vision tower's {vision.hidden_size}"
@@ -122,6 +113,18 @@ def assemble(config: ModelConfig, directory: Path, vision_config, text_config, s
     del state
     with torch.no_grad():
         return VisionLanguageModel(config, vision, projector, lm).eval()
+
+
+def build_vision(config: ModelConfig, directory: Path, vision_config, state: dict, dtype):
+    """The HF vision tower of a VLM checkpoint (its weights already renamed to the tower's keys),
+    frozen, with the checkpoint's image preprocessing."""
+    from vlchat.model.hf_vision import HFVisionEncoder, check_family, check_geometry, read_preprocess, tower_class
+    from vlchat.model.loaders.checkpoint import build_frozen
+
+    check_family(config.vision)
+    check_geometry(vision_config, config.vision, directory)
+    tower = build_frozen(lambda: tower_class(config.vision.name)(vision_config), state, "vision tower", dtype)
+    return HFVisionEncoder(config.vision, tower, read_preprocess(directory, config.vision)).eval()
 
 
 def build_lm(config: LMConfig, directory: Path, text_config, state: dict, dtype):
