@@ -112,6 +112,7 @@ def test_plain_string_data_source(tmp_path):
         ({}, ["projector.in_dim=1280"], r"projector in_dim comes from the model \(model default: 1472 -> 576\)"),
         ({"projector": {"out_dim": 64}}, [], r"projector out_dim comes from the model"),
         ({"model": "no-such-model"}, [], r"unknown model 'no-such-model'"),
+        ({"model": 5}, [], r"model must be a preset name or a model config file, got 5"),
         ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
         ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
         ({"data": [{"spec": "synth:qa", "sample": 3}]}, [], r"recipe.yaml: .*sample"),

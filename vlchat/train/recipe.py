@@ -79,8 +79,8 @@ class TrainConfig:
     # vlchat.train.bench_step), "off" never.
     autocast: str = "auto"
     # torch.compile the LM's decoder layers (LanguageModel.compile_layers): same math, fused
-    # element-wise work; the first two steps pay the compile (about 35 s on 2 CPU cores). Off in the
-    # recipes: README, Training, "Compiled layers".
+    # element-wise work; the first two steps pay the compile (about 35 s on 2 CPU cores). The default
+    # model's recipes turn it on (README, Training, "Compiled layers").
     compile: bool = False
     data: tuple[DataSource, ...] = ()
     template: str | None = None  # None: the model's
@@ -186,6 +186,8 @@ def recipe_projector(model: str, given: Any) -> ProjectorConfig:
     given = projector_mapping(given)
     if not isinstance(given, dict):
         raise VlchatError(f"projector must be a mapping of {', '.join(PROJECTOR_KEYS)}, got {given!r}")
+    if not isinstance(model, str):
+        raise VlchatError(f"model must be a preset name or a model config file, got {model!r}")
     base = ModelConfig.from_name(model).projector
     for key in sorted(set(given) - set(PROJECTOR_KEYS)):
         if key in ("in_dim", "out_dim"):
