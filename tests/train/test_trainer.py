@@ -247,7 +247,7 @@ def test_lora_run_writes_the_adapter(tiny_model_file, tmp_path):
     out = tmp_path / "out"
     check_run(out, "stage2", 3)
     adapter = json.loads((out / "lora" / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    assert adapter["r"] == 16 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert list((out / "lora").glob("adapter_model.*"))
     trained = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)["trainable"]
     assert any("lora_A" in name for name in trained) and any("lora_B" in name for name in trained)
