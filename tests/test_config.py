@@ -152,3 +152,17 @@ def test_from_dict_refuses_unknown_nested_key_with_vlchat_error():
     data["vision"]["colour"] = "blue"
     with pytest.raises(VlchatError, match="colour"):
         ModelConfig.from_dict(data)
+
+
+def test_model_configs_from_before_output_rms_was_removed_load_at_its_no_op_value_only():
+    data = ModelConfig().to_dict()
+    assert "output_rms" not in data["projector"]
+    data["projector"]["output_rms"] = 0.0  # as every model config written before the removal holds
+    assert ModelConfig.from_dict(data) == ModelConfig()
+    assert data["projector"]["output_rms"] == 0.0  # the caller's dict is left as it was
+    data["projector"]["output_rms"] = 0.133
+    with pytest.raises(VlchatError, match=r"model config 'projector': output_rms 0.133 is no longer supported"):
+        ModelConfig.from_dict(data)
+    data["projector"] = {"kind": "linear", "position_code": 3.0}
+    with pytest.raises(VlchatError, match=r"model config 'projector': projector position_code needs a square"):
+        ModelConfig.from_dict(data)

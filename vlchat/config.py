@@ -6,6 +6,7 @@ loading weights never mutates them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -57,23 +58,66 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2 + int(self.keep_cls)
 
 
+# Fields that projector files and model configs written by older versions may still hold, with
+# the value that makes each a no-op. output_rms (RMS-normalised outputs) was removed: it did not
+# help (README, Training). A file with any other value cannot be loaded as it was trained.
+REMOVED_PROJECTOR_FIELDS: dict[str, Any] = {"output_rms": 0.0}
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
     kind: str = "linear"  # "linear" (MiniGPT-4) | "mlp2x_gelu" (LLaVA-1.5); registry in model/projector.py
     in_dim: int = 1280  # vision hidden size
     out_dim: int = 576  # LM hidden size
-    # > 0: a learned embedding per image token (row-major grid position) added to the output,
-    # so the LM can tell left from right without relying on the encoder's border effects.
+    # > 0: a learned embedding per image token (row-major grid position) added to the output; also
+    # the token grid (side x side) that position_code needs.
     position_tokens: int = 0
-    # > 0: each output token is RMS-normalised and scaled by a learned per-channel gain that starts
-    # at this value (the LM's text-embedding RMS, SmolLM2-135M: 0.133), so image tokens enter the
-    # residual stream at the text tokens' scale instead of ~30x above it. 0: no normalisation.
-    output_rms: float = 0.0
     # > 0: each token's grid row and column, as two one-hot codes times this value, are appended to
-    # its features before the projector's first layer (needs position_tokens: the grid). The
-    # learned output embedding above starts at zero and stays ~1% of an image token's norm; this
-    # code enters at the features' own scale (their mean token norm is ~70 for the default encoder).
+    # its features before the projector's first layer (needs position_tokens: the grid). 50 puts the
+    # code at the features' own scale (their mean token norm is ~70 for the default encoder).
     position_code: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.position_code, int) and not isinstance(self.position_code, bool):
+            object.__setattr__(self, "position_code", float(self.position_code))  # 50 from YAML/JSON
+        tokens = self.position_tokens
+        checks = [
+            (isinstance(self.kind, str) and bool(self.kind), f"kind must be a non-empty string, got {self.kind!r}"),
+            (
+                _whole(self.in_dim) >= 1 and _whole(self.out_dim) >= 1,
+                f"in_dim and out_dim must be integers >= 1, got {self.in_dim!r} and {self.out_dim!r}",
+            ),
+            (_whole(tokens) >= 0, f"position_tokens must be an integer >= 0, got {tokens!r}"),
+            (
+                isinstance(self.position_code, float) and self.position_code >= 0,
+                f"position_code must be a number >= 0, got {self.position_code!r}",
+            ),
+            (
+                not self.position_code or (_whole(tokens) > 0 and math.isqrt(tokens) ** 2 == tokens),
+                f"position_code needs a square token grid, but position_tokens is {tokens}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VlchatError(f"projector {message}")
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "projector config") -> ProjectorConfig:
+        """A stored projector config (a projector's .json, a model config's `projector`); the removed
+        fields of older files are accepted at their no-op values only (REMOVED_PROJECTOR_FIELDS)."""
+        check_keys(cls, data, what, also=tuple(REMOVED_PROJECTOR_FIELDS))
+        for key, harmless in REMOVED_PROJECTOR_FIELDS.items():
+            if key in data and data[key] != harmless:
+                raise VlchatError(f"{what}: {key} {data[key]!r} is no longer supported (only {harmless!r})")
+        try:
+            return cls(**{k: v for k, v in data.items() if k not in REMOVED_PROJECTOR_FIELDS})
+        except VlchatError as error:
+            raise VlchatError(f"{what}: {error}") from None
+
+
+def _whole(value: Any) -> int | float:
+    """`value` if it is an integer (not a bool), else -inf: fails every `>=` check."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else float("-inf")
 
 
 @dataclass(frozen=True)
@@ -100,7 +144,7 @@ def _default_vision() -> VisionConfig:
 
 def _default_projector() -> ProjectorConfig:
     # position_code: each token's grid row and column fed to the projector, at the features' norm
-    # (configs/train/stage1.yaml's projector_position_code; the shipped weights are trained with it).
+    # (the shipped weights are trained with it; a training recipe's `projector:` starts from this).
     return ProjectorConfig(
         kind="mlp2x_gelu", in_dim=1280 + 80 + 112, out_dim=576, position_tokens=49, position_code=50.0
     )
@@ -152,21 +196,23 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        nested = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LMConfig}
+        nested = {"vision": VisionConfig, "lm": LMConfig}
         check_keys(cls, data, "model config")
         kwargs = dict(data)
         for key, kind in nested.items():
             if key in data and not (key in ("vision", "projector") and data[key] is None):
                 check_keys(kind, data[key], f"model config {key!r}")
                 kwargs[key] = kind(**data[key])
+        if "projector" in data:
+            kwargs["projector"] = ProjectorConfig.from_dict(data["projector"], "model config 'projector'")
         return cls(**kwargs)
 
 
-def check_keys(kind: type, data: Any, what: str) -> None:
-    """Refuse a non-dict or unknown keys with a VlchatError naming them."""
+def check_keys(kind: type, data: Any, what: str, also: tuple[str, ...] = ()) -> None:
+    """Refuse a non-dict or unknown keys (not fields of `kind`, nor in `also`) with a VlchatError naming them."""
     if not isinstance(data, dict):
         raise VlchatError(f"{what} must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - {f.name for f in fields(kind)}
+    unknown = set(data) - {f.name for f in fields(kind)} - set(also)
     if unknown:
         raise VlchatError(f"unknown {what} keys: {', '.join(sorted(map(str, unknown)))}")
 

@@ -3,14 +3,22 @@ trips with a config check, and the seeded fresh fallback that leaves the global 
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 
-from vlchat.config import ProjectorConfig
+from vlchat.config import DEFAULT_PROJECTOR, ModelConfig, ProjectorConfig
 from vlchat.errors import VlchatError
-from vlchat.model.projector import PROJECTORS, Projector, build_projector, load_projector, save_projector
+from vlchat.model.projector import (
+    PROJECTORS,
+    Projector,
+    build_projector,
+    load_projector,
+    read_projector_config,
+    save_projector,
+)
 
 IN, OUT = 40, 24
 
@@ -37,32 +45,49 @@ def test_default_linear_matches_minigpt4_llama_proj_size():
     assert n_params(Projector(ProjectorConfig())) == 1280 * 576 + 576
 
 
-def test_output_rms_sets_every_token_to_the_asked_scale_before_positions():
-    config = ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=5, output_rms=0.25)
-    projector = Projector(config)
-    features = torch.randn(3, 5, IN) * 40  # encoder features are large: the norm undoes that
-    with torch.no_grad():
-        out = projector(features)  # position embeddings start at zero
-        rms = out.pow(2).mean(-1).sqrt()
-        torch.testing.assert_close(rms, torch.full_like(rms, 0.25), rtol=1e-4, atol=0)
-        projector.position.fill_(1.0)
-        torch.testing.assert_close(projector(features) - out, torch.ones(3, 5, OUT))
-    assert (
-        n_params(projector)
-        == n_params(Projector(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT, position_tokens=5))) + OUT
-    )
-
-
-def test_output_rms_round_trips_and_old_files_load_without_it(tmp_path):
-    config = ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT, output_rms=0.1)
+def test_files_from_before_output_rms_was_removed_load_at_its_no_op_value_only(tmp_path):
+    """Older files (the shipped default-projector.json among them) hold `output_rms: 0.0`, which
+    did nothing; any other value trained a layer this version does not have."""
+    config = ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT)
     save_projector(Projector(config), tmp_path / "p")
-    assert load_projector(str(tmp_path / "p"), config).norm.weight[0].item() == pytest.approx(0.1)
-    plain = ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT)
-    save_projector(Projector(plain), tmp_path / "old")
-    meta = tmp_path / "old.json"
-    meta.write_text(meta.read_text().replace(',\n  "output_rms": 0.0', ""))  # a file from before the key
+    meta = tmp_path / "p.json"
     assert "output_rms" not in meta.read_text()
-    assert not hasattr(load_projector(str(tmp_path / "old"), plain), "norm")
+    stored = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**stored, "output_rms": 0.0}))
+    assert load_projector(str(tmp_path / "p"), config).config == config
+    assert read_projector_config(str(tmp_path / "p")) == config
+    meta.write_text(json.dumps({**stored, "output_rms": 0.133}))
+    for load in (
+        lambda: load_projector(str(tmp_path / "p"), config),
+        lambda: read_projector_config(str(tmp_path / "p")),
+    ):
+        with pytest.raises(VlchatError, match=r"p.json: output_rms 0.133 is no longer supported \(only 0.0\)") as info:
+            load()
+        assert "\n" not in str(info.value)
+    meta.write_text(json.dumps({**stored, "scale": 2}))
+    with pytest.raises(VlchatError, match="unknown projector config .* keys: scale"):
+        read_projector_config(str(tmp_path / "p"))
+
+
+def test_the_shipped_projector_config_reads_as_the_default_presets():
+    """(It was written with `output_rms: 0.0`, before the field was removed.)"""
+    assert read_projector_config(DEFAULT_PROJECTOR) == ModelConfig().projector
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"position_tokens": -1}, "position_tokens must be an integer >= 0"),
+        ({"position_tokens": 2.5}, "position_tokens must be an integer >= 0"),
+        ({"position_code": -1.0}, "position_code must be a number >= 0"),
+        ({"position_code": 1.0}, "position_code needs a square token grid, but position_tokens is 0"),
+        ({"in_dim": 0}, "in_dim and out_dim must be integers >= 1"),
+        ({"kind": ""}, "kind must be a non-empty string"),
+    ],
+)
+def test_projector_config_checks_its_fields(fields, message):
+    with pytest.raises(VlchatError, match=f"projector {message}"):
+        ProjectorConfig(**{"in_dim": IN, "out_dim": OUT, **fields})
 
 
 def test_position_code_appends_each_tokens_row_and_column_before_the_first_layer():

@@ -9,7 +9,7 @@ import torch
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
 from vlchat.model.vlm import IMAGE_TOKEN_ID
-from vlchat.train.collate import IGNORE, answer_weights, branch_mask, collate, encode_sample
+from vlchat.train.collate import IGNORE, branch_mask, collate, encode_sample
 from vlchat.train.data import Sample
 from vlchat.train.synth import qa_sample
 from vlchat.train.trainer import TrainModule
@@ -36,28 +36,10 @@ def encoder(model):
     return encode
 
 
-def loss(model, encoded_items, by_answer: bool = False) -> torch.Tensor:
+def loss(model, encoded_items) -> torch.Tensor:
     batch = collate(encoded_items, model.config.vision.image_size, 0)
-    weights = answer_weights(batch.labels) if by_answer else None
     with torch.no_grad():
-        return TrainModule(model)(
-            batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids, weights
-        )
-
-
-def test_answer_weighting_gives_every_answer_the_same_weight(tiny_model):
-    """loss_weighting: answer: a packed sample's loss is the plain mean of its turns' losses, each
-    turn's own loss a mean over its tokens, and the weights sum to one per answer, however long."""
-    encode = encoder(tiny_model)
-    sample = qa_sample(5, "en", turns=3, explain_yes_no=True)
-    assert len({len(a) for a in sample.meta["answers"]}) > 1  # answers of different lengths
-    packed, turns = encode(independent(sample)), [encode(alone(sample, k)) for k in range(3)]
-    expected = sum(loss(tiny_model, [e]) for e in turns) / 3
-    torch.testing.assert_close(loss(tiny_model, [packed], by_answer=True), expected, rtol=1e-5, atol=1e-5)
-    other = encode(qa_sample(6, "en", turns=5))
-    weights = answer_weights(collate([packed, other], tiny_model.config.vision.image_size, 0).labels)
-    torch.testing.assert_close(weights.sum(dim=1), torch.tensor([3.0, 5.0]))
-    assert weights.shape[1] == max(len(packed.ids), len(other.ids)) - 1
+        return TrainModule(model)(batch.ids, batch.labels, batch.attention_mask, batch.pixels, batch.position_ids)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
+from vlchat.config import ModelConfig
 from vlchat.errors import VlchatError
 from vlchat.images import image_key
 from vlchat.train.collate import IGNORE, collate, encode_sample
@@ -115,6 +116,7 @@ def tiny_run(tmp_path, model_file, name: str, **fields) -> TrainConfig:
     return TrainConfig(
         stage="stage2",
         model=str(model_file),
+        projector=ModelConfig.from_file(str(model_file)).projector,
         data=(DataSource("synth:qa", samples=16),),
         batch_size=2,
         lr=0.01,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from vlchat.config import ModelConfig, ProjectorConfig
 from vlchat.errors import VlchatError
 from vlchat.train import stage1
 from vlchat.train.recipe import DataSource, TrainConfig, load_config
@@ -103,11 +105,16 @@ def test_plain_string_data_source(tmp_path):
         ({"data": []}, [], r"data: give at least one data source"),
         ({"lm": "qlora"}, [], r"lm must be frozen, lora or full, got 'qlora'"),
         ({"lr": 0}, [], r"lr must be > 0"),
-        ({"projector_output_rms": -1}, [], r"projector_output_rms must be >= 0"),
-        ({"projector_position_code": 8}, [], r"projector_position_code must be >= 0 and needs position_tokens"),
+        ({"projector": {"position_tokens": 0}}, [], r"position_code needs a square token grid"),
+        ({"projector": {"position_code": -1}}, [], r"projector position_code must be a number >= 0"),
+        ({"projector": {"size": 3}}, [], r"unknown projector key 'size'; a recipe may set kind, position_tokens"),
+        ({"projector": [1, 2]}, [], r"projector must be a mapping of kind, position_tokens, position_code"),
+        ({}, ["projector.in_dim=1280"], r"projector in_dim comes from the model \(model default: 1472 -> 576\)"),
+        ({"projector": {"out_dim": 64}}, [], r"projector out_dim comes from the model"),
+        ({"model": "no-such-model"}, [], r"unknown model 'no-such-model'"),
+        ({"model": 5}, [], r"model must be a preset name or a model config file, got 5"),
         ({"lr": "fast"}, [], r"recipe.yaml: .*fast"),
         ({"batch_size": 0}, [], r"batch_size and grad_accum must be >= 1"),
-        ({}, ["loss_weighting=sample"], r"loss_weighting must be token or answer, got 'sample'"),
         ({"data": [{"spec": "synth:qa", "sample": 3}]}, [], r"recipe.yaml: .*sample"),
         ({}, ["max_steps"], r"override 'max_steps' must look like key=value"),
         ({}, ["data.3.samples=10"], r"override 'data.3.samples=10' does not fit"),
@@ -255,34 +262,94 @@ def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     assert any(a.endswith(", so no.") for s in explained for a in s.meta["answers"])
     easy = [d for d in load_config(REPO / "configs/train/stage2.yaml").data if d.spec.startswith("easy_vqa")]
     assert easy and all(d.balance_yes_no and not d.explain_yes_no for d in easy)
-    reasoned = load_config(REPO / "configs/train/stage2-reasoned.yaml").data
-    assert [d.explain_yes_no for d in reasoned if d.spec.startswith("easy_vqa")] == [True]
+    reasons = load_config(REPO / "configs/train/stage2-reasons.yaml").data
+    assert [d.explain_yes_no for d in reasons if d.spec.startswith("easy_vqa")] == [True]
 
 
 def test_recipes_that_start_from_stage1_build_its_projector():
-    """A projector loads only into the same projector config (load_projector), so every recipe that
-    trains on from stage1.yaml's run (directly or through another run) asks for its grid code and
-    token grid; the default model's preset does too, so the exported weights load by default."""
-    from vlchat.config import ModelConfig
-
+    """A projector loads only into the same projector config (load_projector), so the recipes that
+    train on from stage1.yaml's run build the projector it trained: the default preset's, so that
+    the exported weights load by default."""
     first = load_config(REPO / "configs/train/stage1.yaml")
-    chained = [
-        load_config(REPO / f"configs/train/{name}.yaml")
-        for name in ("stage2", "stage2-reasons", "stage2-reasoned", "stage2-polish")
-    ]
+    chained = [load_config(REPO / f"configs/train/{name}.yaml") for name in ("stage2", "stage2-reasons")]
     assert chained[0].init_projector == f"{first.output_dir}/projector"
-    for config in chained:
-        assert (config.projector, config.position_tokens, config.projector_position_code) == (
-            first.projector,
-            first.position_tokens,
-            first.projector_position_code,
-        )
+    assert chained[1].init_projector == f"{chained[0].output_dir}/projector"
+    assert all(config.projector == first.projector for config in chained)
+    assert first.projector == ModelConfig.from_name("default").projector
+
+
+# --- the projector: the model's, with the recipe's fields over it ------------------------------------
+
+
+def test_projector_defaults_are_the_default_presets():
     preset = ModelConfig.from_name("default").projector
-    assert (preset.kind, preset.position_tokens, preset.position_code) == (
-        first.projector,
-        first.position_tokens,
-        first.projector_position_code,
+    assert TrainConfig(data=(DataSource("synth:qa"),)).projector == preset
+    assert (preset.kind, preset.position_tokens, preset.position_code) == ("mlp2x_gelu", 49, 50.0)
+
+
+def test_a_recipe_without_projector_trains_the_models_projector(tmp_path):
+    assert load_config(recipe(tmp_path)).projector == ModelConfig.from_name("default").projector
+    tiny = tmp_path / "tiny.json"  # another model: its own projector, dims included
+    projector = ProjectorConfig(kind="linear", in_dim=1280, out_dim=64)
+    tiny.write_text(json.dumps(replace(ModelConfig(), projector=projector).to_dict()))
+    assert load_config(recipe(tmp_path, model=str(tiny))).projector == projector
+    assert load_config(recipe(tmp_path), [f"model={tiny}"]).projector == projector  # the model chosen last
+
+
+def test_projector_fields_override_the_models(tmp_path):
+    preset = ModelConfig.from_name("default").projector
+    config = load_config(recipe(tmp_path, projector={"kind": "linear"}))
+    assert config.projector == replace(preset, kind="linear")  # the rest (grid, code, dims) stays the model's
+    config = load_config(recipe(tmp_path, projector={"position_tokens": 49, "position_code": 0}))
+    assert config.projector == replace(preset, position_code=0.0)
+    assert load_config(recipe(tmp_path, projector="linear")).projector == replace(preset, kind="linear")  # shorthand
+    assert load_config(recipe(tmp_path, projector=None)).projector == preset
+
+
+def test_projector_fields_override_on_the_command_line(tmp_path):
+    preset = ModelConfig.from_name("default").projector
+    path = recipe(tmp_path, projector={"kind": "linear"})
+    config = load_config(path, ["projector.position_code=0", "projector.position_tokens=0"])
+    assert config.projector == replace(preset, kind="linear", position_tokens=0, position_code=0.0)
+    assert load_config(recipe(tmp_path), ["projector.kind=linear"]).projector == replace(preset, kind="linear")
+    shorthand = recipe(tmp_path, projector="linear")  # a dotted override applies over the shorthand too
+    assert load_config(shorthand, ["projector.position_code=0"]).projector == replace(
+        preset, kind="linear", position_code=0.0
     )
+    assert load_config(path, ["projector=mlp2x_gelu"]).projector == preset  # the whole mapping replaced
+
+
+@pytest.mark.parametrize(
+    "fields, replacement",
+    [
+        ({"position_tokens": 49}, r"position_tokens is now projector: \{position_tokens: N\}"),
+        ({"projector_position_code": 50}, r"projector_position_code is now projector: \{position_code: X\}"),
+        ({"projector_output_rms": 0.133}, r"projector_output_rms was removed \(.*did not help\); delete it"),
+        ({"projector_output_rms": 0.0}, r"projector_output_rms was removed"),
+        ({"loss_weighting": "answer"}, r"loss_weighting was removed \(.*\); delete it"),
+        ({"loss_weighting": "token"}, r"loss_weighting was removed"),
+        ({"projector": {"output_rms": 0.133}}, r"projector output_rms was removed .*; delete it"),
+    ],
+)
+def test_old_and_removed_keys_name_what_to_write_instead(tmp_path, fields, replacement):
+    with pytest.raises(VlchatError, match=replacement) as info:
+        load_config(recipe(tmp_path, **fields))
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(tmp_path))
+    key, value = next(iter(fields.items()))
+    if key != "projector":  # the same on the command line
+        with pytest.raises(VlchatError, match=replacement):
+            load_config(recipe(tmp_path), [f"{key}={value}"])
+
+
+def test_lora_defaults_are_the_shipped_adapters():
+    adapter = json.loads((REPO / "vlchat/weights/default-lora/adapter_config.json").read_text())
+    config = TrainConfig(data=(DataSource("synth:qa"),))
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (
+        adapter["r"],
+        adapter["lora_alpha"],
+        adapter["lora_dropout"],
+    )
+    assert sorted(config.lora_targets) == sorted(adapter["target_modules"])
 
 
 def test_the_default_models_second_part_trains_on_from_stage2():

@@ -27,7 +27,7 @@ from vlchat.errors import VlchatError
 from vlchat.model.projector import Projector
 from vlchat.train import distributed
 from vlchat.train.checkpoint import latest_checkpoint, save_checkpoint
-from vlchat.train.recipe import DataSource, TrainConfig
+from vlchat.train.recipe import DataSource, TrainConfig, load_config
 from vlchat.train.trainer import build_model, epoch_permutation, sample_indices
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,11 +236,7 @@ def test_stage2_starts_from_stage1_projector(stage1_run, tiny_model_file, tmp_pa
 
 
 def test_missing_init_projector_is_an_error(tiny_model_file, tmp_path):
-    config = TrainConfig(
-        model=str(tiny_model_file),
-        data=(DataSource("synth:qa", samples=4),),
-        init_projector=str(tmp_path / "no-such-projector"),
-    )
+    config = load_config(write_recipe(tmp_path, tiny_model_file, init_projector=str(tmp_path / "no-such-projector")))
     with pytest.raises(VlchatError, match="no-such-projector"):
         build_model(config, torch.device("cpu"))
 
@@ -251,7 +247,7 @@ def test_lora_run_writes_the_adapter(tiny_model_file, tmp_path):
     out = tmp_path / "out"
     check_run(out, "stage2", 3)
     adapter = json.loads((out / "lora" / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    assert adapter["r"] == 16 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert list((out / "lora").glob("adapter_model.*"))
     trained = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)["trainable"]
     assert any("lora_A" in name for name in trained) and any("lora_B" in name for name in trained)
@@ -455,7 +451,7 @@ def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
             json.dumps({"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
         )
         recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", init_adapter=str(tmp_path / "lora"))
-        words = ["init_adapter", "'r': 4", "'r': 8"]
+        words = ["init_adapter", "'r': 4", "'r': 16"]
     elif case == "missing data file":
         recipe = write_recipe(tmp_path, tiny_model_file, data=[{"spec": "/no/such.json"}])
         words = ["dataset not found", "/no/such.json"]
@@ -550,33 +546,27 @@ def test_export_ships_the_run_in_bfloat16_and_it_loads(tiny_lm_dir, tiny_model_f
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
 
 
-def test_training_attention_is_eager_on_cpu_unless_asked(tiny_model_file):
+def test_training_attention_is_eager_on_cpu_unless_asked(tiny_model_file, tmp_path):
     """CPU training uses the eager kernel (1.4x faster steps here); the loaded model stays sdpa."""
     data = (DataSource("synth:qa", samples=4),)
     for asked, expected in (("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")):
-        config = TrainConfig(stage="stage2", model=str(tiny_model_file), data=data, attention=asked)
+        config = load_config(write_recipe(tmp_path, tiny_model_file, attention=asked))
         vlm = build_model(config, torch.device("cpu"))
         assert vlm.lm.model.config._attn_implementation == expected
     with pytest.raises(VlchatError, match="attention must be auto, eager or sdpa"):
         TrainConfig(stage="stage2", data=data, attention="flash")
 
 
-def test_projector_output_rms_reaches_the_trained_projector(tiny_model_file):
-    data = (DataSource("synth:qa", samples=4),)
-    plain = build_model(TrainConfig(model=str(tiny_model_file), data=data), torch.device("cpu"))
-    normed = build_model(
-        TrainConfig(model=str(tiny_model_file), data=data, projector_output_rms=0.5), torch.device("cpu")
+def test_the_recipes_projector_is_the_one_trained(tiny_model_file, tmp_path):
+    """`projector:` fields over the model's projector reach the trained projector; dims the model's."""
+    recipe = write_recipe(tmp_path, tiny_model_file, projector={"kind": "mlp2x_gelu", "position_tokens": 4})
+    config = load_config(recipe, ["projector.position_code=50"])
+    vlm = build_model(config, torch.device("cpu"))
+    assert vlm.projector.config == ProjectorConfig(
+        kind="mlp2x_gelu", in_dim=1280, out_dim=64, position_tokens=4, position_code=50.0
     )
-    assert plain.projector.config.output_rms == 0.0 and not hasattr(plain.projector, "norm")
-    assert normed.projector.config.output_rms == 0.5
-    assert torch.all(normed.projector.norm.weight == 0.5) and normed.projector.norm.weight.requires_grad
-
-
-def test_projector_position_code_reaches_the_trained_projector(tiny_model_file):
-    data = (DataSource("synth:qa", samples=4),)
-    vlm = build_model(
-        TrainConfig(model=str(tiny_model_file), data=data, position_tokens=49, projector_position_code=50.0),
-        torch.device("cpu"),
-    )
-    assert vlm.projector.config.position_code == 50.0
-    assert vlm.projector.grid_code.shape == (49, 14) and vlm.projector.grid_code.max() == 50.0
+    assert vlm.projector.grid_code.shape == (4, 4) and vlm.projector.grid_code.max() == 50.0
+    assert vlm.projector.position.requires_grad and vlm.projector.training
+    # A projector of other dims than the model's (only possible from Python) is refused in one line.
+    with pytest.raises(VlchatError, match="projector dims 1472->576 do not fit vision 1280 -> LM 64"):
+        build_model(TrainConfig(model=str(tiny_model_file), data=config.data), torch.device("cpu"))

@@ -118,10 +118,8 @@ class LanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over positions whose label is not -100 (weighted by
-        `weights` (B, T-1), one per target, when given: train/collate.answer_weights).
+        """Mean next-token cross-entropy over positions whose label is not -100.
 
         embeds (B, T, D), attention_mask (B, T), labels (B, T) aligned with the inputs (position
         t's logits predict labels[t + 1]). The LM head runs only on supervised positions: most of
@@ -129,11 +127,8 @@ class LanguageModel(nn.Module):
         attention_mask may instead be (B, 1, T, T) bool (True = may attend) with position_ids
         (B, T): packed independent turns (train/collate.py).
         """
-        logits, targets, supervised = self.supervised_logits(embeds, attention_mask, labels, position_ids)
-        if weights is None:
-            return F.cross_entropy(logits.float(), targets)
-        weights = weights.to(logits.device)[supervised]  # (n,)
-        return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum() / weights.sum()
+        logits, targets, _ = self.supervised_logits(embeds, attention_mask, labels, position_ids)
+        return F.cross_entropy(logits.float(), targets)
 
     def supervised_logits(
         self,

@@ -43,9 +43,7 @@ def grid_code(config: ProjectorConfig) -> torch.Tensor:
     n = config.position_tokens
     if not config.position_code:
         return torch.zeros(n, 0)
-    side = math.isqrt(n)
-    if n == 0 or side * side != n:
-        raise VlchatError(f"position_code needs a square token grid, but position_tokens is {n}")
+    side = math.isqrt(n)  # a square grid: ProjectorConfig checks it
     index = torch.arange(n)
     rows = torch.nn.functional.one_hot(index // side, side)
     cols = torch.nn.functional.one_hot(index % side, side)
@@ -61,9 +59,6 @@ class Projector(nn.Module):
         code = grid_code(config)
         self.register_buffer("grid_code", code, persistent=False)  # (N, 2 * side), or (N, 0)
         self.net = PROJECTORS[config.kind](replace(config, in_dim=config.in_dim + code.shape[1]))
-        if config.output_rms:
-            self.norm = nn.RMSNorm(config.out_dim, eps=1e-6)
-            nn.init.constant_(self.norm.weight, config.output_rms)
         if config.position_tokens:
             self.position = nn.Parameter(torch.zeros(config.position_tokens, config.out_dim))
 
@@ -78,8 +73,6 @@ class Projector(nn.Module):
             code = self.grid_code.to(features.dtype).expand(features.shape[0], -1, -1)
             features = torch.cat([features, code], dim=-1)  # (B, N, Dv + 2 * side)
         out = self.net(features)
-        if self.config.output_rms:
-            out = self.norm(out)
         if self.config.position_tokens:
             out = out + self.position
         return out
@@ -104,11 +97,16 @@ def save_projector(projector: Projector, stem: str | Path) -> None:
 
 def read_projector_config(stem: str) -> ProjectorConfig:
     """The ProjectorConfig stored beside a projector's weights."""
-    _, meta = stem_files(resolve(stem))
+    return stored_config(stem_files(resolve(stem))[1])
+
+
+def stored_config(meta: Path) -> ProjectorConfig:
+    """A projector's `.json` as a ProjectorConfig (older files' removed fields: ProjectorConfig.from_dict)."""
     try:
-        return ProjectorConfig(**json.loads(meta.read_text()))
-    except (OSError, ValueError, TypeError) as error:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError) as error:
         raise VlchatError(f"cannot read projector config {meta}: {error}") from None
+    return ProjectorConfig.from_dict(data, f"projector config {meta}")
 
 
 def load_projector(stem: str, expected: ProjectorConfig) -> Projector:
@@ -116,7 +114,7 @@ def load_projector(stem: str, expected: ProjectorConfig) -> Projector:
     weights, meta = stem_files(resolve(stem))
     if not weights.is_file() or not meta.is_file():
         raise FileNotFoundError(weights)
-    stored = ProjectorConfig(**json.loads(meta.read_text()))
+    stored = stored_config(meta)
     if stored != expected:
         raise VlchatError(f"projector {weights} is {stored}, but the model needs {expected}")
     projector = Projector(stored)

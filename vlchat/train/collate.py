@@ -44,7 +44,6 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T), 0 on right padding; or (B, 1, T, T) bool, True = may attend
     pixels: torch.Tensor | None  # (n_images, 3, S, S) in slot order across the batch
     position_ids: torch.Tensor | None = None  # (B, T) with a 4D mask (independent turns), else None
-    weights: torch.Tensor | None = None  # (B, T-1) loss weight per target (loss_weighting: answer), else None
 
 
 def encode_sample(sample: Sample, template: Template, system: str | None, tokenize, tokens_per_image: int) -> Encoded:
@@ -184,17 +183,6 @@ def supervised_tokens(batch: Batch) -> int:
     return int((batch.labels[:, 1:] != IGNORE).sum())
 
 
-def answer_weights(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels -> (B, T-1) float weights on the targets (labels[:, 1:]): 1 / the length of
-    the answer a target belongs to, 0 elsewhere. An answer is a run of consecutive supervised
-    targets (its tokens and end marker; prompts separate answers, in packed turns too), so every
-    answer weighs the same however long it is: "It is blue, so no." no more than "left"."""
-    supervised = labels[:, 1:] != IGNORE  # (B, T-1)
-    run = answer_runs(labels)
-    lengths = torch.bincount(run[supervised], minlength=int(run.max()) + 1).clamp(min=1)
-    return torch.where(supervised, 1.0 / lengths[run], 0.0)
-
-
 def answer_runs(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) labels -> (B, T-1) answer number of each target (labels[:, 1:]): 1, 2, ... in reading
     order, row by row, over the batch's answers (runs of consecutive supervised targets); at
@@ -202,8 +190,3 @@ def answer_runs(labels: torch.Tensor) -> torch.Tensor:
     supervised = labels[:, 1:] != IGNORE  # (B, T-1)
     starts = supervised & ~torch.nn.functional.pad(supervised, (1, 0))[:, :-1]
     return torch.cumsum(starts.flatten().long(), 0).view_as(supervised)
-
-
-def loss_mass(batch: Batch) -> float:
-    """What a batch's loss is a mean over: its answers (with weights) or its supervised tokens."""
-    return float(batch.weights.sum()) if batch.weights is not None else supervised_tokens(batch)

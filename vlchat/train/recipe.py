@@ -1,20 +1,33 @@
 """Training recipes as data: a typed config loaded from YAML, with `key=value` overrides.
 
 Freezing is configuration (`lm: frozen|lora|full`, after torchtune's `*_trainable` fields); the
-stage only decides defaults (stage 1: captions, projector only; stage 2: conversations).
+stage only decides defaults (stage 1: captions, projector only; stage 2: conversations). The
+defaults are those the default model was trained with: its preset's projector, its LoRA shape.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vlchat.config import PRESETS, REMOVED_PROJECTOR_FIELDS, ModelConfig, ProjectorConfig
 from vlchat.errors import VlchatError
 
 STAGES = ("stage1", "stage2")
+# The projector fields a recipe may set (`projector: {kind: linear, position_code: 0}`); the rest
+# of the projector (in_dim, out_dim: the vision and LM widths) comes from the model.
+PROJECTOR_KEYS = ("kind", "position_tokens", "position_code")
+# Keys of older recipes, refused with what to write instead.
+OLD_KEYS = {
+    "position_tokens": "is now projector: {position_tokens: N}",
+    "projector_position_code": "is now projector: {position_code: X}",
+    "projector_output_rms": "was removed (RMS-normalised projector outputs did not help); delete it",
+    "loss_weighting": "was removed (the loss is the mean over supervised tokens; weighting by answer did not help); "
+    "delete it",
+}
 
 
 @dataclass(frozen=True)
@@ -37,24 +50,26 @@ class DataSource:
     max_objects: int = 4  # synthetic sources: 1 to this many objects per scene (4: the usual scenes)
 
 
+def _default_projector() -> ProjectorConfig:
+    return PRESETS["default"].projector
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     stage: str = "stage1"
-    model: str = "default"  # model preset (vision + LM + template)
-    projector: str = "linear"  # linear | mlp2x_gelu
-    position_tokens: int = 0  # learned per-token position embeddings in the projector (0 = none)
-    projector_output_rms: float = (
-        0.0  # > 0: RMS-normalised projector outputs at this scale (ProjectorConfig.output_rms)
-    )
-    projector_position_code: float = 0.0  # > 0: grid row/column code fed to the projector (ProjectorConfig)
+    model: str = "default"  # model preset or model config file (vision + LM + template)
+    # The projector to train. A recipe's `projector:` sets any of PROJECTOR_KEYS; the rest come from
+    # the model's own projector (build_config), so the default is the default preset's.
+    projector: ProjectorConfig = field(default_factory=_default_projector)
     init_projector: str | None = None  # start from these weights (stage 2 starts from stage 1)
     # lm: lora: start the adapter from a run's `lora` folder (train on from an earlier run), not zero
     init_adapter: str | None = None
     lm: str = "frozen"  # frozen | lora | full
-    lora_r: int = 8
+    # lm: lora: the adapter's shape, as the default model's (vlchat/weights/default-lora)
+    lora_r: int = 16
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     # The LM's attention kernel while training. "auto": "eager" on CPU (PyTorch's CPU flash kernel
     # made a 2-core training step 1.4x slower here; serving keeps sdpa, faster for decoding),
     # "sdpa" on GPUs.
@@ -64,8 +79,8 @@ class TrainConfig:
     # vlchat.train.bench_step), "off" never.
     autocast: str = "auto"
     # torch.compile the LM's decoder layers (LanguageModel.compile_layers): same math, fused
-    # element-wise work; the first two steps pay the compile (about 35 s on 2 CPU cores). Off in the
-    # recipes: README, Training, "Compiled layers".
+    # element-wise work; the first two steps pay the compile (about 35 s on 2 CPU cores). The default
+    # model's recipes turn it on (README, Training, "Compiled layers").
     compile: bool = False
     data: tuple[DataSource, ...] = ()
     template: str | None = None  # None: the model's
@@ -74,10 +89,6 @@ class TrainConfig:
     batch_size: int = 8  # per process
     grad_accum: int = 1
     length_groups: int = 2  # a batch runs as up to this many similar-length groups (collate.length_groups)
-    # The loss is a mean over "token"s (every supervised token weighs the same) or "answer"s
-    # (every answer weighs the same, its tokens share it: collate.answer_weights), so long answers
-    # (a reason before a yes/no) do not take the gradient from one-word ones.
-    loss_weighting: str = "token"
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -98,6 +109,10 @@ class TrainConfig:
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.lm in ("frozen", "lora", "full"), f"lm must be frozen, lora or full, got {self.lm!r}"),
             (self.init_adapter is None or self.lm == "lora", f"init_adapter needs lm: lora, not {self.lm!r}"),
+            (
+                isinstance(self.projector, ProjectorConfig),
+                f"projector must be a ProjectorConfig, got {self.projector!r}",
+            ),
             (len(self.data) > 0, "data: give at least one data source"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (
@@ -107,16 +122,7 @@ class TrainConfig:
             (self.autocast in ("auto", "bf16", "off"), f"autocast must be auto, bf16 or off, got {self.autocast!r}"),
             (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
             (1 <= self.length_groups <= 8, f"length_groups must be 1..8, got {self.length_groups}"),
-            (
-                self.loss_weighting in ("token", "answer"),
-                f"loss_weighting must be token or answer, got {self.loss_weighting!r}",
-            ),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.projector_output_rms >= 0, f"projector_output_rms must be >= 0, got {self.projector_output_rms}"),
-            (
-                self.projector_position_code >= 0 and (self.position_tokens or not self.projector_position_code),
-                f"projector_position_code must be >= 0 and needs position_tokens, got {self.projector_position_code}",
-            ),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
             (self.probe_every >= 0 and self.probe_scenes >= 1, "probe_every must be >= 0 and probe_scenes >= 1"),
@@ -144,7 +150,8 @@ def parse_value(text: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """'a.b=value' sets data['a']['b'] (data sources by index: 'data.0.samples=100')."""
+    """'a.b=value' sets data['a']['b'] (data sources by index: 'data.0.samples=100'; projector
+    fields by name: 'projector.position_code=0')."""
     if "=" not in item:
         raise VlchatError(f"override {item!r} must look like key=value")
     key, _, value = item.partition("=")
@@ -167,13 +174,43 @@ def data_source(entry: dict[str, Any] | str) -> DataSource:
     return DataSource(**entry)
 
 
+def projector_mapping(given: Any) -> Any:
+    """A recipe's `projector:` as a mapping: none given is {}, a kind name is {kind: NAME}."""
+    if given is None:
+        return {}
+    return {"kind": given} if isinstance(given, str) else given
+
+
+def recipe_projector(model: str, given: Any) -> ProjectorConfig:
+    """The model's own projector with the recipe's `projector:` fields (PROJECTOR_KEYS) over it."""
+    given = projector_mapping(given)
+    if not isinstance(given, dict):
+        raise VlchatError(f"projector must be a mapping of {', '.join(PROJECTOR_KEYS)}, got {given!r}")
+    if not isinstance(model, str):
+        raise VlchatError(f"model must be a preset name or a model config file, got {model!r}")
+    base = ModelConfig.from_name(model).projector
+    for key in sorted(set(given) - set(PROJECTOR_KEYS)):
+        if key in ("in_dim", "out_dim"):
+            raise VlchatError(
+                f"projector {key} comes from the model (model {model}: {base.in_dim} -> {base.out_dim}); delete it"
+            )
+        if key in REMOVED_PROJECTOR_FIELDS:
+            raise VlchatError(f"projector {key} was removed (RMS-normalised projector outputs did not help); delete it")
+        raise VlchatError(f"unknown projector key {key!r}; a recipe may set {', '.join(PROJECTOR_KEYS)}")
+    return replace(base, **given)
+
+
 def build_config(raw: dict[str, Any], where: str) -> TrainConfig:
+    old = [key for key in OLD_KEYS if key in raw]
+    if old:
+        raise VlchatError(f"{where}: {'; '.join(f'{key} {OLD_KEYS[key]}' for key in old)}")
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known
     if unknown:
         raise VlchatError(f"{where}: unknown training config keys: {', '.join(sorted(unknown))}")
     raw = dict(raw)
     try:
+        raw["projector"] = recipe_projector(raw.get("model", TrainConfig.model), raw.get("projector"))
         data = raw.get("data") or ()
         data = [data] if isinstance(data, (str, dict)) else data  # one source without a list around it
         raw["data"] = tuple(data_source(d) for d in data)
@@ -194,6 +231,8 @@ def load_config(path: str | Path, overrides: list[str] = (), stage: str | None =
         raise VlchatError(f"cannot read training config {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise VlchatError(f"{path}: a training config must be a YAML mapping")
+    if "projector" in raw:  # so that 'projector.position_code=0' also applies over `projector: linear`
+        raw["projector"] = projector_mapping(raw["projector"])
     for item in overrides:
         try:
             apply_override(raw, item)

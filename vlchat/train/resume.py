@@ -12,7 +12,7 @@ import torch
 
 from vlchat.errors import VlchatError
 from vlchat.train.checkpoint import latest_checkpoint, load_trainable_state
-from vlchat.train.recipe import DataSource, TrainConfig
+from vlchat.train.recipe import PROJECTOR_KEYS, DataSource, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ RESUME_MAY_CHANGE = frozenset(
         "grad_accum",
     }
 )
+# Checkpoints written before `projector:` was a mapping hold these flat keys (absent: the value).
+# Each: (the projector field it was, its value when the checkpoint predates the key).
+FLAT_PROJECTOR_KEYS = {
+    "projector": ("kind", "linear"),
+    "position_tokens": ("position_tokens", 0),
+    "projector_position_code": ("position_code", 0.0),
+}
+# Removed recipe keys, with the value that trains as today's code does.
+REMOVED_KEYS = {"projector_output_rms": 0.0, "loss_weighting": "token"}
 
 
 def resumable_state(out: Path, config: TrainConfig, world) -> dict | None:
@@ -65,6 +74,8 @@ def recipe_changes(saved: dict, saved_world_size: int, config: TrainConfig, worl
     def normal(recipe: dict) -> dict:
         recipe = {**defaults(TrainConfig), **recipe}
         recipe["data"] = [{**defaults(DataSource), **source} for source in recipe.get("data") or ()]
+        recipe |= {f"projector.{key}": value for key, value in projector_fields(recipe).items()}
+        recipe.pop("projector", None)
         return json.loads(json.dumps(recipe))  # tuples and lists alike
 
     before, now = normal(saved), normal(config.to_dict())
@@ -73,11 +84,25 @@ def recipe_changes(saved: dict, saved_world_size: int, config: TrainConfig, worl
         for key in now
         if key not in RESUME_MAY_CHANGE and before.get(key) != now[key]
     ]
+    changes += [
+        f"{key} {saved[key]!r}, no longer supported"
+        for key, same in REMOVED_KEYS.items()
+        if saved.get(key, same) != same
+    ]
     batch_before = before["batch_size"] * before["grad_accum"] * saved_world_size
     batch_now = now["batch_size"] * now["grad_accum"] * world_size
     if batch_before != batch_now:
         changes.append(f"global batch (batch_size x grad_accum x processes) {batch_before} -> {batch_now}")
     return changes
+
+
+def projector_fields(recipe: dict) -> dict:
+    """The recipe's PROJECTOR_KEYS (in_dim and out_dim follow from `model`), from a nested
+    `projector` or from the flat keys of older checkpoints."""
+    projector = recipe.get("projector")
+    if not isinstance(projector, dict):
+        projector = {field: recipe.get(key, absent) for key, (field, absent) in FLAT_PROJECTOR_KEYS.items()}
+    return {key: projector.get(key) for key in PROJECTOR_KEYS}
 
 
 def defaults(kind) -> dict:

@@ -26,7 +26,7 @@ from vlchat.model.projector import Projector, load_projector, save_projector
 from vlchat.model.vlm import VisionLanguageModel, load_model
 from vlchat.train import distributed
 from vlchat.train.checkpoint import save_checkpoint, trainable_state
-from vlchat.train.collate import Batch, answer_weights, collate, encode_sample, length_groups, loss_mass
+from vlchat.train.collate import Batch, collate, encode_sample, length_groups, supervised_tokens
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
 from vlchat.train.probe import Probe
@@ -42,14 +42,14 @@ class TrainModule(nn.Module):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, ids, labels, attention_mask, pixels, position_ids=None, weights=None):
+    def forward(self, ids, labels, attention_mask, pixels, position_ids=None):
         images = None
         if pixels is not None:
             with torch.no_grad():
                 features = self.vlm.vision(pixels)  # (n, N, 1280)
             images = self.vlm.projector(features)  # (n, N, D)
         embeds = self.vlm.embed(ids, images)  # (B, T, D)
-        return self.vlm.lm.loss(embeds, attention_mask, labels, position_ids, weights)
+        return self.vlm.lm.loss(embeds, attention_mask, labels, position_ids)
 
 
 # With `compile: true`, the steps that also compile the LM's layers: the first traces a graph
@@ -58,17 +58,10 @@ COMPILE_STEPS = 2
 
 
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
-    """The preset model with a projector to train (fresh or from `init_projector`) and LM freezing."""
+    """The preset model with the recipe's projector to train (fresh or from `init_projector`) and LM freezing."""
     base = ModelConfig.from_name(config.model)
-    projector = replace(
-        base.projector,
-        kind=config.projector,
-        position_tokens=config.position_tokens,
-        output_rms=config.projector_output_rms,
-        position_code=config.projector_position_code,
-    )
     # Training starts from the preset's frozen parts only: no trained projector, no LoRA adapter.
-    base = replace(base, projector=projector, projector_weights=None, lm=replace(base.lm, adapter=None))
+    base = replace(base, projector=config.projector, projector_weights=None, lm=replace(base.lm, adapter=None))
     vlm = load_model(base)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
@@ -187,12 +180,9 @@ class BatchMaker:
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
         groups = 1 if self.config.deepspeed else self.config.length_groups  # DeepSpeed steps per backward
-        batches = [
+        return [
             collate(group, self.vlm.config.vision.image_size, self.pad_id) for group in length_groups(items, groups)
         ]
-        if self.config.loss_weighting == "answer":
-            batches = [replace(batch, weights=answer_weights(batch.labels)) for batch in batches]
-        return batches
 
 
 def lr_lambda(config: TrainConfig):
@@ -359,7 +349,6 @@ def train_step(
                                 batch.attention_mask,
                                 batch.pixels,
                                 batch.position_ids,
-                                batch.weights,
                             )
                         )
                     )
@@ -387,9 +376,8 @@ def autocast_context(config: TrainConfig, device: torch.device) -> torch.autocas
 
 
 def group_weights(groups: list[Batch]) -> list[float]:
-    """Each group's share of the loss mass (supervised tokens or answers): the weighted group
-    losses sum to the batch's mean."""
-    counts = [loss_mass(batch) for batch in groups]
+    """Each group's share of the supervised tokens: the weighted group losses sum to the batch's mean."""
+    counts = [supervised_tokens(batch) for batch in groups]
     total = sum(counts)
     return [count / total for count in counts] if total else [1 / len(groups)] * len(groups)
 
