@@ -200,10 +200,10 @@ class ModelConfig:
         check_keys(cls, data, "model config")
         kwargs = dict(data)
         for key, kind in nested.items():
-            if key in data and not (key in ("vision", "projector") and data[key] is None):
+            if key in data and not (key == "vision" and data[key] is None):  # text-only: no vision
                 check_keys(kind, data[key], f"model config {key!r}")
                 kwargs[key] = kind(**data[key])
-        if "projector" in data:
+        if data.get("projector") is not None:
             kwargs["projector"] = ProjectorConfig.from_dict(data["projector"], "model config 'projector'")
         return cls(**kwargs)
 
