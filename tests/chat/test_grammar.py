@@ -270,3 +270,22 @@ def test_two_hundred_schemas_always_give_valid_output(lm):
     elapsed = time.perf_counter() - start
     print(f"200 schemas decoded and validated in {elapsed:.1f} s")
     assert not failures, failures[:3]
+
+
+def test_objects_are_closed_unless_they_say_otherwise():
+    from vlchat.chat.grammar import closed
+
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {}}}, "c": {"type": "object"}},
+        "anyOf": [{"properties": {"d": {}}}],
+        "allOf": [{"properties": {"e": {}}}],
+        "$defs": {"x": {"properties": {}, "additionalProperties": True}},
+    }
+    out = closed(schema)
+    assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]["c"]  # no properties listed: left open
+    assert out["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in out["allOf"][0]
+    assert out["$defs"]["x"]["additionalProperties"] is True
+    assert "additionalProperties" not in schema  # the caller's schema is not changed

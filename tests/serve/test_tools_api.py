@@ -253,3 +253,30 @@ def test_bad_tool_messages_are_400(tiny_server):
         {"role": "function", "content": "22"},
     ]
     assert "name" in refused(post(tiny_server, {"messages": nameless, "max_tokens": 4}))
+
+
+def test_stored_conversations_keep_calls_and_results(tiny_server):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_current_weather", "arguments": "{}"}}
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_current_weather", "content": "22 C"},
+    ]
+    created = httpx.post(f"{tiny_server.url}/v1/conversations", json={"messages": messages}, timeout=30)
+    assert created.status_code == 200, created.text
+    url = f"{tiny_server.url}/v1/conversations/{created.json()['id']}"
+    stored = httpx.get(url, timeout=30).json()["messages"]
+    assert stored[1]["parts"] == [
+        {"type": "tool_call", "id": "call_1", "name": "get_current_weather", "arguments": "{}"}
+    ]
+    assert stored[2]["parts"][0] == {
+        "type": "tool_result",
+        "tool_call_id": "call_1",
+        "name": "get_current_weather",
+        "content": "22 C",
+    }
+    exported = json.loads(httpx.get(f"{url}/export?format=json", timeout=30).text)
+    assert exported["messages"][1]["parts"][0]["type"] == "tool_call"
+    answer = httpx.post(f"{url}/messages", json={"regenerate": True, "max_tokens": 4}, timeout=60)
+    assert answer.status_code == 200, answer.text  # the stored round trip renders as a prompt
+    orphan = [ASK[0], {"role": "tool", "tool_call_id": "x", "content": "22"}]
+    assert httpx.post(f"{tiny_server.url}/v1/conversations", json={"messages": orphan}, timeout=30).status_code == 400

@@ -49,8 +49,31 @@ def grammar_tokenizer(tokenizer) -> Any:
 
 
 def schema_lark(schema: dict[str, Any]) -> str:
-    """A lark rule body for a JSON Schema, in JSON_STYLE."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
+    """A lark rule body for a JSON Schema, in JSON_STYLE, objects closed (see `closed`)."""
+    return "%json " + json.dumps({**closed(schema), "x-guidance": JSON_STYLE}, ensure_ascii=False)
+
+
+def closed(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that lists `properties` and
+    says nothing of others (as OpenAI's strict mode): still valid under the original schema, and a
+    small model no longer invents keys until max_tokens (seen: the weather call grew "humidity",
+    "wind_speed", ...). allOf parts are left open: closing each would forbid the others' keys."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {name: closed(sub) for name, sub in out["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties", "contains", "not", "if", "then", "else"):
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    for key in ("anyOf", "oneOf", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    for key in ("$defs", "definitions", "patternProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    return out
 
 
 def call_schema(tools: Sequence[ToolSpec], fmt: ToolFormat) -> dict[str, Any]:
@@ -58,7 +81,7 @@ def call_schema(tools: Sequence[ToolSpec], fmt: ToolFormat) -> dict[str, Any]:
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, fmt.arguments_key: t.parameters},
+            "properties": {"name": {"const": t.name}, fmt.arguments_key: {"type": "object", **t.parameters}},
             "required": ["name", fmt.arguments_key],
             "additionalProperties": False,
         }
