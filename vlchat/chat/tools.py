@@ -374,3 +374,35 @@ def held_back(text: str, tag: str) -> int:
         if text.endswith(tag[:k]):
             return k
     return 0
+
+
+# --- files (the CLI's --tools and --json-schema) -----------------------------------------------
+
+
+def read_json_file(path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise VlchatError(f"cannot read {what} {path}: {error}") from None
+
+
+def load_tools(path) -> tuple[ToolSpec, ...]:
+    """A JSON list of OpenAI tools ({"type": "function", "function": {...}}) or bare functions."""
+    data = read_json_file(path, "tools file")
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data) or not data:
+        raise VlchatError(f"{path}: expected a non-empty JSON list of tools like OpenAI's 'tools' field")
+    specs = []
+    for i, item in enumerate(data):
+        function = item.get("function", item)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise VlchatError(f"{path}: tool {i} has no function name")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        specs.append(ToolSpec(function["name"], str(function.get("description") or ""), parameters))
+    check_tools(specs, "tools file")
+    return tuple(specs)
+
+
+def calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Calls as printed by the CLI: {"id", "name", "arguments": <the parsed object>}."""
+    return [{"id": c.id, "name": c.name, "arguments": json.loads(c.arguments)} for c in calls]
