@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vlchat.chat.engine import Chat, ChatSession
 from vlchat.chat.templates import get_template
+from vlchat.chat.tools import calls_json
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.images import load_image
@@ -22,8 +23,10 @@ def answer_one(
     system: str | None,
     config: GenerationConfig,
     as_json: bool,
+    calling: dict | None = None,
 ) -> None:
-    """Stream the answer to stdout (or print one JSON object with the answer and timings)."""
+    """Stream the answer to stdout (or print one JSON object with the answer and timings).
+    `calling`: ChatSession fields for tools / tool_choice / json_schema; calls print as JSON."""
     if question is None or not question.strip():
         raise VlchatError(
             'empty question: give the question as an argument, e.g. vlchat ask -i cat.jpg "What is this?"'
@@ -34,9 +37,18 @@ def answer_one(
     for image in loaded:
         session.upload_img(image)
     session.ask(question)
+    for name, value in (calling or {}).items():
+        setattr(session, name, value)
     if as_json:
         answer = session.answer()
         print(json.dumps(result_record(session, answer), ensure_ascii=False))
+        return
+    if session.calling:  # the raw call markup is not shown: the answer, then each call as JSON
+        answer = session.answer()
+        if answer:
+            print(answer)
+        for call in calls_json(session.messages[-1].tool_calls):
+            print(json.dumps(call, ensure_ascii=False))
         return
     for chunk in session.stream():
         if chunk.notice:
@@ -47,8 +59,10 @@ def answer_one(
 
 def result_record(session: ChatSession, answer: str) -> dict:
     t = session.timings
+    calls = session.messages[-1].tool_calls if session.messages else ()
     return {
         "answer": answer,
+        **({"tool_calls": calls_json(calls)} if calls else {}),
         "finish_reason": session.last_finish_reason,
         "timings": {
             "image_encode_ms": round(t.image_encode_ms, 2),

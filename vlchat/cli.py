@@ -43,6 +43,26 @@ RepPenalty = Annotated[float, typer.Option(help="> 1 discourages repeating token
 Beams = Annotated[int, typer.Option(help="Beam search width (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 Stop = Annotated[list[str], typer.Option("--stop", help="Extra stop string (repeatable).")]
+Tools = Annotated[Path | None, typer.Option(help="A JSON list of tools (OpenAI's 'tools' field) the model may call.")]
+ToolChoice = Annotated[str, typer.Option(help="auto | required | none | a function name (with --tools).")]
+JsonSchema = Annotated[Path | None, typer.Option(help="A JSON Schema file the answer must follow.")]
+
+
+def calling_options(tools: Path | None, tool_choice: str, json_schema: Path | None) -> dict:
+    """ChatSession fields for --tools / --tool-choice / --json-schema, files read and checked now."""
+    from vlchat.chat.tools import load_tools, read_json_file
+
+    if tools is None and tool_choice != "auto":
+        raise VlchatError("--tool-choice needs --tools")
+    fields: dict = {}
+    if tools is not None:
+        fields["tools"], fields["tool_choice"] = load_tools(tools), tool_choice
+    if json_schema is not None:
+        schema = read_json_file(json_schema, "JSON Schema file")
+        if not isinstance(schema, dict):
+            raise VlchatError(f"{json_schema}: a JSON Schema must be a JSON object")
+        fields["json_schema"] = schema
+    return fields
 
 
 def generation_config(
@@ -113,9 +133,13 @@ def chat(
     num_beams: Beams = 1,
     seed: Seed = None,
     stop: Stop = [],
+    tools: Tools = None,
+    tool_choice: ToolChoice = "auto",
+    json_schema: JsonSchema = None,
     model: Model = "default",
 ) -> None:
-    """Chat in the terminal, answers streamed. Commands: /image PATH, /reset, /save FILE, /load FILE, /help, /exit."""
+    """Chat in the terminal, answers streamed. Commands: /image PATH, /result TEXT, /reset, /save FILE,
+    /load FILE, /help, /exit."""
     from vlchat.chat.templates import get_template
     from vlchat.images import load_image
     from vlchat.repl import repl
@@ -127,7 +151,10 @@ def chat(
     template and get_template(template)
     for path in image:  # refuse bad files before the slow load
         load_image(path)
+    calling = calling_options(tools, tool_choice, json_schema)
     session = open_chat(model).session(template, system, config)
+    for name, value in calling.items():
+        setattr(session, name, value)
     for path in image:
         session.upload_img(path)
     repl(session, [str(p) for p in image])
@@ -154,21 +181,28 @@ def ask(
     num_beams: Beams = 1,
     seed: Seed = None,
     stop: Stop = [],
+    tools: Tools = None,
+    tool_choice: ToolChoice = "auto",
+    json_schema: JsonSchema = None,
     model: Model = "default",
 ) -> None:
-    """Answer one question about the given image(s), or every line of a --batch file."""
+    """Answer one question about the given image(s), or every line of a --batch file. With --tools the
+    model may call them: each call prints as a JSON line {"id", "name", "arguments"}."""
     from vlchat.ask import answer_batch, answer_one
 
     config = generation_config(
         temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, num_beams, seed, stop
     )
     system = system_prompt(system, persona)
+    calling = calling_options(tools, tool_choice, json_schema)
     if batch is not None:
+        if calling:
+            raise VlchatError("--tools and --json-schema apply to one question, not to --batch")
         if question is not None or image:
             raise VlchatError("--batch takes its questions and images from the file; drop the others")
         answer_batch(batch, lambda: open_chat(model), template, system, config)
     else:
-        answer_one(question, image, lambda: open_chat(model), template, system, config, json_output)
+        answer_one(question, image, lambda: open_chat(model), template, system, config, json_output, calling)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from vlchat.errors import VlchatError
 
 HELP = """commands:
   /image PATH   add an image to your next message (any turn; several allowed)
+  /result TEXT  answer the model's tool call(s) with TEXT (e.g. JSON), then let it go on
   /reset        start a new conversation
   /save FILE    save the conversation as JSON
   /load FILE    load a saved conversation
@@ -56,6 +57,9 @@ def command(session: ChatSession, line: str) -> ChatSession | None:
     elif name == "/reset":
         session.reset()
         print("(new conversation)")
+    elif name == "/result":
+        session.add_tool_result(arg)
+        stream_answer(session)
     elif name in ("/image", "/save", "/load") and not arg:
         raise VlchatError(f"{name} needs a file path, e.g. {name} picture.jpg")
     elif name == "/image":
@@ -83,3 +87,5 @@ def stream_answer(session: ChatSession) -> None:
     except KeyboardInterrupt:
         print(" [stopped]", end="")
     print()
+    for call in session.messages[-1].tool_calls if session.messages else ():
+        print(f"[tool call {call.id}] {call.name}({call.arguments})  — answer with /result TEXT")

@@ -236,3 +236,32 @@ def test_a_server_with_an_api_key_asks_for_it_once(browser, tmp_path):
         page.close()
     finally:
         server.stop()
+
+
+def test_stored_tool_calls_and_results_are_rendered_and_exported(page, default_server):
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_current_weather", "arguments": '{"location": "Boston"}'},
+    }
+    body = {
+        "title": "Weather tools",
+        "messages": [
+            {"role": "user", "content": "Weather in Boston?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "name": "get_current_weather", "content": '{"temperature": 22}'},
+            {"role": "assistant", "content": "It is 22 degrees and sunny."},
+        ],
+    }
+    created = httpx.post(f"{default_server.url}/v1/conversations", json=body, timeout=30)
+    assert created.status_code == 200, created.text
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#conversations .open >> text=Weather tools")
+    page.wait_for_selector(".tool-call")
+    assert "calls get_current_weather" in page.inner_text(".tool-call")
+    assert '{"location": "Boston"}' in page.inner_text(".tool-call code")
+    assert '{"temperature": 22}' in page.inner_text(".message.tool .tool-result")
+    page.screenshot(path=SHOTS / "9-tool-calls.png")
+    exported = httpx.get(f"{default_server.url}/v1/conversations/{created.json()['id']}/export?format=markdown").text
+    assert "*calls* `get_current_weather" in exported and "*result of* `get_current_weather`" in exported

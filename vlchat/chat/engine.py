@@ -23,6 +23,7 @@ from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
 from vlchat.chat.templates import Template, get_template
+from vlchat.chat.tools import ToolSpec, answer_message, get_format
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
@@ -87,6 +88,11 @@ class ChatSession:
     _cached: list[PositionKey] = field(default_factory=list)
     _pending_encode_ms: float = 0.0
     _images: dict[str, torch.Tensor] = field(default_factory=dict)  # this session's embeddings
+    # Function calling and structured output (chat/tools.py, chat/grammar.py): the tools offered,
+    # "auto" | "required" | "none" | a function name, and a JSON Schema every answer must follow.
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"
+    json_schema: dict | None = None
 
     # --- MiniGPT-4's verbs -----------------------------------------------------------------
     def upload_img(self, source) -> str:
@@ -111,6 +117,14 @@ class ChatSession:
             pass
         return self.messages[-1].content
 
+    def add_tool_result(self, text: str) -> None:
+        """Answer the last assistant message's tool calls (all of them with one text, in order)."""
+        last = self.messages[-1] if self.messages else None
+        if last is None or last.role != "assistant" or not last.tool_calls:
+            raise VlchatError("no tool call to answer: the last answer called no tool")
+        for call in last.tool_calls:
+            self.messages.append(Message("tool", [Text(text)], tool_call_id=call.id, name=call.name))
+
     def reset(self) -> None:
         """Forget the conversation (the image-embedding cache stays)."""
         self.messages, self._state, self._cached = [], None, []
@@ -119,16 +133,17 @@ class ChatSession:
     def stream(self, generation: GenerationConfig | None = None) -> Iterator[Chunk]:
         """Answer the pending user message, yielding text deltas, then a finish chunk."""
         config = generation or self.generation
-        if not self.messages or self.messages[-1].role != "user":
+        if not self.messages or self.messages[-1].role not in ("user", "tool"):
             raise VlchatError("nothing to answer: ask a question (or upload an image) first")
         keys, dropped = self._fit_context(config.max_new_tokens)
         if dropped:
             yield Chunk(notice=f"dropped the {dropped} oldest turn(s) to fit the context window")
+        constraint = self._constraint()
         start = time.perf_counter()
         logits, state = self._prefill(keys)
         first, shown, done = None, [], False
         try:
-            for chunk in generate(self.chat.model.lm, logits, state, config, self.template.stop):
+            for chunk in generate(self.chat.model.lm, logits, state, config, self.template.stop, constraint):
                 first = first or (time.perf_counter() if chunk.text else None)
                 shown.append(chunk.text)
                 if chunk.result is not None:
@@ -140,10 +155,24 @@ class ChatSession:
                 self.messages.append(Message.text_message("assistant", "".join(shown).strip()))
                 self.last_finish_reason = "stopped"
 
+    def _constraint(self):
+        """The grammar for this session's tools / JSON schema (None when nothing is constrained)."""
+        from vlchat.chat.structure import session_structure
+
+        structure = session_structure(self)
+        return structure.constraint(self.chat.model.lm) if structure is not None else None
+
+    @property
+    def calling(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
     def _finish(self, result, keys: list[PositionKey], start: float, first: float | None) -> None:
         text = result.text.strip()
         exact = result.exact and text == result.text
-        self.messages.append(Message("assistant", [Text(text)], tuple(result.token_ids) if exact else None))
+        message = answer_message(text, get_format(self.template.tool_format) if self.calling else None)
+        if exact and not message.tool_calls:  # an answer with calls is rendered again (content + calls)
+            message.token_ids = tuple(result.token_ids)
+        self.messages.append(message)
         self._state, self._cached = result.state, keys + result.fed_ids
         self.last_finish_reason = result.finish_reason
         end = time.perf_counter()
@@ -173,7 +202,7 @@ class ChatSession:
     def position_keys(self, messages: list[Message]) -> list[PositionKey]:
         """Render and tokenize segment by segment (a stable prefix as the conversation grows)."""
         model = self.chat.model
-        return encode(self.template, messages, model.lm.tokenize, model.tokens_per_image)[0]
+        return encode(self.template, messages, model.lm.tokenize, model.tokens_per_image, tools=self.tools)[0]
 
     def _fit_context(self, max_new_tokens: int) -> tuple[list[PositionKey], int]:
         """Position keys of the conversation, dropping the oldest whole turns until it fits."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlchat.config import GenerationConfig
+from vlchat.errors import VlchatError
 from vlchat.model.language import LanguageModel, LMState
 
 
@@ -134,11 +135,14 @@ class SequenceDecoder:
 
     `step(logits)` takes the (1, V) logits at the current position and returns (text delta,
     token to feed next or None). After None, or after `max_new_tokens` tokens, `finish_reason`
-    is set and `result(state)` gives the answer.
+    is set and `result(state)` gives the answer. An optional `constraint` (chat/grammar.py) masks
+    the logits before the pick and is advanced after it.
     """
 
-    def __init__(self, lm: LanguageModel, config: GenerationConfig, stops: tuple[str, ...] = ()) -> None:
-        self.lm, self.config = lm, config
+    def __init__(
+        self, lm: LanguageModel, config: GenerationConfig, stops: tuple[str, ...] = (), constraint=None
+    ) -> None:
+        self.lm, self.config, self.constraint = lm, config, constraint
         self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.stream, self.eos = TextStream(lm, stops + tuple(config.stop)), lm.eos_token_ids
         self.finish_reason: str | None = None
@@ -150,9 +154,13 @@ class SequenceDecoder:
         )
         if steps < config.min_new_tokens:
             processed = suppress(processed, self.eos)
+        if self.constraint is not None:
+            processed = self.constraint.mask(processed, logits)
         token = int(next_token(processed, config, self.generator))
         if token in self.eos:
             return self._end("stop"), None
+        if self.constraint is not None:
+            self.constraint.advance(token)
         delta = self.stream.push(token)
         if self.stream.stopped:
             return delta + self._end("stop"), None
@@ -181,14 +189,18 @@ def generate(
     state: LMState,
     config: GenerationConfig,
     stops: tuple[str, ...] = (),
+    constraint=None,
 ) -> Iterator[Chunk]:
-    """Decode after a prefilled prompt. logits (1, V) at the prompt's last position; state its cache."""
+    """Decode after a prefilled prompt. logits (1, V) at the prompt's last position; state its cache.
+    `constraint` (chat/grammar.py) restricts the tokens; it cannot be combined with beam search."""
+    if config.num_beams > 1 and constraint is not None:
+        raise VlchatError("num_beams > 1 cannot be combined with tools or a JSON output format; use num_beams 1")
     if config.num_beams > 1:
         from vlchat.chat.beam import beam_search
 
         yield from beam_search(lm, logits, state, config, stops + tuple(config.stop))
         return
-    decoder = SequenceDecoder(lm, config, stops)
+    decoder = SequenceDecoder(lm, config, stops, constraint)
     while True:
         delta, token = decoder.step(logits)
         if delta:

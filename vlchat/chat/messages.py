@@ -3,6 +3,10 @@
 A message is a role plus an ordered list of parts; an image part renders as MiniGPT-4's
 `<Img><ImageHere></Img>` tag, and parts are joined by one space as MiniGPT-4's Chat does
 ("<Img><ImageHere></Img> What is in the picture?").
+
+Function calling (chat/tools.py renders and parses it): an assistant message may carry
+`tool_calls`, and a `tool` message carries one call's result (`tool_call_id`, the function's
+`name`) as its text.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Literal
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_TAG = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,15 @@ class Image:
 Part = Text | Image
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call of an assistant message; `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
 @dataclass
 class Message:
     role: Role
@@ -40,6 +53,9 @@ class Message:
     # Token ids the model generated for this (assistant) message, so that a later turn can
     # reuse the KV cache exactly; None when the text was not generated here.
     token_ids: tuple[int, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls after its text
+    tool_call_id: str | None = None  # tool: the call this message answers
+    name: str | None = None  # tool: the function that produced the result
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from vlchat.chat.messages import Message, Text
 from vlchat.chat.templates import Template
+from vlchat.chat.tools import ToolSpec
 from vlchat.model.vlm import IMAGE_TOKEN_ID
 
 PositionKey = int | tuple[str, int]
@@ -24,8 +25,9 @@ def encode(
     tokenize: Tokenize,
     tokens_per_image: int,
     add_generation_prompt: bool = True,
+    tools: Sequence[ToolSpec] = (),
 ) -> tuple[list[PositionKey], list[bool]]:
-    """(position keys, trainable flags) for the rendered conversation.
+    """(position keys, trainable flags) for the rendered conversation (offering `tools`).
 
     Tokenized piece by piece, the prompt must still get the tokens that tokenizing it whole would
     (what the reference implementations feed): spaces that end a piece are carried into the next
@@ -36,7 +38,7 @@ def encode(
     pieces = _Pieces(tokenize)
     keys: list[PositionKey] = []
     trainable: list[bool] = []
-    for segment in template.segments(messages, add_generation_prompt):
+    for segment in template.segments(messages, add_generation_prompt, tools):
         message = messages[segment.message_index] if segment.is_content else None
         if message is not None and message.token_ids is not None:
             piece = pieces.flush() + list(message.token_ids)

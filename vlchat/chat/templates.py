@@ -18,6 +18,11 @@ Segment layout of one conversation (markers in brackets are separate segments):
     [assistant prefix]   <- the generation prompt, when the last message is a user message
 
 (* trainable, with A). Empty markers are left out; content segments are always present.
+
+Function calling (chat/tools.py, format by `Template.tool_format`): the tool list is a marker
+segment in or after the system turn, an assistant message's calls a trainable marker segment
+after its content, and each `tool` message a result turn; the generation prompt follows a user
+or a tool message.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from vlchat.chat.messages import Message
+from vlchat.chat.tools import ToolSpec, get_format
 from vlchat.errors import VlchatError
 
 # MiniGPT-4's vision system prompt (minigpt4/conversation/conversation.py, CONV_VISION_Vicuna0
@@ -77,15 +83,21 @@ class Template:
     # all text (BLIP-2: Blip2Processor puts the Q-Former's query embeddings in front of the prompt);
     # a message's text parts are then joined by `part_separator`. Rendered text is unchanged.
     images_first: bool = False
+    tool_format: str = "generic"  # how tools, calls and results are written (chat/tools.py FORMATS)
 
-    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        """Render `messages` as segments; see the module docstring for the layout."""
+    def segments(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[ToolSpec] = ()
+    ) -> list[Segment]:
+        """Render `messages` (offering `tools`) as segments; see the module docstring for the layout."""
         first_turn = _check_roles(messages)
-        out = self._system_segments(messages)
+        out = self._system_segments(messages, tools)
         after_system = bool(out)
         for i in range(first_turn, len(messages)):
+            if messages[i].role == "tool":
+                out += self._result_segments(messages, i)
+                continue
             out += self._turn_segments(i, messages[i], after_system and i == first_turn)
-        if add_generation_prompt and messages and messages[-1].role == "user":
+        if add_generation_prompt and messages and messages[-1].role in ("user", "tool"):
             out += _markers([(self.assistant_prefix, False)], len(messages))
         if out and self.bos:
             out.insert(0, Segment(self.bos, False, out[0].message_index, False))
@@ -95,20 +107,42 @@ class Template:
     def image_markup(self) -> tuple[str, str, str]:
         return self.image_open, self.image_close, self.part_separator
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return "".join(s.text for s in self.segments(messages, add_generation_prompt))
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[ToolSpec] = ()
+    ) -> str:
+        return "".join(s.text for s in self.segments(messages, add_generation_prompt, tools))
 
-    def _system_segments(self, messages: Sequence[Message]) -> list[Segment]:
+    def _system_segments(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = ()) -> list[Segment]:
         if messages and messages[0].role == "system":
             text, index, is_content = messages[0].content, 0, True
         else:
             text, index, is_content = self.default_system, None, False
-        if not text:  # an empty system message means no system prompt at all
-            return []
+        fmt = get_format(self.tool_format)
+        inline = fmt.tools_text(tools, bool(text)) if tools and fmt.tools_turn is None else ""
+        out = []
+        if text or inline:  # an empty system message (and no tools) means no system prompt at all
+            content = [Segment(text, False, index, is_content)] if text else []
+            out = (
+                _markers([(self.system_prefix, False)], index)
+                + content
+                + _markers([(inline, False), (self.system_suffix, False)], index)
+            )
+        if tools and fmt.tools_turn is not None:
+            prefix, suffix = fmt.tools_turn
+            out += _markers([(prefix, False), (fmt.tools_text(tools, False), False), (suffix, False)], index)
+        return out
+
+    def _result_segments(self, messages: Sequence[Message], index: int) -> list[Segment]:
+        """A tool message as a result: in a turn of its own, or sharing one with its neighbours."""
+        fmt = get_format(self.tool_format)
+        prefix = self.user_prefix if fmt.result_prefix is None else fmt.result_prefix
+        suffix = self.user_suffix if fmt.result_suffix is None else fmt.result_suffix
+        first = not fmt.merge_results or messages[index - 1].role != "tool"
+        last = not fmt.merge_results or index + 1 == len(messages) or messages[index + 1].role != "tool"
         return (
-            _markers([(self.system_prefix, False)], index)
-            + [Segment(text, False, index, is_content)]
-            + _markers([(self.system_suffix, False)], index)
+            _markers([(prefix if first else "", False), (fmt.result_open, False)], index)
+            + [Segment(messages[index].content, False, index, True)]
+            + _markers([(fmt.result_close, False), (suffix if last else "\n", False)], index)
         )
 
     def _turn_segments(self, index: int, message: Message, after_system: bool) -> list[Segment]:
@@ -124,8 +158,14 @@ class Template:
         return (
             _markers([(self.assistant_prefix, False)], index)
             + [Segment(message.content, True, index, True)]
+            + _markers([(self._calls_text(message), True)], index)
             + _markers([(self.assistant_end, True), (self.assistant_tail, False)], index)
         )
+
+    def _calls_text(self, message: Message) -> str:
+        if not message.tool_calls:
+            return ""
+        return get_format(self.tool_format).calls_text(message.tool_calls, bool(message.content))
 
 
 def _markers(parts: list[tuple[str, bool]], index: int | None) -> list[Segment]:
@@ -134,19 +174,38 @@ def _markers(parts: list[tuple[str, bool]], index: int | None) -> list[Segment]:
 
 
 def _check_roles(messages: Sequence[Message]) -> int:
-    """Raise VlchatError unless messages are [system] user, assistant, user, ...; return the first turn's index."""
+    """Raise VlchatError unless messages are [system] user, assistant, user, ... (an assistant
+    message with tool calls followed by one or more tool messages, then the assistant again or a
+    user); return the first turn's index."""
     for i, m in enumerate(messages):
         if m.role == "system" and i != 0:
             raise VlchatError(f"a system message may only come first, but message {i} is a system message")
     first = 1 if messages and messages[0].role == "system" else 0
     for i in range(first, len(messages)):
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
-        if messages[i].role != expected:
+        previous = messages[i - 1] if i > first else None
+        allowed = _allowed_after(previous)
+        if messages[i].role not in allowed:
+            if previous is None or previous.role in ("user", "assistant") and not previous.tool_calls:
+                expected = "user" if previous is None or previous.role == "assistant" else "assistant"
+                raise VlchatError(
+                    f"messages must alternate user and assistant, starting with user; "
+                    f"message {i} is {messages[i].role!r} where {expected!r} was expected"
+                )
             raise VlchatError(
-                f"messages must alternate user and assistant, starting with user; "
-                f"message {i} is {messages[i].role!r} where {expected!r} was expected"
+                f"message {i} is {messages[i].role!r} where {' or '.join(map(repr, allowed))} was expected "
+                "(tool messages answer the tool calls of the assistant message before them)"
             )
     return first
+
+
+def _allowed_after(previous: Message | None) -> tuple[str, ...]:
+    if previous is None:
+        return ("user",)
+    if previous.role == "user":
+        return ("assistant",)
+    if previous.role == "assistant":
+        return ("tool",) if previous.tool_calls else ("user",)
+    return ("tool", "assistant", "user")  # after a tool result
 
 
 # ChatML as in SmolLM2-Instruct and Qwen2.5 (tokenizer_config.json chat_template).
@@ -163,6 +222,7 @@ _CHATML = Template(
     assistant_prefix="<|im_start|>assistant\n",
     assistant_end="<|im_end|>",
     assistant_tail="\n",
+    tool_format="hermes",
 )
 
 TEMPLATES: dict[str, Template] = {
@@ -203,6 +263,7 @@ TEMPLATES: dict[str, Template] = {
         name="internlm2",
         default_system="You are an AI assistant whose name is InternLM (书生·浦语).",
         bos="<s>",
+        tool_format="internlm2",
     ),
     # BLIP-2 (OPT): "Question: U Answer:" as in the Salesforce/blip2-opt-* model cards, the image
     # embeddings in front of "</s>" (OPT's BOS; Blip2Processor). A finished answer ends with "</s>"

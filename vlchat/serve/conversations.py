@@ -13,8 +13,9 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.messages import Image, Message, Text, ToolCall
 from vlchat.chat.templates import get_template
+from vlchat.chat.tools import new_call_id
 from vlchat.errors import VlchatError
 from vlchat.serve import protocol as p
 from vlchat.serve.scheduler import Job
@@ -63,7 +64,7 @@ class Conversations:
     def create(self, body: p.ConversationCreate) -> dict:
         roles = [api_role(m.role, i) for i, m in enumerate(body.messages)]
         messages = [
-            {"role": role, "parts": self.stored_parts(m.content, f"messages[{i}].content")}
+            stored_message(role, m, self.stored_parts(m.content, f"messages[{i}].content"))
             for i, (role, m) in enumerate(zip(roles, body.messages))
         ]
         try:  # refuse now a history no reply could continue (e.g. starting with an answer)
@@ -114,6 +115,9 @@ class Conversations:
         a crash or stopped before any text leaves a user message unanswered)."""
         prompt = Prompt([Message("system", [Text(system)])] if system is not None else [])
         for message in stored:
+            if restored := tool_messages(message):
+                prompt.messages += restored
+                continue
             parts = [
                 Text(part["text"]) if part["type"] == "text" else self.image_part(part, prompt)
                 for part in message["parts"]
@@ -172,6 +176,35 @@ class Conversations:
             self.answering.discard(conversation_id)
 
 
+def stored_message(role: str, message: p.ChatMessage, parts: list[dict]) -> dict:
+    """An OpenAI message as stored: calls as "tool_call" parts, a tool result as a "user" message
+    holding one "tool_result" part (serve/store.py)."""
+    if role == "tool":
+        text = " ".join(part["text"] for part in parts if part["type"] == "text")
+        result = {"type": "tool_result", "tool_call_id": message.tool_call_id, "name": message.name, "content": text}
+        return {"role": "user", "parts": [result]}
+    calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []]
+    if message.function_call is not None:
+        calls.append({"id": None, "name": message.function_call.name, "arguments": message.function_call.arguments})
+    return {"role": role, "parts": parts + [{"type": "tool_call", **call} for call in calls]}
+
+
+def tool_messages(stored: dict) -> list[Message]:
+    """Engine messages for a stored message with tool parts ([] when it has none)."""
+    parts = stored["parts"]
+    if parts and all(part["type"] == "tool_result" for part in parts):
+        return [
+            Message("tool", [Text(part["content"])], tool_call_id=part.get("tool_call_id"), name=part.get("name"))
+            for part in parts
+        ]
+    calls = [part for part in parts if part["type"] == "tool_call"]
+    if not calls:
+        return []
+    texts = [Text(part["text"]) for part in parts if part["type"] == "text"]
+    tool_calls = tuple(ToolCall(c.get("id") or new_call_id(), c["name"], c["arguments"]) for c in calls)
+    return [Message(stored["role"], texts, tool_calls=tool_calls)]
+
+
 def to_markdown(conversation: dict) -> str:
     """A readable transcript; images appear as links to the server's stored copy."""
     created = datetime.fromtimestamp(conversation["created"], UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -180,9 +213,16 @@ def to_markdown(conversation: dict) -> str:
         lines += [f"**System:** {conversation['system']}", ""]
     names = {"user": "User", "assistant": "Assistant", "system": "System"}
     for message in conversation["messages"]:
-        parts = [
-            part["text"] if part["type"] == "text" else f"![image](/v1/images/{part['key']})"
-            for part in message["parts"]
-        ]
+        parts = [markdown_part(part) for part in message["parts"]]
         lines += [f"**{names[message['role']]}:** " + "\n\n".join(parts), ""]
     return "\n".join(lines)
+
+
+def markdown_part(part: dict) -> str:
+    if part["type"] == "text":
+        return part["text"]
+    if part["type"] == "tool_call":
+        return f"*calls* `{part['name']}({part['arguments']})`"
+    if part["type"] == "tool_result":
+        return f"*result of* `{part.get('name') or part.get('tool_call_id') or 'a tool'}`: {part['content']}"
+    return f"![image](/v1/images/{part['key']})"

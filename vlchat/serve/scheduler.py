@@ -80,6 +80,12 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     usage: Usage = field(default_factory=Usage)
     deadline: float = 0.0
+    # function calling / structured output (serve/tool_serving.py): tools rendered in the prompt,
+    # the grammar each step is masked with, the format answers are parsed in (None: plain text)
+    tools: tuple = ()
+    structure: object | None = None
+    call_format: object | None = None
+    legacy_functions: bool = False
 
 
 @dataclass
@@ -174,17 +180,19 @@ class Scheduler:
                 log.exception("beam search failed")
                 job.emit(Failed("internal error during beam search"))
             return None
-        return Active(job, keys, SequenceDecoder(self.lm, job.config, job.template.stop), logits), state
+        constraint = job.structure.constraint(self.lm) if job.structure is not None else None
+        return Active(job, keys, SequenceDecoder(self.lm, job.config, job.template.stop, constraint), logits), state
 
     @torch.inference_mode()
     def _prefill_inputs(self, job: Job):
         model = self.chat.model
-        keys = encode(job.template, job.messages, self.lm.tokenize, model.tokens_per_image)[0]
+        keys = encode(job.template, job.messages, self.lm.tokenize, model.tokens_per_image, tools=job.tools)[0]
         window = self.lm.context_window
         if len(keys) + job.config.max_new_tokens > window:
             raise ContextTooLong(
                 f"this conversation needs {len(keys)} prompt tokens + max_tokens "
                 f"{job.config.max_new_tokens}, more than the context window of {window} tokens"
+                + (f" (the {len(job.tools)} tool definitions are part of the prompt)" if job.tools else "")
             )
         common, state = self.prefix_cache.lookup(keys)
         rest = keys[common:]

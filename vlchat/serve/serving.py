@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.templates import get_template
+from vlchat.chat.tools import get_format
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.images import DEFAULT_MAX_PIXELS, image_key
@@ -25,6 +26,7 @@ from vlchat.serve import protocol as p
 from vlchat.serve.image_source import ImageInputError, ImagePolicy, resolve_image
 from vlchat.serve.prefix_cache import PrefixCache
 from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler
+from vlchat.serve.tool_serving import DeltaStream, ToolRequestError, message_fields, response, tool_request
 
 log = logging.getLogger(__name__)
 API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # GenerationConfig -> request
@@ -175,12 +177,16 @@ class ChatService:
         for i, raw in enumerate(messages):
             role = api_role(raw.role, i)
             parts = self.parts(raw.content, prompt.images, f"messages[{i}].content")
-            if not parts and role != "system":
+            try:
+                extra = message_fields(raw, role, i)  # tool calls and results (serve/tool_serving.py)
+            except ToolRequestError as error:
+                raise ApiError(400, str(error), error.param) from None
+            if not parts and role != "system" and not extra.get("tool_calls") and role != "tool":
                 raise ApiError(400, f"messages[{i}] has no content", f"messages[{i}].content")
             if prompt.messages and prompt.messages[-1].role == role == "user":
                 prompt.messages[-1].parts.extend(parts)
             else:
-                prompt.messages.append(Message(role, parts))
+                prompt.messages.append(Message(role, parts, **extra))
         return prompt
 
     def parts(self, content, images: dict, param: str) -> list:
@@ -215,8 +221,10 @@ class ChatService:
             raise ApiError(
                 400, str(error), "template" if template and "template" in str(error) else "messages"
             ) from None
-        if not prompt.messages or prompt.messages[-1].role != "user":
-            raise ApiError(400, "the last message must be a user message (the one to answer)", "messages")
+        if not prompt.messages or prompt.messages[-1].role not in ("user", "tool"):
+            raise ApiError(
+                400, "the last message must be a user message (the one to answer) or a tool result", "messages"
+            )
         return Job(prompt.messages, prompt.images, chosen, generation, emit, self.config.timeout_s)
 
     def completion_job(self, request: p.ChatCompletionRequest, emit) -> Job:
@@ -226,7 +234,21 @@ class ChatService:
         if request.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (vlchat returns one choice per request), got {request.n}", "n")
         generation = self.generation(request, request.max_completion_tokens or request.max_tokens)
-        return self.job(self.prompt(request.messages), request.template, generation, emit)
+        job = self.job(self.prompt(request.messages), request.template, generation, emit)
+        try:
+            tools = tool_request(request)
+            if tools is not None:
+                fmt = get_format(job.template.tool_format)
+                job.structure = tools.structure(fmt, self.scheduler.lm.tokenizer)
+                job.tools, job.call_format = tuple(tools.tools), fmt if tools.calling else None
+                job.legacy_functions = tools.legacy
+        except ToolRequestError as error:
+            raise ApiError(400, str(error), error.param) from None
+        if job.structure is not None and generation.num_beams > 1:
+            raise ApiError(
+                400, "num_beams > 1 cannot be combined with tools or response_format; use num_beams 1", "num_beams"
+            )
+        return job
 
     # --- running jobs --------------------------------------------------------------------
     async def run(self, build: Callable[[Callable], Job], disconnected: Disconnected) -> Run:
@@ -255,6 +277,7 @@ class Run:
         self.finished: Finished | None = None
         self.done = False
         self.on_end: Callable[[Run], None] | None = None
+        self.message: p.ResponseMessage | None = None  # the parsed answer (tool calls), once complete
 
     async def next(self):
         while True:
@@ -288,12 +311,13 @@ class ClientGone(Exception):
 
 
 def api_role(role: str, index: int) -> str:
-    """An OpenAI message role as ours (`developer` is a system message); 400 for the others."""
-    ours = {"developer": "system"}.get(role, role)
-    if ours not in ("system", "user", "assistant"):
+    """An OpenAI message role as ours (`developer` is a system message, the legacy `function` a
+    tool result); 400 for the others."""
+    ours = {"developer": "system", "function": "tool"}.get(role, role)
+    if ours not in ("system", "user", "assistant", "tool"):
         raise ApiError(
             400,
-            f"messages[{index}].role {role!r} is not supported; use system, user or assistant",
+            f"messages[{index}].role {role!r} is not supported; use system, user, assistant or tool",
             f"messages[{index}].role",
         )
     return ours
@@ -336,10 +360,13 @@ async def complete(run: Run, model_id: str) -> p.ChatCompletion:
         raise ApiError(499, "the client closed the connection") from None
     finally:
         run.close()
-    message = p.ResponseMessage(content="".join(run.text))
+    message, finish = response(
+        "".join(run.text), run.finished.finish_reason, run.job.call_format, run.job.legacy_functions
+    )
+    run.message = message
     return p.ChatCompletion(
         model=model_id,
-        choices=[p.Choice(message=message, finish_reason=run.finished.finish_reason)],
+        choices=[p.Choice(message=message, finish_reason=finish)],
         usage=usage(run.finished.usage),
     )
 
@@ -352,12 +379,17 @@ async def sse(run: Run, model_id: str, include_usage: bool) -> AsyncIterator[str
         return f"data: {head.model_copy(update=fields).model_dump_json(exclude_none=True)}\n\n"
 
     yield chunk(choices=[p.ChunkChoice(delta=p.Delta(role="assistant", content=""))])
+    calls = DeltaStream(run.job.call_format, run.job.legacy_functions) if run.job.call_format else None
     try:
         async for event in run.rest():
             if isinstance(event, Delta):
-                yield chunk(choices=[p.ChunkChoice(delta=p.Delta(content=event.text))])
+                for delta in calls.feed(event.text) if calls else [p.Delta(content=event.text)]:
+                    yield chunk(choices=[p.ChunkChoice(delta=delta)])
             elif isinstance(event, Finished):
-                yield chunk(choices=[p.ChunkChoice(delta=p.Delta(), finish_reason=event.finish_reason)])
+                for delta in calls.finish() if calls else []:
+                    yield chunk(choices=[p.ChunkChoice(delta=delta)])
+                finish = calls.finish_reason(event.finish_reason) if calls else event.finish_reason
+                yield chunk(choices=[p.ChunkChoice(delta=p.Delta(), finish_reason=finish)])
                 if include_usage:
                     yield chunk(choices=[], usage=usage(event.usage))
             elif isinstance(event, Failed):

@@ -2,6 +2,9 @@
 
 One file, three tables (conversations, messages, images); message parts use the engine's
 session-file JSON: `[{"type": "text", "text": ...}, {"type": "image", "key": sha256, "path": ...}]`.
+Function calling adds two part types: an assistant's `{"type": "tool_call", "id", "name",
+"arguments"}` and a tool result `{"type": "tool_result", "tool_call_id", "name", "content"}`,
+stored as a message of role "user" whose parts are all results (the role column is unchanged).
 Every method returns plain JSON-serialisable dicts/lists; every write is one transaction.
 """
 
@@ -64,6 +67,8 @@ def _check_parts(parts: Any) -> None:
     for part in parts:
         if part.get("type") == "text" and isinstance(part.get("text"), str):
             continue
+        if _tool_part(part):
+            continue
         if (
             part.get("type") == "image"
             and _KEY.fullmatch(str(part.get("key")))
@@ -74,6 +79,15 @@ def _check_parts(parts: Any) -> None:
             f"bad message part {json.dumps(part, default=str)[:80]}: expected {{'type': 'text', "
             "'text': str} or {'type': 'image', 'key': sha256 hex, 'path': str|null}"
         )
+
+
+def _tool_part(part: dict) -> bool:
+    """A stored tool call or tool result (strings; ids and names may be null)."""
+    texts = {"tool_call": (("name", "arguments"), ("id",)), "tool_result": (("content",), ("tool_call_id", "name"))}
+    required, optional = texts.get(part.get("type"), ((None,), ()))
+    return all(isinstance(part.get(k), str) for k in required) and all(
+        isinstance(part.get(k), (str, type(None))) for k in optional
+    )
 
 
 def _check_messages(messages: Any) -> list[tuple[str, str]]:

@@ -58,15 +58,32 @@ function addMessage(role, parts) {
   $("#empty-hint").hidden = true;
   const bubble = document.createElement("div");
   bubble.className = `message ${role}`;
-  bubble.setAttribute("aria-label", role === "user" ? "You" : role === "assistant" ? "vlchat" : "System");
+  const labels = { user: "You", assistant: "vlchat", tool: "Tool result" };
+  bubble.setAttribute("aria-label", labels[role] || "System");
   for (const part of parts) {
     if (part.type === "image") bubble.appendChild(storedImage(part.key));
     else if (part.type === "image_url") bubble.appendChild(imageElement(part.image_url.url, "your image"));
-    else bubble.appendChild(document.createTextNode(part.text));
+    else if (part.type === "tool_call") bubble.appendChild(toolBox("tool-call", `calls ${part.name}`, part.arguments));
+    else if (part.type === "tool_result") {
+      bubble.appendChild(toolBox("tool-result", `result of ${part.name || part.tool_call_id || "a tool"}`, part.content));
+    } else bubble.appendChild(document.createTextNode(part.text));
   }
   $("#messages").appendChild(bubble);
   bubble.scrollIntoView({ block: "end" });
   return bubble;
+}
+
+// A tool call (name + JSON arguments) or a tool's result, as a labelled block (textContent: never HTML).
+function toolBox(kind, label, body) {
+  const box = document.createElement("div");
+  box.className = kind;
+  const title = document.createElement("div");
+  title.className = "tool-label";
+  title.textContent = label;
+  const code = document.createElement("code");
+  code.textContent = body;
+  box.append(title, code);
+  return box;
 }
 
 function imageElement(src, alt) {
@@ -86,7 +103,10 @@ function storedImage(key) {
 function renderConversation(conversation) {
   $("#messages").querySelectorAll(".message").forEach((el) => el.remove());
   $("#empty-hint").hidden = conversation.messages.length > 0;
-  for (const message of conversation.messages) addMessage(message.role, message.parts);
+  for (const message of conversation.messages) {
+    const results = message.parts.length > 0 && message.parts.every((part) => part.type === "tool_result");
+    addMessage(results ? "tool" : message.role, message.parts);
+  }
 }
 
 async function refreshSidebar() {
