@@ -1,5 +1,5 @@
 """Can the language model bind attributes to objects when the scene is given as text?
-python -m vlchat.train.text_binding [--model NAME|FILE] [--no-adapter] [--scenes N].
+python -m research.text_binding [--model NAME|FILE] [--no-adapter] [--scenes N].
 
 No image: each held-out synthetic scene's caption (the text stage 1 trains on) is put in front
 of its binding questions (colour or size of a named shape, the shape at a position, where a
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlchat.config import ModelConfig
     from vlchat.model.language import load_language_model
 
-    parser = argparse.ArgumentParser(prog="python -m vlchat.train.text_binding", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.text_binding", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="a preset name or a model config file")
     parser.add_argument("--no-adapter", action="store_true", help="the LM without its LoRA adapter")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes to ask about")

@@ -1,5 +1,5 @@
 """Can an object's shape, colour and size be read off the one image token at its centre?
-python -m vlchat.train.feature_probe [--model NAME|FILE] [--scenes N].
+python -m research.feature_probe [--model NAME|FILE] [--scenes N].
 
 Renders synthetic training scenes, runs the model's frozen vision encoder, takes for every
 object the token whose 32-px cell holds its cell centre, and fits a linear classifier (softmax
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlchat.model.projector import load_projector, read_projector_config
     from vlchat.model.vision import load_vision_encoder
 
-    parser = argparse.ArgumentParser(prog="python -m vlchat.train.feature_probe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.feature_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="a preset name or a model config file")
     parser.add_argument("--scenes", type=int, default=1200, help="scenes to render (about 2.5 objects each)")
     parser.add_argument(

@@ -1,5 +1,5 @@
 """Training-step speed with and without bfloat16 autocast, measured in one process on the same
-batches: python -m vlchat.train.bench_step --config FILE [--steps N] [key=value ...].
+batches: python -m research.bench_step --config FILE [--steps N] [key=value ...].
 
 Each round runs N optimizer steps with autocast off, then N with it on (`autocast_context`, as
 the training loop uses it); rounds repeat so neither mode gets the cooler machine. Prints
@@ -68,7 +68,7 @@ def measure(config: TrainConfig, steps: int, rounds: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlchat.train.bench_step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.bench_step", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a training recipe (YAML)")
     parser.add_argument("--steps", type=int, default=5, help="steps per mode per round")
     parser.add_argument("--rounds", type=int, default=2)

@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from vlchat.train.bench_step import main
+from research.bench_step import main
 from vlchat.train.recipe import DataSource, TrainConfig
 from vlchat.train.trainer import autocast_context, autocast_enabled
 

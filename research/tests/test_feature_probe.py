@@ -1,4 +1,4 @@
-"""The per-token linear probe (vlchat/train/feature_probe.py): which token an object is read from,
+"""The per-token linear probe (research/feature_probe.py): which token an object is read from,
 that the probe scores what it should on made-up features, and the CLI on the real encoder."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
+from research.feature_probe import ATTRIBUTES, centre_token, linear_probe, main, measure, variance_share
 from vlchat.config import ProjectorConfig, VisionConfig
 from vlchat.errors import VlchatError
 from vlchat.model.projector import Projector
 from vlchat.model.vision import HEAD_CHANNELS, VisionEncoder
-from vlchat.train.feature_probe import ATTRIBUTES, centre_token, linear_probe, main, measure, variance_share
 from vlchat.train.synth_scene import SceneObject
 
 

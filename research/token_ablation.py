@@ -1,7 +1,7 @@
 """Where does a trained model read an image's layout from?
-python -m vlchat.train.token_ablation [--model NAME|FILE] [--scenes N].
+python -m research.token_ablation [--model NAME|FILE] [--scenes N].
 
-Scores the held-out probe (train/probe.py: each question asked alone, an answer right when every
+Scores the held-out probe (vlchat/train/probe.py: each question asked alone, an answer right when every
 token is the model's top choice) with the image tokens moved. An image token has three things
 that can say where it is: its content (the encoder's features, which know little of absolute
 position beyond border effects), the projector's slot-bound position signals (the learned
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlchat.config import ModelConfig
     from vlchat.model.vlm import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m vlchat.train.token_ablation", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.token_ablation", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="a preset name or a model config file")
     parser.add_argument("--scenes", type=int, default=48, help="held-out scenes to ask about")
     args = parser.parse_args(argv)

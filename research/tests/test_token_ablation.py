@@ -1,4 +1,4 @@
-"""The image-token ablation (vlchat/train/token_ablation.py): grid orders, what each ablation does
+"""The image-token ablation (research/token_ablation.py): grid orders, what each ablation does
 to the projector's output tokens, that the projector is restored, and the CLI on the tiny model."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from research.token_ablation import ABLATIONS, Ablation, ablated, grid_order, main
 from vlchat.config import ProjectorConfig
 from vlchat.errors import VlchatError
 from vlchat.model.projector import Projector
-from vlchat.train.token_ablation import ABLATIONS, Ablation, ablated, grid_order, main
 
 IN, OUT, N = 12, 8, 9  # a 3x3 grid
 

@@ -1,4 +1,4 @@
-"""The text-only binding check (vlchat/train/text_binding.py) on the tiny LM."""
+"""The text-only binding check (research/text_binding.py) on the tiny LM."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import re
 import torch
 from conftest import tiny_config
 
+from research.text_binding import binding_questions, main, measure, reply_log_probs
 from vlchat.chat.messages import Message
 from vlchat.chat.templates import get_template
 from vlchat.model.language import load_language_model
 from vlchat.train import synth
 from vlchat.train.collate import IGNORE, encode_sample
 from vlchat.train.data import Sample
-from vlchat.train.text_binding import binding_questions, main, measure, reply_log_probs
 
 
 def test_questions_follow_their_caption_and_offer_the_scene_s_answers():
