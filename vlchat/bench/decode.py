@@ -22,7 +22,7 @@ import torch
 
 from vlchat.errors import VlchatError
 
-EXAMPLE = Path(__file__).parent / "examples" / "chelsea.jpg"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.jpg"
 QUESTIONS = [
     "Describe this image.",
     "What colours do you see?",
@@ -49,7 +49,7 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def measure_in_child(mode: str, model: str, tokens: int) -> dict:
-    command = [sys.executable, "-m", "vlchat.bench", mode, model, str(tokens)]
+    command = [sys.executable, "-m", "vlchat.bench.decode", mode, model, str(tokens)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise VlchatError(f"bench {mode} failed: {done.stderr.strip().splitlines()[-1:]}")

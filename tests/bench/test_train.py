@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from vlchat.train.bench_recipe import PartTiming, format_part, format_total, main, one_off_steps
+from vlchat.bench.train import PartTiming, format_part, format_total, main, one_off_steps
 from vlchat.train.recipe import DataSource, TrainConfig
 
 

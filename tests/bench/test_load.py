@@ -8,9 +8,9 @@ import sys
 
 import pytest
 from conftest import REPO
-from serve_helpers import tiny_model_file  # noqa: F401 (fixture)
 
-from vlchat.serve.loadtest import check_loopback
+from tests.serve.serve_helpers import tiny_model_file  # noqa: F401 (fixture; tests/serve is not on sys.path here)
+from vlchat.bench.load import check_loopback
 
 FIELDS = {
     "name",
@@ -34,7 +34,7 @@ FIELDS = {
 
 def loadtest(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vlchat.serve.loadtest", *args],
+        [sys.executable, "-m", "vlchat.bench.load", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

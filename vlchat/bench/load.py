@@ -1,4 +1,4 @@
-"""`python -m vlchat.serve.loadtest`: streaming chat clients against `vlchat serve`, on loopback only.
+"""`python -m vlchat.bench.load`: streaming chat clients against `vlchat serve`, on loopback only.
 
 Without --url it starts two servers itself and measures, in one run: (a) serial, 1 client against
 the batching server; (b) N concurrent clients against the same server; (c) N concurrent clients
@@ -345,7 +345,7 @@ def table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vlchat.serve.loadtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlchat.bench.load", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running server on loopback (default: start two servers here)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     parser.add_argument("--requests", type=int, default=16, help="requests per scenario")

@@ -1,5 +1,5 @@
 """How long a chain of training recipes takes on this machine, from a few timed steps of each:
-python -m vlchat.train.bench_recipe [--steps N] [--reference DIR] CONFIG [CONFIG ...] [--set key=value ...].
+python -m vlchat.bench.train [--steps N] [--reference DIR] CONFIG [CONFIG ...] [--set key=value ...].
 
 Machines of the same "2-core" kind differ several-fold in speed, so a wall time measured on one
 says little about another. For each recipe this builds the run as `vlchat train` does
@@ -158,7 +158,7 @@ def format_total(parts: list[PartTiming]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlchat.train.bench_recipe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlchat.bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="training recipes (YAML), in order")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed per recipe")
     parser.add_argument("--reference", type=Path, help="a folder of reference runs' <name>-metrics.jsonl")
