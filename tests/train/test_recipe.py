@@ -255,8 +255,8 @@ def test_yes_no_options_reach_the_easy_vqa_reader_and_refuse_other_sources():
     assert any(a.endswith(", so no.") for s in explained for a in s.meta["answers"])
     easy = [d for d in load_config(REPO / "configs/train/stage2.yaml").data if d.spec.startswith("easy_vqa")]
     assert easy and all(d.balance_yes_no and not d.explain_yes_no for d in easy)
-    reasoned = load_config(REPO / "configs/train/stage2-reasoned.yaml").data
-    assert [d.explain_yes_no for d in reasoned if d.spec.startswith("easy_vqa")] == [True]
+    reasons = load_config(REPO / "configs/train/stage2-reasons.yaml").data
+    assert [d.explain_yes_no for d in reasons if d.spec.startswith("easy_vqa")] == [True]
 
 
 def test_recipes_that_start_from_stage1_build_its_projector():
@@ -266,10 +266,7 @@ def test_recipes_that_start_from_stage1_build_its_projector():
     from vlchat.config import ModelConfig
 
     first = load_config(REPO / "configs/train/stage1.yaml")
-    chained = [
-        load_config(REPO / f"configs/train/{name}.yaml")
-        for name in ("stage2", "stage2-reasons", "stage2-reasoned", "stage2-polish")
-    ]
+    chained = [load_config(REPO / f"configs/train/{name}.yaml") for name in ("stage2", "stage2-reasons")]
     assert chained[0].init_projector == f"{first.output_dir}/projector"
     for config in chained:
         assert (config.projector, config.position_tokens, config.projector_position_code) == (
