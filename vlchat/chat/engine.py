@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
@@ -128,7 +129,7 @@ class ChatSession:
         logits, state = self._prefill(keys)
         first, shown, done = None, [], False
         try:
-            for chunk in generate(self.chat.model.lm, logits, state, config, self.template.stop):
+            for chunk in self._decode(logits, state, config):
                 first = first or (time.perf_counter() if chunk.text else None)
                 shown.append(chunk.text)
                 if chunk.result is not None:
@@ -139,6 +140,13 @@ class ChatSession:
             if not done:
                 self.messages.append(Message.text_message("assistant", "".join(shown).strip()))
                 self.last_finish_reason = "stopped"
+
+    def _decode(self, logits: torch.Tensor, state: LMState, config: GenerationConfig) -> Iterator[Chunk]:
+        """The answer's chunks: greedy or sampled (generate.py), or beam search (beam.py) for num_beams > 1."""
+        lm, stops = self.chat.model.lm, self.template.stop
+        if config.num_beams > 1:
+            return beam_search(lm, logits, state, config, stops + tuple(config.stop))
+        return generate(lm, logits, state, config, stops)
 
     def _finish(self, result, keys: list[PositionKey], start: float, first: float | None) -> None:
         text = result.text.strip()

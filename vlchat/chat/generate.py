@@ -182,12 +182,11 @@ def generate(
     config: GenerationConfig,
     stops: tuple[str, ...] = (),
 ) -> Iterator[Chunk]:
-    """Decode after a prefilled prompt. logits (1, V) at the prompt's last position; state its cache."""
+    """Decode one sequence (greedy or sampled) after a prefilled prompt. logits (1, V) at the prompt's
+    last position; state its cache. Beam search (num_beams > 1) is beam.beam_search, built on this
+    module's pieces; the caller picks it (the chat engine, the serving scheduler)."""
     if config.num_beams > 1:
-        from vlchat.chat.beam import beam_search
-
-        yield from beam_search(lm, logits, state, config, stops + tuple(config.stop))
-        return
+        raise ValueError("generate() decodes one sequence; call beam.beam_search for num_beams > 1")
     decoder = SequenceDecoder(lm, config, stops)
     while True:
         delta, token = decoder.step(logits)
