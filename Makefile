@@ -44,12 +44,12 @@ bench: prepare
 
 # Serving under load on loopback: serial vs 8 concurrent streaming clients vs no batching (a few minutes).
 load: prepare
-	$(BIN)/python -m vlchat.serve.loadtest
+	$(BIN)/python -m vlchat.bench.load
 
 # How long train-default would take on this machine: the first 10 steps of each part, timed and
 # projected, beside the committed runs' own times (about 15 minutes; docs/benchmarks.md).
 bench-train: setup
-	$(BIN)/python -m vlchat.train.bench_recipe configs/train/stage1.yaml configs/train/stage2.yaml \
+	$(BIN)/python -m vlchat.bench.train configs/train/stage1.yaml configs/train/stage2.yaml \
 	  configs/train/stage2-reasons.yaml --reference reports/default-model
 
 # Reproduce the committed default projector + LoRA adapter and its report: stage 1 (half of it

@@ -213,7 +213,7 @@ def bench(
 ) -> None:
     """Measure encode time, time-to-first-token (first and follow-up turns), decode speed and peak RSS,
     beside MiniGPT-4's way (re-prefill the whole conversation every turn) measured in the same run."""
-    from vlchat.bench import run_bench
+    from vlchat.bench.decode import run_bench
 
     run_bench(model, tokens, json_output)
 

@@ -60,7 +60,7 @@ class VisionConfig:
 
 # Fields that projector files and model configs written by older versions may still hold, with
 # the value that makes each a no-op. output_rms (RMS-normalised outputs) was removed: it did not
-# help (README, Training). A file with any other value cannot be loaded as it was trained.
+# help (docs/experiments.md). A file with any other value cannot be loaded as it was trained.
 REMOVED_PROJECTOR_FIELDS: dict[str, Any] = {"output_rms": 0.0}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import (
     TextStream,
     apply_repetition_penalty,
@@ -16,8 +18,10 @@ from vlchat.config import GenerationConfig
 
 
 def run(lm, prompt_ids: list[int], config: GenerationConfig, stops=()):
+    """Decode as the chat engine does: beam search for num_beams > 1, else generate()."""
     logits, state = lm.prefill(lm.embed(torch.tensor([prompt_ids])))
-    chunks = list(generate(lm, logits, state, config, stops))
+    decode = beam_search if config.num_beams > 1 else generate
+    chunks = list(decode(lm, logits, state, config, stops))
     return chunks, chunks[-1].result
 
 
@@ -109,3 +113,8 @@ def test_beam_search_is_deterministic_and_at_least_as_likely_as_greedy(default_m
         return logp.gather(1, torch.tensor(ids)[:, None]).mean().item()
 
     assert mean_logprob(beam.token_ids) >= mean_logprob(greedy.token_ids) - 1e-4
+
+
+def test_generate_leaves_beam_search_to_the_caller():
+    with pytest.raises(ValueError, match="beam_search for num_beams > 1"):
+        next(generate(None, None, None, GenerationConfig(num_beams=2)))

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from conftest import EXAMPLES, REPO, tiny_config
 
-from vlchat.serve.loadtest import stop_process
+from vlchat.bench.load import stop_process
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
@@ -139,11 +140,13 @@ class ChatSession:
         if dropped:
             yield Chunk(notice=f"dropped the {dropped} oldest turn(s) to fit the context window")
         constraint = self._constraint()
+        if constraint is not None and config.num_beams > 1:
+            raise VlchatError("num_beams > 1 cannot be combined with tools or a JSON output format; use num_beams 1")
         start = time.perf_counter()
         logits, state = self._prefill(keys)
         first, shown, done = None, [], False
         try:
-            for chunk in generate(self.chat.model.lm, logits, state, config, self.template.stop, constraint):
+            for chunk in self._decode(logits, state, config, constraint):
                 first = first or (time.perf_counter() if chunk.text else None)
                 shown.append(chunk.text)
                 if chunk.result is not None:
@@ -165,6 +168,13 @@ class ChatSession:
     @property
     def calling(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def _decode(self, logits: torch.Tensor, state: LMState, config: GenerationConfig, constraint) -> Iterator[Chunk]:
+        """The answer's chunks: greedy or sampled (generate.py), or beam search (beam.py) for num_beams > 1."""
+        lm, stops = self.chat.model.lm, self.template.stop
+        if config.num_beams > 1:
+            return beam_search(lm, logits, state, config, stops + tuple(config.stop))
+        return generate(lm, logits, state, config, stops, constraint)
 
     def _finish(self, result, keys: list[PositionKey], start: float, first: float | None) -> None:
         text = result.text.strip()

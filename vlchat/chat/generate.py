@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from vlchat.config import GenerationConfig
-from vlchat.errors import VlchatError
 from vlchat.model.language import LanguageModel, LMState
 
 
@@ -191,15 +190,12 @@ def generate(
     stops: tuple[str, ...] = (),
     constraint=None,
 ) -> Iterator[Chunk]:
-    """Decode after a prefilled prompt. logits (1, V) at the prompt's last position; state its cache.
-    `constraint` (chat/grammar.py) restricts the tokens; it cannot be combined with beam search."""
-    if config.num_beams > 1 and constraint is not None:
-        raise VlchatError("num_beams > 1 cannot be combined with tools or a JSON output format; use num_beams 1")
+    """Decode one sequence (greedy or sampled) after a prefilled prompt. logits (1, V) at the prompt's
+    last position; state its cache; `constraint` (chat/grammar.py) restricts the tokens. Beam search
+    (num_beams > 1) is beam.beam_search, built on this module's pieces; the caller picks it (the chat
+    engine, the serving scheduler)."""
     if config.num_beams > 1:
-        from vlchat.chat.beam import beam_search
-
-        yield from beam_search(lm, logits, state, config, stops + tuple(config.stop))
-        return
+        raise ValueError("generate() decodes one sequence; call beam.beam_search for num_beams > 1")
     decoder = SequenceDecoder(lm, config, stops, constraint)
     while True:
         delta, token = decoder.step(logits)

@@ -154,7 +154,7 @@ class LanguageModel(nn.Module):
         checkpoints and LoRA adapters, stay as they are). The layers share one graph (dynamic
         shapes: every batch has its own length), compiled on the first steps; inductor fuses the
         norms, rotary embedding, activations and dtype casts between the matrix products, about
-        45% of a CPU training step in eager mode (python -m vlchat.train.bench_recipe --set compile=true).
+        45% of a CPU training step in eager mode (python -m vlchat.bench.train --set compile=true).
         Inductor builds its kernels with a C++ compiler ($CXX, else g++), checked here, before any step."""
         compiler = os.environ.get("CXX", "g++")
         if shutil.which(compiler) is None:

@@ -126,7 +126,7 @@ class EfficientNetLite0(nn.Module):
         `taps`: indices of MBConv blocks whose outputs are average-pooled to the final grid and
         appended to the head's channels. The head's features are colour-blind (a linear probe
         reads an object's colour from them 51% of the time on our synthetic scenes, against 97%
-        from blocks 7 and 10: train/feature_probe.py), so the default model taps both (80 + 112 ch).
+        from blocks 7 and 10: research/feature_probe.py), so the default model taps both (80 + 112 ch).
         """
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (B, 32, H/2, W/2)
         tapped = []

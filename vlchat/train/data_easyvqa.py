@@ -9,20 +9,31 @@ from collections.abc import Iterator, Sequence
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
-from vlchat.train.data import EASY_VQA_SPLITS, Sample, _build, _Item, question_type
+from vlchat.train.samples import Record, Sample, build_record
+
+EASY_VQA_SPLITS = ("train", "test")
+
 
 # --- easy-VQA -----------------------------------------------------------------------------------
 
 
-def _easy_vqa_split(split: str) -> str:
+def question_type(question: str) -> str:
+    """'colour', 'shape' or 'yes/no' from an easy-VQA question's wording (its 24 question forms)."""
+    q = question.lower()
+    if not q.startswith("what"):
+        return "yes/no"
+    return "colour" if "color" in q or "colour" in q else "shape"
+
+
+def easy_vqa_split(split: str) -> str:
     if split not in EASY_VQA_SPLITS:
         raise VlchatError(f"unknown easy_vqa split {split!r}; choose train or test")
     return split
 
 
-def _easy_vqa_items(
+def easy_vqa_records(
     split: str, turns: int, balance_yes_no: bool = False, explain_yes_no: bool = False
-) -> Iterator[_Item]:
+) -> Iterator[Record]:
     questions, answers, image_ids, paths = _easy_vqa_data(split)
     by_image: dict[int, list[tuple[str, str]]] = {}  # insertion order: the package's order
     for question, answer, image_id in zip(questions, answers, image_ids):
@@ -37,7 +48,7 @@ def _easy_vqa_items(
         for start in range(0, len(pairs), turns):
             where = f"easy_vqa:{split}: image {image_id} question {start}"
             group = pairs[start : start + turns]
-            yield _build(where, _vqa_sample, paths.get(image_id), group, image_id, split, where)
+            yield build_record(where, _vqa_sample, paths.get(image_id), group, image_id, split, where)
 
 
 def _easy_vqa_data(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
@@ -99,7 +110,7 @@ class YesNoBalancer:
         """The image's questions with each yes/no answer giving its reason first: "is there a red
         shape?" -> "It is blue, so no." The LM then compares two words it has just read,
         which it learns in ~100 steps, instead of a word with image features, which it did not
-        learn in 300 (README, evaluation of the default model). A yes/no question about a
+        learn in 300 (docs/experiments.md). A yes/no question about a
         colour or shape that the image's questions do not reveal is left out."""
         labels, out = self._labels(pairs), []
         for question, answer in pairs:

@@ -5,6 +5,7 @@ and stage 2's cc_sbu_align folder (filter_cap.json + image/ID.jpg). Public entry
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -15,27 +16,36 @@ from PIL import Image as PILImage
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
-from vlchat.train.data import (
-    _BRACES,
-    IMAGE_EXTENSIONS,
-    INSTRUCTIONS,
+from vlchat.train.samples import (
+    Record,
     Sample,
-    _build,
-    _existing,
-    _field,
-    _Item,
-    _json_file,
-    _object,
-    _parse_json,
+    build_record,
+    existing_path,
+    json_field,
+    json_object,
+    parse_json,
+    read_json_file,
 )
+
+# MiniGPT-4's stage-2 instructions (prompts/alignment.txt, https://github.com/Vision-CAIR/MiniGPT-4),
+# without the leading "<Img><ImageHere></Img> ": the Image part renders that tag itself.
+INSTRUCTIONS: tuple[str, ...] = (
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tried in this order for a webdataset key
+SHARD_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")  # webdataset shard ranges: shards/{00000..00003}.tar
+
 
 # --- MiniGPT-4 stage 1: webdataset tar shards ----------------------------------------------------
 
 
-def _shard_paths(path: str | os.PathLike) -> list[Path]:
+def shard_paths(path: str | os.PathLike) -> list[Path]:
     """A .tar, a folder of .tar files (sorted), or a brace range "shards/{00000..00003}.tar"."""
     text = os.fspath(path)
-    found = _BRACES.search(text)
+    found = SHARD_RANGE.search(text)
     if found:
         first, last = found.group(1), found.group(2)
         width = len(first) if first.startswith("0") else 0
@@ -43,7 +53,7 @@ def _shard_paths(path: str | os.PathLike) -> list[Path]:
             Path(text[: found.start()] + str(n).zfill(width) + text[found.end() :])
             for n in range(int(first), int(last) + 1)
         ]
-    path = _existing(path)
+    path = existing_path(path)
     if not path.is_dir():
         return [path]
     shards = sorted(path.glob("*.tar"))
@@ -52,21 +62,21 @@ def _shard_paths(path: str | os.PathLike) -> list[Path]:
     return shards
 
 
-def _stage1_items(shards: Sequence[Path]) -> Iterator[_Item]:
+def stage1_records(shards: Sequence[Path]) -> Iterator[Record]:
     for shard in shards:
         yield from _shard_items(shard)
 
 
-def _shard_items(shard: Path) -> Iterator[_Item]:
+def _shard_items(shard: Path) -> Iterator[Record]:
     """Stream one shard (as webdataset does: a key's files are consecutive members)."""
     try:
         with tarfile.open(shard, "r|*") as tar:
             for key, files in _tar_groups(tar):
                 where = f"{shard}: {key}"
-                yield _build(where, _stage1_sample, files, key, where)
+                yield build_record(where, _stage1_sample, files, key, where)
     except (tarfile.TarError, OSError, EOFError) as err:
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        yield _Item(str(shard), error=f"cannot read tar shard ({reason})")
+        yield Record(str(shard), error=f"cannot read tar shard ({reason})")
 
 
 def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -99,7 +109,7 @@ def _stage1_sample(files: dict[str, bytes], key: str, where: str) -> Sample:
 
 def _tar_caption(files: dict[str, bytes]) -> str:
     if "json" in files:
-        return _field(_object(_parse_json(files["json"]), "the .json"), "caption", str, " in the .json")
+        return json_field(json_object(parse_json(files["json"]), "the .json"), "caption", str, " in the .json")
     if "txt" in files:
         try:
             return files["txt"].decode("utf-8")
@@ -119,30 +129,30 @@ def _caption_sample(image: PILImage.Image | str, part: Image, caption: str, key:
 # --- MiniGPT-4 stage 2: cc_sbu_align ------------------------------------------------------------
 
 
-def _stage2_folder(path: str | os.PathLike) -> Path:
-    folder = _existing(path)
+def stage2_folder(path: str | os.PathLike) -> Path:
+    folder = existing_path(path)
     if not (folder / "filter_cap.json").is_file():
         raise VlchatError(f"no filter_cap.json in {folder} (expected MiniGPT-4's cc_sbu_align layout)")
     return folder
 
 
-def _stage2_items(folder: Path) -> Iterator[_Item]:
+def stage2_records(folder: Path) -> Iterator[Record]:
     captions = folder / "filter_cap.json"
-    data, error = _json_file(captions)
+    data, error = read_json_file(captions)
     if error is None and not (isinstance(data, dict) and isinstance(data.get("annotations"), list)):
-        error = _Item(str(captions), error='expected {"annotations": [{"image_id", "caption"}, ...]}')
+        error = Record(str(captions), error='expected {"annotations": [{"image_id", "caption"}, ...]}')
     if error is not None:
         yield error
         return
     for i, record in enumerate(data["annotations"]):
         where = f"{captions}: item {i}"
-        yield _build(where, _stage2_sample, record, folder, where)
+        yield build_record(where, _stage2_sample, record, folder, where)
 
 
 def _stage2_sample(record: object, folder: Path, where: str) -> Sample:
-    record = _object(record, "annotation")
-    image_id = _field(record, "image_id", (str, int))
-    caption = _field(record, "caption", str)
+    record = json_object(record, "annotation")
+    image_id = json_field(record, "image_id", (str, int))
+    caption = json_field(record, "caption", str)
     path = str(folder / "image" / f"{image_id}.jpg")
     sample = _caption_sample(path, Image(key=path, source=path), caption, str(image_id), where)
     sample.meta = {"image_id": image_id}

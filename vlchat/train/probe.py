@@ -9,7 +9,7 @@ once. Per question type it logs the mean answer loss and the share of answers wh
 decoding says exactly that answer, so the share is a floor under what `vlchat eval` would score
 on those questions (eval also accepts other spellings). Binding (colour, shape, position of a named
 object) is what separates a stalled stage 2 from the default model's, and it shows here per type
-long before the run ends (README, Training).
+long before the run ends (docs/experiments.md).
 
 Forward only, in eval mode (the modes are restored after), under the training step's autocast;
 it draws no random numbers, so a run with the probe trains exactly the weights of one without.

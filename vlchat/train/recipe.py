@@ -76,11 +76,11 @@ class TrainConfig:
     attention: str = "auto"
     # bfloat16 autocast around forward and loss (float32 master weights): "auto" on GPUs only,
     # "bf16" also on CPU (1.18x faster stage-2 steps on this 2-core CPU: python -m
-    # vlchat.train.bench_step), "off" never.
+    # research.bench_step), "off" never.
     autocast: str = "auto"
     # torch.compile the LM's decoder layers (LanguageModel.compile_layers): same math, fused
     # element-wise work; the first two steps pay the compile (about 35 s on 2 CPU cores). The default
-    # model's recipes turn it on (README, Training, "Compiled layers").
+    # model's recipes turn it on (docs/training.md).
     compile: bool = False
     data: tuple[DataSource, ...] = ()
     template: str | None = None  # None: the model's

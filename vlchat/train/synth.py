@@ -26,7 +26,7 @@ from PIL import ImageDraw, ImageFont
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.errors import VlchatError
 from vlchat.images import image_key
-from vlchat.train.data import Sample
+from vlchat.train.samples import Sample
 from vlchat.train.synth_phrases import INSTRUCTIONS
 from vlchat.train.synth_questions import (  # noqa: F401  (re-exported: synth.questions, ...)
     ALWAYS_ASKABLE,

@@ -141,7 +141,7 @@ def shape_reason(scene: Scene, shape: str) -> str:
 def _explained(ask: Asker) -> Asker:
     """An "is there a {colour} {shape}?" asker whose answer gives the reason first: "The star is
     red, so no." The LM then compares the question's colour with one it has just generated,
-    as easy-VQA's explain_yes_no does (README, evaluation); English only."""
+    as easy-VQA's explain_yes_no does (docs/experiments.md); English only."""
 
     def explained(scene: Scene, rng: random.Random) -> Asked:
         fields, verdict = ask(scene, rng)

@@ -331,7 +331,7 @@ def train_step(
     step, config, world, wrapped, module, batches, optimizer, scheduler, autocast, total
 ) -> tuple[float, int]:
     """One optimizer step (all its micro-batches and length groups): (this rank's loss, samples seen
-    across ranks). The training loop's body, also timed as it is by bench_recipe."""
+    across ranks). The training loop's body, also timed as it is by vlchat.bench.train."""
     loss_sum, seen = 0.0, 0
     for micro in range(config.grad_accum):
         groups = batches(sample_indices(step, micro, config, world, total))
