@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from vlchat.errors import VlchatError
 from vlchat.images import to_tensor
+from vlchat.model.loaders import model_config
 from vlchat.model.projector import Projector
 from vlchat.model.vision import HEAD_CHANNELS, VisionEncoder
 from vlchat.train.synth import cell_centre, render
@@ -132,7 +133,6 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     from vlchat.assets import verified_file
-    from vlchat.config import ModelConfig
     from vlchat.model.projector import load_projector, read_projector_config
     from vlchat.model.vision import load_vision_encoder
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scenes < 4:
             raise VlchatError("--scenes must be at least 4")
-        vision = ModelConfig.from_name(args.model).vision
+        vision = model_config(args.model).vision
         projectors = {}
         for stem in args.projector:  # every file is checked before the encoder runs
             try:

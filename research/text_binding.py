@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from vlchat.chat.messages import Message
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.errors import VlchatError
 from vlchat.model.language import LanguageModel
+from vlchat.model.loaders import model_config
 from vlchat.train.collate import collate, encode_sample
 from vlchat.train.data import Sample
 
@@ -97,7 +98,6 @@ def measure(lm: LanguageModel, template: str, questions: list[Question]) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlchat.config import ModelConfig
     from vlchat.model.language import load_language_model
 
     parser = argparse.ArgumentParser(prog="python -m research.text_binding", description=__doc__.split("\n")[0])
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scenes < 1:
             raise VlchatError("--scenes must be at least 1")
-        config = ModelConfig.from_name(args.model)
+        config = model_config(args.model)
         lm_config = replace(config.lm, adapter=None) if args.no_adapter else config.lm
         results = measure(load_language_model(lm_config), config.template, binding_questions(args.scenes))
     except VlchatError as error:

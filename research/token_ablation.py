@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 from vlchat.model.projector import Projector
 
 
@@ -99,7 +100,6 @@ def measure(vlm, scenes: int) -> tuple[dict[str, dict[str, float]], Counter]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlchat.config import ModelConfig
     from vlchat.model.vlm import load_model
 
     parser = argparse.ArgumentParser(prog="python -m research.token_ablation", description=__doc__.split("\n")[0])
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scenes < 1:
             raise VlchatError("--scenes must be at least 1")
-        results, asked = measure(load_model(ModelConfig.from_name(args.model)), args.scenes)
+        results, asked = measure(load_model(model_config(args.model)), args.scenes)
     except VlchatError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-from vlchat.config import GenerationConfig, ModelConfig
+from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -43,7 +44,7 @@ def load(name_or_dir: str = "default", device: str = "cpu", dtype: str | None = 
     where = resolve_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise VlchatError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = ModelConfig.from_name(name_or_dir)
+    config = model_config(name_or_dir)
     if dtype is not None:
         config = replace(config, lm=replace(config.lm, dtype=dtype))
     return ChatModel(Chat(load_model(config).to(where)))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlchat.chat.engine import Chat, ChatSession
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import calls_json
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError

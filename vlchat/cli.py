@@ -15,6 +15,7 @@ import typer
 
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 
 app = typer.Typer(
     add_completion=False,
@@ -100,11 +101,10 @@ def system_prompt(system: str | None, persona: str | None) -> str | None:
 def open_model(model: str, projector: str | None = None, adapter: str | None = None):
     """Load a preset (slow part), optionally with other projector weights (a `<stem>` path) and
     a LoRA adapter directory for the LM."""
-    from vlchat.config import ModelConfig
     from vlchat.model.projector import read_projector_config
     from vlchat.model.vlm import load_model
 
-    config = ModelConfig.from_name(model)
+    config = model_config(model)
     if projector is not None:
         config = replace(config, projector=read_projector_config(projector), projector_weights=projector)
     if adapter is not None:
@@ -140,7 +140,7 @@ def chat(
 ) -> None:
     """Chat in the terminal, answers streamed. Commands: /image PATH, /result TEXT, /reset, /save FILE,
     /load FILE, /help, /exit."""
-    from vlchat.chat.templates import get_template
+    from vlchat.chat.template_lookup import get_template
     from vlchat.images import load_image
     from vlchat.repl import repl
 
@@ -244,7 +244,6 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
-    from vlchat.config import ModelConfig
     from vlchat.serve.server import build_app, check_address
     from vlchat.serve.server import serve as run_server
     from vlchat.serve.serving import ServeConfig
@@ -267,7 +266,7 @@ def serve(
         default_max_tokens=max_tokens,
         home=home,
     )
-    preset = ModelConfig.from_name(model)  # a bad name fails here, before the server starts
+    preset = model_config(model)  # a bad name fails here, before the server starts
     check_address(host, port)
     run_server(build_app(config, lambda: open_chat(model), preset.name, preset.template), host, port)
 
@@ -386,11 +385,10 @@ def data_check(
     model: Model = "default",
 ) -> None:
     """Validate a dataset before training: every problem with its file and line, not just the first."""
-    from vlchat.chat.templates import get_template
-    from vlchat.config import ModelConfig
+    from vlchat.chat.template_lookup import get_template
     from vlchat.train.datacheck import check_dataset
 
-    config = ModelConfig.from_name(model)
+    config = model_config(model)
     tokenizer = load_tokenizer(config)
     problems = check_dataset(
         spec, tokenizer, max_tokens, get_template(template or config.template), config.vision.num_tokens

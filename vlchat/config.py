@@ -165,15 +165,10 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A preset by name, a model config file (JSON or YAML) by path, or a Hugging Face checkpoint
-        directory (a path, a folder name under $VLCHAT_HOME/models, or an org/name in the HF cache)."""
+        """A preset by name or a model config file (JSON or YAML) by path. Checkpoint directories
+        too: `vlchat.model.loaders.model_config`, which every command uses."""
         if name not in PRESETS and name.endswith((".json", ".yaml", ".yml")):
             return replace(cls.from_file(name), **overrides)
-        if name not in PRESETS:
-            from vlchat.model.loaders import find_checkpoint, model_config_from_checkpoint
-
-            if (directory := find_checkpoint(name)) is not None:
-                return replace(model_config_from_checkpoint(directory), **overrides)
         if name not in PRESETS:
             raise VlchatError(
                 f"unknown model {name!r}: not a preset ({', '.join(sorted(PRESETS))}), a model directory, "

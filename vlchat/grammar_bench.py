@@ -17,7 +17,7 @@ import torch
 from vlchat.chat.generate import SequenceDecoder
 from vlchat.chat.grammar import grammar_tokenizer, json_structure, tool_structure
 from vlchat.chat.messages import Message
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import HERMES, ToolSpec
 from vlchat.config import GenerationConfig, ModelConfig
 

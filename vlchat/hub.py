@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# Written by `vlchat pull` into a model folder it downloaded (pull.py); `vlchat models` reads it.
+MANIFEST = ".vlchat-pull.json"
+
 
 def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """The local snapshot of `org/name` in the Hugging Face cache, without any network; None if absent."""
@@ -34,7 +37,6 @@ def directory_size(path: Path) -> int:
 
 def local_models(root: Path) -> list[ModelEntry]:
     """Model directories (with config.json) at $VLCHAT_HOME/models/<name> or .../<org>/<name>."""
-    from vlchat.pull import MANIFEST
 
     found = []
     for config in sorted(list(root.glob("*/config.json")) + list(root.glob("*/*/config.json"))):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from vlchat.errors import VlchatError
+from vlchat.hub import MANIFEST
 
 SOURCES = ("huggingface", "modelscope")
 # Short names -> repository per source (what the docs call NAME); any org/repo works as well.
@@ -45,7 +46,6 @@ KNOWN_MODELS: dict[str, dict[str, str]] = {
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 CHUNK = 1 << 20
-MANIFEST = ".vlchat-pull.json"
 
 
 @dataclass(frozen=True)

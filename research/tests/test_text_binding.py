@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from research.text_binding import binding_questions, main, measure, reply_log_probs
 from vlchat.chat.messages import Message
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.model.language import load_language_model
 from vlchat.train import synth
 from vlchat.train.collate import IGNORE, encode_sample

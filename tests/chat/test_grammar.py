@@ -15,7 +15,7 @@ from vlchat.chat.generate import SequenceDecoder, generate
 from vlchat.chat.grammar import GrammarError, json_structure, tool_structure
 from vlchat.chat.messages import Message
 from vlchat.chat.structure import build_structure
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import HERMES, ToolError, ToolSpec, parse_answer
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError

@@ -7,7 +7,8 @@ import pytest
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.personas import get_persona
 from vlchat.chat.prompt import encode
-from vlchat.chat.templates import TEMPLATES, Segment, get_template
+from vlchat.chat.template_lookup import get_template
+from vlchat.chat.templates import TEMPLATES, Segment
 from vlchat.errors import VlchatError
 
 IMG = "<Img><ImageHere></Img>"

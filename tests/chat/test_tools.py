@@ -8,7 +8,8 @@ import pytest
 
 from vlchat.chat.messages import Message, ToolCall
 from vlchat.chat.prompt import encode
-from vlchat.chat.templates import TEMPLATES, get_template
+from vlchat.chat.template_lookup import get_template
+from vlchat.chat.templates import TEMPLATES
 from vlchat.chat.tools import (
     FORMATS,
     HERMES,

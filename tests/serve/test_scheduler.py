@@ -8,7 +8,7 @@ import pytest
 
 from vlchat.chat.engine import Chat
 from vlchat.chat.messages import Message
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.config import GenerationConfig
 from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started
 

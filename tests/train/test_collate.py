@@ -9,7 +9,7 @@ import torch
 from PIL import Image as PILImage
 
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.config import ModelConfig
 from vlchat.errors import VlchatError
 from vlchat.model.vlm import IMAGE_TOKEN_ID

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image as PILImage
 
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.errors import VlchatError
 from vlchat.images import image_key, load_image
 from vlchat.train.data import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.model.vlm import IMAGE_TOKEN_ID
 from vlchat.train.collate import IGNORE, branch_mask, collate, encode_sample
 from vlchat.train.data import Sample

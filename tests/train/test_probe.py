@@ -11,7 +11,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.config import ModelConfig
 from vlchat.errors import VlchatError
 from vlchat.images import image_key

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vlchat.chat.messages import Image, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.errors import VlchatError
 from vlchat.images import image_key
 from vlchat.train import synth, synth_phrases, synth_questions

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.jpg"
 QUESTIONS = [
@@ -148,11 +149,11 @@ def baseline_turns(chat, config) -> list[tuple[float, float]]:
 
 def child(mode: str, model: str, tokens: int) -> dict:
     from vlchat.chat.engine import Chat
-    from vlchat.config import GenerationConfig, ModelConfig
+    from vlchat.config import GenerationConfig
     from vlchat.images import load_image
     from vlchat.model.vlm import load_model
 
-    chat = Chat(load_model(ModelConfig.from_name(model)))
+    chat = Chat(load_model(model_config(model)))
     config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens)
     encode = image_encode_ms(chat, load_image(EXAMPLE))
     turns = (engine_turns if mode == "vlchat" else baseline_turns)(chat, config)

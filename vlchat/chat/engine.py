@@ -23,7 +23,8 @@ from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
-from vlchat.chat.templates import Template, get_template
+from vlchat.chat.template_lookup import get_template
+from vlchat.chat.templates import Template
 from vlchat.chat.tools import ToolSpec, answer_message, get_format
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError

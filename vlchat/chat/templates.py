@@ -293,16 +293,3 @@ TEMPLATES: dict[str, Template] = {
         assistant_end="\n",
     ),
 }
-
-
-def get_template(name: str) -> Template:
-    """The template registered under `name`, or a checkpoint's own ("hf:<dir>", chat/hf_template.py);
-    VlchatError listing the names if there is none."""
-    if name.startswith("hf:"):
-        from vlchat.chat.hf_template import checkpoint_template
-
-        return checkpoint_template(name[len("hf:") :])
-    try:
-        return TEMPLATES[name]
-    except KeyError:
-        raise VlchatError(f"unknown template {name!r}; choose one of: {', '.join(TEMPLATES)}") from None

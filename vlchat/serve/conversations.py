@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from vlchat.chat.messages import Image, Message, Text, ToolCall
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import new_call_id
 from vlchat.errors import VlchatError
 from vlchat.serve import protocol as p

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from PIL import Image as PILImage
 
 from vlchat.chat.prompt import encode
-from vlchat.chat.templates import Template, get_template
+from vlchat.chat.template_lookup import get_template
+from vlchat.chat.templates import Template
 from vlchat.errors import VlchatError
 from vlchat.images import load_image
 from vlchat.train.data import DEFAULT_TEMPLATE, TOKENS_PER_IMAGE, Sample, dataset_items, sample_problems

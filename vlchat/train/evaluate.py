@@ -26,7 +26,7 @@ import torch
 
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.prompt import encode, slot_ids
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.images import image_key, load_image
 from vlchat.model.vlm import VisionLanguageModel
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.images import image_key
 from vlchat.model.vlm import VisionLanguageModel
 from vlchat.train.collate import Encoded, answer_runs, collate, encode_sample

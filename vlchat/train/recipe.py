@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from vlchat.config import PRESETS, REMOVED_PROJECTOR_FIELDS, ModelConfig, ProjectorConfig
+from vlchat.config import PRESETS, REMOVED_PROJECTOR_FIELDS, ProjectorConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 
 STAGES = ("stage1", "stage2")
 # The projector fields a recipe may set (`projector: {kind: linear, position_code: 0}`); the rest
@@ -188,7 +189,7 @@ def recipe_projector(model: str, given: Any) -> ProjectorConfig:
         raise VlchatError(f"projector must be a mapping of {', '.join(PROJECTOR_KEYS)}, got {given!r}")
     if not isinstance(model, str):
         raise VlchatError(f"model must be a preset name or a model config file, got {model!r}")
-    base = ModelConfig.from_name(model).projector
+    base = model_config(model).projector
     for key in sorted(set(given) - set(PROJECTOR_KEYS)):
         if key in ("in_dim", "out_dim"):
             raise VlchatError(

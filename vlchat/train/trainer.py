@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlchat.chat.templates import get_template
-from vlchat.config import ModelConfig, ProjectorConfig
+from vlchat.chat.template_lookup import get_template
+from vlchat.config import ProjectorConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 from vlchat.model.projector import Projector, load_projector, save_projector
 from vlchat.model.vlm import VisionLanguageModel, load_model
 from vlchat.train import distributed
@@ -59,7 +60,7 @@ COMPILE_STEPS = 2
 
 def build_model(config: TrainConfig, device: torch.device) -> VisionLanguageModel:
     """The preset model with the recipe's projector to train (fresh or from `init_projector`) and LM freezing."""
-    base = ModelConfig.from_name(config.model)
+    base = model_config(config.model)
     # Training starts from the preset's frozen parts only: no trained projector, no LoRA adapter.
     base = replace(base, projector=config.projector, projector_weights=None, lm=replace(base.lm, adapter=None))
     vlm = load_model(base)

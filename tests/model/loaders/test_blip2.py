@@ -16,6 +16,7 @@ from vlchat.chat.engine import Chat
 from vlchat.chat.prompt import slot_ids
 from vlchat.config import GenerationConfig, ModelConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 from vlchat.model.vlm import IMAGE_TOKEN_ID, load_model
 
 QUESTION = "What is in the picture?"
@@ -35,7 +36,7 @@ def float32(config: ModelConfig) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def vlchat_model(checkpoint):
-    return load_model(float32(ModelConfig.from_name(str(checkpoint[0]))))
+    return load_model(float32(model_config(str(checkpoint[0]))))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def asked_session(model, max_new_tokens: int = 12):
 
 
 def test_config_is_read_from_the_checkpoint(checkpoint):
-    config = ModelConfig.from_name(str(checkpoint[0]))
+    config = model_config(str(checkpoint[0]))
     assert (config.vision.name, config.vision.feature_layer, config.vision.keep_cls) == ("blip2", -1, True)
     assert (config.vision.image_size, config.vision.patch_size, config.vision.num_tokens) == (28, 7, 17)
     assert (config.projector.kind, config.projector.in_dim, config.projector.out_dim) == ("qformer", 24, 32)
@@ -162,7 +163,7 @@ def encoder_decoder(copy):
 def test_wrong_checkpoints_fail_with_one_line(checkpoint, tmp_path, edit, words):
     copy = broken_copy(checkpoint, tmp_path, edit)
     with pytest.raises(VlchatError) as error:
-        load_model(float32(ModelConfig.from_name(str(copy))))
+        load_model(float32(model_config(str(copy))))
     message = str(error.value)
     assert "\n" not in message
     for word in words:

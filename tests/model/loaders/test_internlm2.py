@@ -16,8 +16,9 @@ import torch
 from tests.hf_tiny import tiny_tokenizer
 from vlchat.chat.engine import Chat
 from vlchat.chat.prompt import slot_ids
-from vlchat.config import GenerationConfig, ModelConfig
+from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 from vlchat.model.vlm import load_model
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, FFN = 32, 4, 2, 2, 64
@@ -159,12 +160,12 @@ def home(tmp_path_factory):
 def vlchat_model(checkpoint, home):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLCHAT_HOME", str(home))
-        config = ModelConfig.from_name(str(checkpoint[0]))
+        config = model_config(str(checkpoint[0]))
         return load_model(replace(config, lm=replace(config.lm, dtype="float32")))
 
 
 def test_config_uses_the_internlm2_template(checkpoint):
-    config = ModelConfig.from_name(str(checkpoint[0]))
+    config = model_config(str(checkpoint[0]))
     assert (config.template, config.vision, config.projector) == ("internlm2", None, None)
     assert config.checkpoint == str(checkpoint[0].resolve())
 
@@ -179,7 +180,7 @@ def test_converted_once_into_a_llama_directory(vlchat_model, checkpoint, home):
     mtime = (converted[0] / "vlchat-converted.json").stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLCHAT_HOME", str(home))
-        load_model(ModelConfig.from_name(str(checkpoint[0])))  # cached: not converted again
+        load_model(model_config(str(checkpoint[0])))  # cached: not converted again
     assert (converted[0] / "vlchat-converted.json").stat().st_mtime_ns == mtime
 
 
@@ -249,7 +250,7 @@ def test_wrong_checkpoints_fail_with_one_line(checkpoint, tmp_path, monkeypatch,
     monkeypatch.setenv("VLCHAT_HOME", str(tmp_path / "home"))
     copy = edited_copy(checkpoint, tmp_path, edit)
     with pytest.raises(VlchatError) as error:
-        load_model(ModelConfig.from_name(str(copy)))
+        load_model(model_config(str(copy)))
     message = str(error.value)
     assert "\n" not in message
     for word in words:

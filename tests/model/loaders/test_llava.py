@@ -16,6 +16,7 @@ from vlchat.chat.engine import Chat
 from vlchat.chat.prompt import slot_ids
 from vlchat.config import GenerationConfig, ModelConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 from vlchat.model.vlm import IMAGE_TOKEN_ID, load_model
 
 QUESTION = "What is in the picture?"
@@ -34,7 +35,7 @@ def float32(config: ModelConfig) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def vlchat_model(checkpoint):
-    return load_model(float32(ModelConfig.from_name(str(checkpoint[0]))))
+    return load_model(float32(model_config(str(checkpoint[0]))))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def asked_session(model):
 
 
 def test_config_is_read_from_the_checkpoint(checkpoint):
-    config = ModelConfig.from_name(str(checkpoint[0]))
+    config = model_config(str(checkpoint[0]))
     assert (config.vision.name, config.vision.feature_layer, config.vision.keep_cls) == ("clip", -2, False)
     assert (config.vision.image_size, config.vision.patch_size, config.vision.num_tokens) == (28, 7, 16)
     assert (config.projector.kind, config.projector.in_dim, config.projector.out_dim) == ("mlp2x_gelu", 24, 32)
@@ -128,7 +129,7 @@ def test_other_key_layouts_load_the_same_weights(checkpoint, vlchat_model, tmp_p
     copy = tmp_path / "relaid"
     shutil.copytree(checkpoint[0], copy)
     save_file(layout(load_file(copy / "model.safetensors")), copy / "model.safetensors")
-    model = load_model(float32(ModelConfig.from_name(str(copy))))
+    model = load_model(float32(model_config(str(copy))))
     pixels = model.pixels(photo())[None]
     assert torch.equal(model.encode_images(pixels), vlchat_model.encode_images(pixels))
 
@@ -165,7 +166,7 @@ def other_width(copy):
 def test_wrong_checkpoints_fail_with_one_line(checkpoint, tmp_path, edit, words):
     copy = broken_copy(checkpoint, tmp_path, edit)
     with pytest.raises(VlchatError) as error:
-        load_model(float32(ModelConfig.from_name(str(copy))))
+        load_model(float32(model_config(str(copy))))
     message = str(error.value)
     assert "\n" not in message
     for word in words:

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.hf_tiny import CHATML_DEFAULT_SYSTEM_TEMPLATE, photo, save_tiny_causal_lm
 from vlchat.chat.engine import Chat
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.config import GenerationConfig, ModelConfig
 from vlchat.errors import VlchatError
+from vlchat.model.loaders import model_config
 from vlchat.model.vlm import load_model
 
 REPO = Path(__file__).resolve().parents[3]
@@ -33,12 +34,12 @@ def lm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_model(lm_dir):
-    config = ModelConfig.from_name(str(lm_dir))
+    config = model_config(str(lm_dir))
     return load_model(replace(config, lm=replace(config.lm, dtype="float32")))
 
 
 def test_config_is_text_only_with_the_checkpoints_template(lm_dir):
-    config = ModelConfig.from_name(str(lm_dir))
+    config = model_config(str(lm_dir))
     assert config.vision is None and config.projector is None and config.template == f"hf:{lm_dir.resolve()}"
     template = get_template(config.template)
     assert (template.user_prefix, template.assistant_prefix) == ("<|im_start|>user\n", "<|im_start|>assistant\n")
@@ -77,7 +78,7 @@ def test_a_text_only_model_refuses_images(text_model):
 
 def test_a_default_system_prompt_is_read_from_the_template(tmp_path):
     save_tiny_causal_lm(tmp_path / "qwenish", CHATML_DEFAULT_SYSTEM_TEMPLATE)
-    template = get_template(ModelConfig.from_name(str(tmp_path / "qwenish")).template)
+    template = get_template(model_config(str(tmp_path / "qwenish")).template)
     assert template.default_system == "You are a tiny test model."
     assert template.system_prefix == "<|im_start|>system\n"
 
@@ -91,7 +92,7 @@ def test_missing_lm_weights_fail_with_one_line(lm_dir, tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(VlchatError, match="missing keys such as 'model.layers.1.mlp.up_proj.weight'") as error:
-        load_model(ModelConfig.from_name(str(copy)))
+        load_model(model_config(str(copy)))
     assert "\n" not in str(error.value)
 
 

@@ -10,9 +10,11 @@ VLM classes.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from vlchat.config import ModelConfig
+from vlchat.config import PRESETS, ModelConfig
 from vlchat.errors import VlchatError
 
 # config.json model_type -> loader module in this package (imported on use)
@@ -72,3 +74,12 @@ def find_checkpoint(name: str) -> Path | None:
 
         return cached_snapshot(name)
     return None
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name, a model config file (JSON or YAML) by path, or a Hugging Face checkpoint
+    directory (a path, a folder name under $VLCHAT_HOME/models, or an org/name in the HF cache)."""
+    if name not in PRESETS and not name.endswith((".json", ".yaml", ".yml")):
+        if (directory := find_checkpoint(name)) is not None:
+            return replace(model_config_from_checkpoint(directory), **overrides)
+    return ModelConfig.from_name(name, **overrides)
