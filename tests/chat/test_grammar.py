@@ -18,7 +18,6 @@ from vlchat.chat.structure import build_structure
 from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import HERMES, ToolError, ToolSpec, parse_answer
 from vlchat.config import GenerationConfig
-from vlchat.errors import VlchatError
 from vlchat.model.batching import DecodeBatch
 
 WEATHER = ToolSpec(
@@ -158,9 +157,11 @@ def test_unknown_named_function_and_required_without_tools_are_refused(lm):
 
 
 def test_beam_search_with_a_grammar_is_refused(lm):
+    """generate() decodes one sequence; the engine refuses beams with a grammar before any prefill
+    (ChatSession.stream), the API with a 400 (tests/serve/test_tools_api.py)."""
     logits, state = prompt_state(lm)
     constraint = json_structure({"type": "object"}, lm.tokenizer).constraint(lm)
-    with pytest.raises(VlchatError, match="num_beams"):
+    with pytest.raises(ValueError, match="beam_search"):
         list(generate(lm, logits, state, GenerationConfig(num_beams=2), STOPS, constraint))
 
 
