@@ -82,6 +82,14 @@ BAD_INPUTS = {
     "num_beams 0": ["ask", QUESTION, "--num-beams", "0"],
     "max_new_tokens 0": ["ask", QUESTION, "--max-new-tokens", "0"],
     "repetition_penalty 0": ["ask", QUESTION, "--repetition-penalty", "0"],
+    "temperature 2.5": ["ask", QUESTION, "--temperature", "2.5"],
+    "frequency_penalty 3": ["ask", QUESTION, "--frequency-penalty", "3"],
+    "presence_penalty -3": ["ask", QUESTION, "--presence-penalty", "-3"],
+    "logit_bias without =": ["ask", QUESTION, "--logit-bias", "42"],
+    "logit_bias not a number": ["ask", QUESTION, "--logit-bias", "42=lots"],
+    "logit_bias 200": ["ask", QUESTION, "--logit-bias", "42=200"],
+    "chat: logit_bias": ["chat", "--logit-bias", "x=1"],
+    "serve: old prefix cache flag": ["serve", "--prefix-cache-tokens", "100", "--home", "{bad}"],
     "unknown template": ["ask", QUESTION, "--template", "no-such-template"],
     "unknown persona": ["ask", QUESTION, "--persona", "no-such-persona"],
     "system and persona": ["ask", QUESTION, "--system", "Be brief.", "--persona", "assistant"],
@@ -119,7 +127,12 @@ def test_usage_errors_exit_2(args):
     "args,expected",
     [
         ([], ["ask", "chat", "bench", "prepare"]),
-        (["ask"], ["--image", "--batch", "--json", "--temperature", "--top-p", "--num-beams", "--max-new-tokens"]),
+        (
+            ["ask"],
+            ["--image", "--batch", "--json", "--temperature", "--top-p", "--num-beams", "--max-new-tokens"]
+            + ["--frequency-penalty", "--presence-penalty", "--logit-bias"],
+        ),
+        (["serve"], ["--prefix-cache-mb"]),
         (["chat"], ["--image", "--persona", "--system", "--template", "--temperature", "/image"]),
         (["bench"], ["--json", "--tokens", "--model"]),
     ],

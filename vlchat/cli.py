@@ -44,6 +44,13 @@ RepPenalty = Annotated[float, typer.Option(help="> 1 discourages repeating token
 Beams = Annotated[int, typer.Option(help="Beam search width (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 Stop = Annotated[list[str], typer.Option("--stop", help="Extra stop string (repeatable).")]
+FreqPenalty = Annotated[
+    float, typer.Option(help="-2..2: lowers a token's logit by this times its count in the answer.")
+]
+PresPenalty = Annotated[float, typer.Option(help="-2..2: lowers a token's logit by this once it is in the answer.")]
+LogitBias = Annotated[
+    list[str], typer.Option("--logit-bias", help="TOKEN_ID=BIAS added to that token's logit, -100..100 (repeatable).")
+]
 Tools = Annotated[Path | None, typer.Option(help="A JSON list of tools (OpenAI's 'tools' field) the model may call.")]
 ToolChoice = Annotated[str, typer.Option(help="auto | required | none | a function name (with --tools).")]
 JsonSchema = Annotated[Path | None, typer.Option(help="A JSON Schema file the answer must follow.")]
@@ -76,6 +83,9 @@ def generation_config(
     num_beams: int,
     seed: int | None,
     stop: list[str],
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: list[str] = (),
 ) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -84,10 +94,27 @@ def generation_config(
         top_p=top_p,
         top_k=top_k,
         repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logit_bias=parse_logit_bias(logit_bias),
         num_beams=num_beams,
         stop=tuple(stop),
         seed=seed,
     )
+
+
+def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """["42=-100", "7=2.5"] -> ((42, -100.0), (7, 2.5)); a token given twice keeps its last bias."""
+    bias: dict[int, float] = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise VlchatError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 42=-100, got {item!r}") from None
+        if not sep:
+            raise VlchatError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 42=-100, got {item!r}")
+    return tuple(bias.items())
 
 
 def system_prompt(system: str | None, persona: str | None) -> str | None:
@@ -136,6 +163,9 @@ def chat(
     tools: Tools = None,
     tool_choice: ToolChoice = "auto",
     json_schema: JsonSchema = None,
+    frequency_penalty: FreqPenalty = 0.0,
+    presence_penalty: PresPenalty = 0.0,
+    logit_bias: LogitBias = [],
     model: Model = "default",
 ) -> None:
     """Chat in the terminal, answers streamed. Commands: /image PATH, /result TEXT, /reset, /save FILE,
@@ -145,7 +175,18 @@ def chat(
     from vlchat.repl import repl
 
     config = generation_config(
-        temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, num_beams, seed, stop
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        min_new_tokens,
+        repetition_penalty,
+        num_beams,
+        seed,
+        stop,
+        frequency_penalty,
+        presence_penalty,
+        logit_bias,
     )
     system = system_prompt(system, persona)
     template and get_template(template)
@@ -184,6 +225,9 @@ def ask(
     tools: Tools = None,
     tool_choice: ToolChoice = "auto",
     json_schema: JsonSchema = None,
+    frequency_penalty: FreqPenalty = 0.0,
+    presence_penalty: PresPenalty = 0.0,
+    logit_bias: LogitBias = [],
     model: Model = "default",
 ) -> None:
     """Answer one question about the given image(s), or every line of a --batch file. With --tools the
@@ -191,7 +235,18 @@ def ask(
     from vlchat.ask import answer_batch, answer_one
 
     config = generation_config(
-        temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, num_beams, seed, stop
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        min_new_tokens,
+        repetition_penalty,
+        num_beams,
+        seed,
+        stop,
+        frequency_penalty,
+        presence_penalty,
+        logit_bias,
     )
     system = system_prompt(system, persona)
     calling = calling_options(tools, tool_choice, json_schema)
@@ -237,7 +292,12 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a request may run.")] = 300.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 32.0,
     max_image_mb: Annotated[float, typer.Option(help="Largest image (decoded file bytes).")] = 20.0,
-    prefix_cache_tokens: Annotated[int, typer.Option(help="KV positions kept for prefix reuse (0 = off).")] = 16384,
+    prefix_cache_mb: Annotated[
+        float, typer.Option(help="Memory for KV caches kept for prefix reuse, measured from the tensors (0 = off).")
+    ] = 384.0,
+    prefix_cache_tokens: Annotated[
+        int | None, typer.Option(hidden=True, help="Replaced by --prefix-cache-mb (refused with a message).")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 256,
     home: Annotated[
         Path | None, typer.Option(help="Conversation store folder (default $VLCHAT_HOME or ~/.vlchat).")
@@ -252,6 +312,11 @@ def serve(
         raise VlchatError(f"--image-dir {image_dir} is not a folder")
     if not 0 < port < 65536:
         raise VlchatError(f"--port must be 1..65535, got {port}")
+    if prefix_cache_tokens is not None:
+        raise VlchatError(
+            "--prefix-cache-tokens is gone: the prefix cache is bounded in memory now; use --prefix-cache-mb "
+            "(a token takes ~46 KB in float32 with the default model, ~23 KB in bfloat16)"
+        )
     config = ServeConfig(
         model=model,
         api_key=api_key or None,
@@ -262,7 +327,7 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
         timeout_s=timeout,
-        prefix_cache_tokens=prefix_cache_tokens,
+        prefix_cache_mb=prefix_cache_mb,
         default_max_tokens=max_tokens,
         home=home,
     )

@@ -216,12 +216,20 @@ PRESETS: dict[str, ModelConfig] = {"default": ModelConfig()}
 
 
 MAX_BEAMS = 16  # each beam holds a KV cache; more would let one request exhaust memory
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2; above it sampling is close to uniform noise
+MAX_LOGIT_BIAS_ENTRIES = 300  # bounds a request's per-step cost
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding parameters. temperature == 0 means greedy; num_beams > 1 means (deterministic)
-    beam search, which ignores temperature/top_p/top_k as MiniGPT-4's beam slider does with HF."""
+    beam search, which ignores temperature/top_p/top_k as MiniGPT-4's beam slider does with HF.
+
+    The logits processors (chat/generate.py `process_logits`) run in this order on the model's
+    logits at every step: repetition_penalty (CTRL), frequency/presence penalties (OpenAI's rule,
+    over the answer's tokens so far), logit_bias (added), then EOS is masked before min_new_tokens.
+    """
 
     max_new_tokens: int = 256
     min_new_tokens: int = 0
@@ -229,26 +237,55 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # -2..2: minus (times the token is in the answer) x this
+    presence_penalty: float = 0.0  # -2..2: minus this once a token is in the answer
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100) added to that token's logit
     num_beams: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: bool = False  # record each answer token's log-probability (the model's log-softmax)
+    top_logprobs: int = 0  # and that many likeliest alternatives, 0..20 (needs logprobs)
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, dict):  # {id: bias} from JSON/YAML or the CLI
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        check_logit_bias(self.logit_bias)
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (
                 0 <= self.min_new_tokens <= self.max_new_tokens,
                 f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}",
             ),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (
+                0 <= self.temperature <= MAX_TEMPERATURE,
+                f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature}",
+            ),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (
                 0.01 <= self.repetition_penalty <= 100,
                 f"repetition_penalty must be between 0.01 and 100, got {self.repetition_penalty}",
             ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}",
+            ),
+            (
+                -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be between -2 and 2, got {self.presence_penalty}",
+            ),
             (1 <= self.num_beams <= MAX_BEAMS, f"num_beams must be between 1 and {MAX_BEAMS}, got {self.num_beams}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
+            (
+                0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}",
+            ),
+            (self.logprobs or not self.top_logprobs, "top_logprobs needs logprobs: true"),
+            (
+                not (self.logprobs and self.num_beams > 1),
+                "logprobs is not available with beam search (num_beams > 1); use num_beams 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -257,3 +294,18 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 and self.num_beams == 1
+
+
+def check_logit_bias(pairs) -> None:
+    """Token ids >= 0, biases in -100..100 (OpenAI's range), at most MAX_LOGIT_BIAS_ENTRIES pairs.
+    Whether an id exists in the vocabulary is checked against the model (chat/generate.py)."""
+    if not isinstance(pairs, (tuple, list)):
+        raise VlchatError(f"logit_bias must map token ids to biases, got {type(pairs).__name__}")
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise VlchatError(f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(pairs)}")
+    for pair in pairs:
+        token, bias = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise VlchatError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise VlchatError(f"logit_bias values must be numbers between -100 and 100, got {bias!r} for token {token}")

@@ -28,6 +28,7 @@ FIELDS = {
     "ttft_p95_s",
     "peak_batch",
     "mean_active_batch",
+    "max_gap_s",
     "failures",
 }
 
@@ -54,6 +55,8 @@ def test_three_scenarios_on_the_tiny_model(tiny_model_file):
         "8",
         "--duration-limit",
         "120",
+        "--huge-prompt-mb",
+        "2",
         "--json",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -67,6 +70,8 @@ def test_three_scenarios_on_the_tiny_model(tiny_model_file):
         assert s["tokens_per_request"] == [8]  # min_tokens == max_tokens: every answer is exactly 8 tokens
         assert s["tokens_per_s"] > 0 and 0 < s["ttft_p50_s"] <= s["latency_p95_s"]
     assert [s["clients"] for s in scenarios.values()] == [1, 4, 4]
+    huge = scenarios["concurrent"]  # the 2 MB prompt cannot fit the tiny model's 512 tokens: refused
+    assert huge["huge_prompt_status"] == 400 and huge["huge_prompt_s"] > 0 and huge["max_gap_s"] > 0
     assert [s["max_batch"] for s in scenarios.values()] == [4, 4, 1]
     assert scenarios["serial"]["peak_batch"] == 1 and scenarios["unbatched"]["peak_batch"] == 1
     assert set(report["ratios"]) == {"concurrent_vs_serial", "batched_vs_unbatched"}

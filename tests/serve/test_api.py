@@ -7,6 +7,7 @@ and prefix reuse against the real default model.
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -14,9 +15,15 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from conftest import EXAMPLES
 from PIL import Image
 from serve_helpers import Server, data_url, default_server, tiny_model_file, tiny_server  # noqa: F401 (fixtures)
+
+from vlchat.chat.generate import BYTE_DECODER, token_bytes
+from vlchat.chat.messages import Message
+from vlchat.chat.prompt import encode
+from vlchat.chat.templates import get_template
 
 
 def client(server, api_key: str = "none") -> openai.OpenAI:
@@ -357,3 +364,192 @@ def test_serve_command_refuses_bad_options(tmp_path):
             )
             assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
             assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+# --- hardening: sampling safety, logprobs, penalties, clear errors, huge prompts ---------------
+
+CAPITAL = {
+    "model": "vlchat-default",
+    "max_tokens": 8,
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+}
+
+
+def answer(server, body: dict) -> str:
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_tiny_temperatures_give_the_greedy_answer(default_server):
+    greedy = answer(default_server, {**CAPITAL, "temperature": 0})
+    for temperature in (1e-300, 1e-45, 1e-38, 1e-10):
+        assert answer(default_server, {**CAPITAL, "temperature": temperature}) == greedy, temperature
+
+
+def test_temperature_above_two_is_400(tiny_server):
+    ok = {"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}]}
+    for temperature in (2.0001, 1e300):
+        error = assert_error(post(tiny_server, {**ok, "temperature": temperature}), 400, "temperature")
+        assert "between 0 and 2" in error["message"]
+    assert post(tiny_server, {**ok, "temperature": 2.0, "max_tokens": 2}).status_code == 200
+
+
+def token_ids_of(lm, entries) -> list[int]:
+    """Byte-level BPE: a token's bytes spell its vocabulary piece, so the piece gives the id back."""
+    encoder = {b: c for c, b in BYTE_DECODER.items()}
+    return [lm.tokenizer.convert_tokens_to_ids("".join(encoder[b] for b in entry.bytes)) for entry in entries]
+
+
+def check_logprobs_against_the_model(lm, prompt: list[int], entries, top: int) -> None:
+    ids = token_ids_of(lm, entries)
+    logp = lm.model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    for position, (entry, token) in enumerate(zip(entries, ids)):
+        assert entry.token == token_bytes(lm, token).decode("utf-8", errors="replace")
+        assert entry.logprob == pytest.approx(logp[position, token].item(), abs=1e-3)
+        best = torch.topk(logp[position], top)
+        assert len(entry.top_logprobs) == top
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert set(token_ids_of(lm, entry.top_logprobs)) == set(best.indices.tolist())
+
+
+def test_logprobs_have_openais_shape_and_the_models_values(tiny_server, tiny_model):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    lm = tiny_model.lm
+    question = "Name a colour."
+    body = {
+        "model": "vlchat-tiny",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 6,
+        "min_tokens": 6,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    prompt = encode(get_template("chatml"), [Message.text_message("user", question)], lm.tokenize, 4)[0]
+    raw = post(tiny_server, body).json()
+    reply = ChatCompletion.model_validate(raw)  # strict: every field as the openai package types it
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == 6 and raw["choices"][0]["logprobs"]["refusal"] is None
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == reply.choices[0].message.content
+    with torch.inference_mode():
+        check_logprobs_against_the_model(lm, prompt, entries, 3)
+    with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions", json={**body, "stream": True}) as streamed:
+        chunks = [
+            ChatCompletionChunk.model_validate_json(line[len("data: ") :])
+            for line in streamed.iter_lines()
+            if line.startswith("data: {")
+        ]
+    pieces = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(pieces) == 6
+    with torch.inference_mode():
+        check_logprobs_against_the_model(lm, prompt, pieces, 3)
+    plain = post(tiny_server, {**body, "logprobs": False, "top_logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_logit_bias_and_penalties_change_the_answer(tiny_server, tiny_model):
+    lm = tiny_model.lm
+    cat = lm.tokenize(" cat")[0]
+    body = {"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 4}
+    assert answer(tiny_server, {**body, "logit_bias": {str(cat): 100}}) == " cat" * 4
+    plain = post(tiny_server, {**body, "max_tokens": 16, "min_tokens": 16, "logprobs": True}).json()
+    ids = token_ids_of(lm, ChatCompletion_content(plain))
+    first = ids[0]
+    banned = post(tiny_server, {**body, "logprobs": True, "logit_bias": {str(first): -100}}).json()
+    assert token_ids_of(lm, ChatCompletion_content(banned))[0] != first
+    penalised = post(
+        tiny_server, {**body, "max_tokens": 16, "min_tokens": 16, "logprobs": True, "frequency_penalty": 2}
+    ).json()
+    repeats = [max(x.count(t) for t in x) for x in (ids, token_ids_of(lm, ChatCompletion_content(penalised)))]
+    assert repeats[1] < repeats[0], repeats
+    assert_error(post(tiny_server, {**body, "logit_bias": {"999999": 5}}), 400, "logit_bias")
+
+
+def ChatCompletion_content(raw: dict):  # noqa: N802 (reads as the type it returns)
+    from openai.types.chat import ChatCompletion
+
+    return ChatCompletion.model_validate(raw).choices[0].logprobs.content
+
+
+def test_fields_are_implemented_accepted_or_refused_by_name(tiny_server):
+    ok = {"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"}
+    assert post(tiny_server, {**ok, **harmless}).status_code == 200
+    for field, value in [("temprature", 0.5), ("audio", {"voice": "alloy"}), ("reasoning_effort", "low")]:
+        error = assert_error(post(tiny_server, {**ok, field: value}), 400, field)
+        assert field in error["message"]
+    assert_error(post(tiny_server, {**ok, "top_logprobs": 2}), 400, "top_logprobs")
+    assert_error(post(tiny_server, {**ok, "logprobs": True, "num_beams": 2}), 400, "logprobs")
+
+
+def test_validation_errors_name_the_part_and_value(tiny_server):
+    def error_for(part) -> dict:
+        content = [{"type": "text", "text": "look"}, part]
+        return assert_error(
+            post(tiny_server, {"model": "vlchat-tiny", "messages": [{"role": "user", "content": content}]}), 422
+        )
+
+    for part, words in [
+        ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "type 'input_audio'"),
+        ({"type": "image", "image": "x"}, "type 'image'"),
+        ({"text": "no type"}, "has no 'type'"),
+    ]:
+        error = error_for(part)
+        assert error["param"] == "messages[0].content[1]" and error["message"].startswith("messages[0].content[1]")
+        assert words in error["message"] and "valid string" not in error["message"], error
+    error = error_for({"type": "image_url", "image_url": {"url": 5}})
+    assert error["param"] == "messages[0].content[1].image_url.url" and "got 5" in error["message"]
+    hello = [{"role": "user", "content": "hi"}]
+    error = assert_error(post(tiny_server, {"model": "vlchat-tiny", "messages": hello, "max_tokens": "many"}), 422)
+    assert error["param"] == "max_tokens" and "got 'many'" in error["message"], error
+    curl = httpx.post(  # plain `curl -d '{...}'` sends application/x-www-form-urlencoded
+        f"{tiny_server.url}/v1/chat/completions",
+        content=json.dumps({"model": "vlchat-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+        timeout=60,
+    )
+    assert curl.status_code == 200, curl.text
+
+
+def test_a_huge_prompt_is_refused_fast_and_never_stalls_a_stream(default_server):
+    """Another client's 8 MB and 30 MB prompts (under the 32 MB body limit) are refused in the
+    HTTP layer in well under 2 s, and the running stream's largest gap between chunks stays < 1 s."""
+    huge = {
+        mb: json.dumps(
+            {"model": "vlchat-default", "max_tokens": 4, "messages": [{"role": "user", "content": "a " * (mb * 2**19)}]}
+        ).encode()
+        for mb in (8, 30)
+    }
+    arrivals: list[float] = []
+    stream_body = {**LONG, "max_tokens": 160, "min_tokens": 160, "stream": True}
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{default_server.url}/v1/chat/completions", json=stream_body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    deadline = time.monotonic() + 60
+    while len(arrivals) < 5 and time.monotonic() < deadline:  # decoding has begun
+        time.sleep(0.05)
+    refusals = {}
+    for mb, body in huge.items():
+        started = time.monotonic()
+        response = httpx.post(
+            f"{default_server.url}/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        refusals[mb] = time.monotonic() - started
+        assert assert_error(response, 400, "messages[0].content")["code"] == "context_length_exceeded"
+    still_streaming = streaming.is_alive()
+    streaming.join()
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    print(f"\nhuge prompts refused in {refusals} s; stream: {len(arrivals)} chunks, largest gap {max(gaps):.3f} s")
+    assert still_streaming, "the stream ended before both huge prompts were answered"
+    assert all(seconds < 2 for seconds in refusals.values()), refusals
+    assert max(gaps) < 1.0, max(gaps)

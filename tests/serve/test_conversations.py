@@ -539,3 +539,28 @@ def test_kill_then_a_new_message_continues_the_conversation(killed):
         assert stored["messages"][:4] == before["messages"]
         assert roles(stored)[-1] == "assistant"
         assert text_of(stored["messages"][-2]) == "Are you still there?"
+
+
+def test_no_conversation_route_shows_a_server_path(client, server):
+    """Images are exposed by key and URL only; the store's folder never appears in any answer."""
+    made = create(client, title="paths", messages=[{"role": "user", "content": [image_part()]}])
+    cid = made["id"]
+    reply(client, cid, content=[image_part(EXAMPLES / "coffee.jpg"), {"type": "text", "text": "and this?"}], **QUICK)
+    answers = {
+        "create": made,
+        "get": get(client, cid),
+        "list": ok(client.get("/v1/conversations")),
+        "patch": ok(client.patch(f"/v1/conversations/{cid}", json={"title": "renamed"})),
+        "export json": client.get(f"/v1/conversations/{cid}/export?format=json").text,
+        "export markdown": client.get(f"/v1/conversations/{cid}/export?format=markdown").text,
+    }
+    home = str(server.home.resolve())
+    for route, answer in answers.items():
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        assert home not in text and '"path"' not in text and "images/" not in text.replace("/v1/images/", ""), route
+    images = [part for m in get(client, cid)["messages"] for part in m["parts"] if part["type"] == "image"]
+    assert len(images) == 2
+    for part in images:
+        assert set(part) == {"type", "key", "url"} and part["url"] == f"/v1/images/{part['key']}"
+        served = client.get(part["url"])
+        assert served.status_code == 200 and served.headers["content-type"] == "image/png"

@@ -1,7 +1,8 @@
-"""PrefixCache: longest-prefix lookup, private copies, subsumed entries, a token budget."""
+"""PrefixCache: longest-prefix lookup, private copies, subsumed entries, a budget in bytes."""
 
 import torch
 
+from vlchat.model.batching import layer_tensors, make_state, state_bytes
 from vlchat.serve.prefix_cache import PrefixCache
 
 
@@ -9,8 +10,13 @@ def state_of(lm, ids):
     return lm.prefill(lm.embed(torch.tensor([ids])))[1]
 
 
+def per_token(lm) -> int:
+    return state_bytes(state_of(lm, [1]))
+
+
 def test_lookup_returns_a_private_copy_of_the_longest_prefix(tiny_model):
-    lm, cache = tiny_model.lm, PrefixCache(max_tokens=100)
+    lm = tiny_model.lm
+    cache = PrefixCache(max_bytes=100 * per_token(lm))
     cache.store([5, 6, 7, 8], state_of(lm, [5, 6, 7, 8]))
     cache.store([9, 9], state_of(lm, [9, 9]))
     common, state = cache.lookup([5, 6, 7, 30, 31])
@@ -21,11 +27,13 @@ def test_lookup_returns_a_private_copy_of_the_longest_prefix(tiny_model):
     assert cache.lookup([5, 6, 7, 8, 1])[0] == 4  # the entry itself was not changed by the copy
     assert cache.lookup([1, 2])[0] == 0
     stats = cache.stats()
-    assert (stats.entries, stats.tokens, stats.hits, stats.lookups) == (2, 6, 2, 3) and stats.bytes > 0
+    assert (stats.entries, stats.tokens, stats.hits, stats.lookups) == (2, 6, 2, 3)
+    assert stats.bytes == 6 * per_token(lm) and stats.max_bytes == 100 * per_token(lm)
 
 
 def test_a_longer_conversation_replaces_its_prefix_and_old_entries_are_evicted(tiny_model):
-    lm, cache = tiny_model.lm, PrefixCache(max_tokens=8)
+    lm = tiny_model.lm
+    cache = PrefixCache(max_bytes=8 * per_token(lm))
     cache.store([1, 2, 3], state_of(lm, [1, 2, 3]))
     cache.store([1, 2, 3, 4, 5], state_of(lm, [1, 2, 3, 4, 5]))  # the follow-up subsumes turn one
     assert cache.stats().entries == 1
@@ -40,3 +48,18 @@ def test_never_reuses_the_whole_prompt_or_half_an_image(tiny_model):
     cache.store(keys, state_of(lm, [1, 2, 4, 4, 3]))
     assert cache.lookup(keys)[0] == 4  # logits of the last position are needed
     assert cache.lookup([1, 2, ("img", 0), ("other", 1)])[0] == 2  # off the image's first slot
+
+
+def test_the_budget_is_measured_from_the_real_tensors(tiny_model):
+    """The same positions in bfloat16 take half the bytes, so twice as many fit in the same budget."""
+    lm = tiny_model.lm
+
+    def bf16(state):
+        return make_state([(k.bfloat16(), v.bfloat16()) for k, v in layer_tensors(state)], state.length)
+
+    cache = PrefixCache(max_bytes=4 * per_token(lm))
+    cache.store([1, 2, 3, 4, 5, 6, 7, 8], bf16(state_of(lm, [1, 2, 3, 4, 5, 6, 7, 8])))
+    assert cache.stats().entries == 1 and cache.stats().bytes == 4 * per_token(lm)
+    cache.store([9] * 5, state_of(lm, [9] * 5))  # float32, 5 tokens: over the budget alone, not kept
+    assert cache.stats().tokens == 8
+    assert PrefixCache(max_bytes=0).stats().bytes == 0

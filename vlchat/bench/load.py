@@ -5,6 +5,9 @@ the batching server; (b) N concurrent clients against the same server; (c) N con
 against a `--max-batch 1` server (the gain of batching). Every request carries shapes.png and a
 slightly different question, and min_tokens == max_tokens forces the same number of generated
 tokens, so runs are comparable. The run is bounded: a fixed request count and --duration-limit.
+With --huge-prompt-mb, scenario (b) also has one more client that sends a prompt that large
+(refused, it cannot fit the context window) once the streams run: the report gives how long its
+refusal took and every scenario's largest gap between two chunks of one stream.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Result:
     text: str = ""
     finish: str | None = None
     error: str | None = None
+    max_gap: float = 0.0  # the longest wait between two `data:` lines of this stream
 
     @property
     def ok(self) -> bool:
@@ -98,8 +102,13 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
                 return result
+            last = None
             async for line in response.aiter_lines():
-                if line.startswith("data:") and absorb(result, line[5:].strip(), start):
+                if not line.startswith("data:"):
+                    continue
+                now = time.perf_counter()
+                result.max_gap, last = max(result.max_gap, now - last if last else 0.0), now
+                if absorb(result, line[5:].strip(), start):
                     break
             else:
                 result.error = "the stream ended without [DONE]"
@@ -162,11 +171,30 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
 
 
-async def scenario(name: str, url: str, clients: int, bodies: list[dict]) -> dict:
+async def huge_prompt(url: str, model_id: str, megabytes: float, report: dict) -> None:
+    """Once the streams run, send one prompt of `megabytes` MB of text; record status and seconds."""
+    body = json.dumps(
+        {"model": model_id, "max_tokens": 4, "messages": [{"role": "user", "content": "a " * int(megabytes * 2**19)}]}
+    ).encode()
+    await asyncio.sleep(2.0)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), trust_env=False) as client:
+        response = await client.post(
+            f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+    report.update(huge_prompt_mb=megabytes, huge_prompt_status=response.status_code)
+    report["huge_prompt_s"] = time.perf_counter() - start
+
+
+async def scenario(name: str, url: str, clients: int, bodies: list[dict], huge_mb: float = 0.0) -> dict:
     samples: list[int] = []
     sampler = asyncio.create_task(sample_active(url, samples))
+    huge: dict = {}
+    side = asyncio.create_task(huge_prompt(url, bodies[0]["model"], huge_mb, huge)) if huge_mb else None
     try:
         results, wall = await run_clients(url, bodies, clients)
+        if side is not None:
+            await side
     finally:
         sampler.cancel()
     batch, ok = (await health(url))["batch"], [r for r in results if r.ok]
@@ -188,6 +216,8 @@ async def scenario(name: str, url: str, clients: int, bodies: list[dict]) -> dic
         "ttft_p95_s": pct(ttfts, 0.95),
         "peak_batch": batch["peak"],
         "mean_active_batch": statistics.fmean(busy) if busy else None,
+        "max_gap_s": max((r.max_gap for r in ok), default=None),
+        **huge,
         "failures": [
             f"{name} #{i + 1}: {r.error or 'empty content or no finish_reason'}"
             for i, r in enumerate(results)
@@ -283,7 +313,8 @@ async def measure(
         if kind in urls:  # with --url there is no unbatched server
             phase[0] = f"scenario {name}"
             bodies = [request_body(report["model"], tag, i, args.max_tokens, image) for i in range(args.requests)]
-            report["scenarios"].append(await scenario(name, urls[kind], clients, bodies))
+            huge = args.huge_prompt_mb if name == "concurrent" else 0.0
+            report["scenarios"].append(await scenario(name, urls[kind], clients, bodies, huge))
     report["load_average"].append(os.getloadavg()[0])
     return with_ratios(report)
 
@@ -317,6 +348,7 @@ def table(report: dict) -> str:
         "ttft p95",
         "peak",
         "mean act",
+        "max gap",
     ]
     lines = [f"{head[0]:<11}" + "".join(f"{h:>9}" for h in head[1:])]
     for s in report["scenarios"]:
@@ -330,6 +362,7 @@ def table(report: dict) -> str:
             *(num(s[k], ".2f") for k in ("latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s")),
             s["peak_batch"],
             num(s["mean_active_batch"], ".1f"),
+            num(s["max_gap_s"], ".2f"),
         ]
         lines.append(f"{s['name']:<11}" + "".join(f"{c:>9}" for c in cells))
     r = report["ratios"]
@@ -340,6 +373,12 @@ def table(report: dict) -> str:
         f"(model {report['model']}; {report['max_tokens']} tokens per request, forced with min_tokens; "
         f"greedy; times in s; 'mean act' = mean active batch in /health while busy; "
         f"1-min load average {report['load_average'][0]:.1f} at start, {report['load_average'][1]:.1f} at end)",
+    ]
+    lines += [
+        f"huge prompt: {s['huge_prompt_mb']:g} MB during '{s['name']}', answered {s['huge_prompt_status']} "
+        f"in {s['huge_prompt_s']:.2f} s; that scenario's largest gap between chunks {num(s['max_gap_s'], '.2f')} s"
+        for s in report["scenarios"]
+        if "huge_prompt_s" in s
     ]
     return "\n".join(lines + [f"FAILED {f}" for f in report["failures"]])
 
@@ -353,6 +392,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration-limit", type=float, default=300.0, help="seconds for the whole run")
     parser.add_argument("--model", default="default", help="model preset or config file for the started servers")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--huge-prompt-mb", type=float, default=0.0, help="during (b), one more client sends a prompt this large"
+    )
     args = parser.parse_args(argv)
     if min(args.clients, args.requests, args.max_tokens, args.duration_limit) <= 0:
         parser.error("--clients, --requests, --max-tokens and --duration-limit must be > 0")

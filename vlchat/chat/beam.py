@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlchat.chat.generate import Chunk, GenerationResult, apply_repetition_penalty, find_stop, suppress
+from vlchat.chat.generate import Chunk, GenerationResult, check_for_model, find_stop, process_logits
 from vlchat.config import GenerationConfig
 from vlchat.model.language import LanguageModel, LMState
 
@@ -30,12 +30,10 @@ class Hypothesis:
 def step_scores(
     lm: LanguageModel, logits: torch.Tensor, beams: list[list[int]], step: int, config: GenerationConfig
 ) -> torch.Tensor:
-    """(B, V) logits -> (B, V) log-probs after repetition penalty and min_new_tokens masking."""
-    if beams[0]:
-        logits = apply_repetition_penalty(logits, torch.tensor(beams), config.repetition_penalty)
-    if step < config.min_new_tokens:
-        logits = suppress(logits, lm.eos_token_ids)
-    return logits.log_softmax(-1)
+    """(B, V) logits -> (B, V) log-probs after the logits processors (generate.process_logits),
+    each beam penalised for its own tokens: a beam's score is the sum of these processed log-probs."""
+    previous = torch.tensor(beams, dtype=torch.long).reshape(len(beams), step)  # (B, step)
+    return process_logits(logits, previous, config, lm.eos_token_ids).log_softmax(-1)
 
 
 def beam_search(
@@ -45,9 +43,13 @@ def beam_search(
     config: GenerationConfig,
     stops: tuple[str, ...],
     interrupted: Callable[[], bool] = lambda: False,
-) -> Iterator[Chunk]:
+    progress: bool = False,
+) -> Iterator[Chunk | None]:
     """Yield the best hypothesis's text as one chunk, then the finish chunk. `interrupted()` is
-    asked every step (a server's cancel or timeout); when true the search ends as if at max length."""
+    asked every step (a server's cancel or timeout); when true the search ends as if at max length.
+    With `progress`, a None is also yielded after every decode step, so a scheduler can run other
+    requests' steps between this search's steps."""
+    check_for_model(config, lm.vocab_size)
     width, eos = config.num_beams, lm.eos_token_ids
     work = state.fork()
     work.repeat(width)
@@ -74,6 +76,8 @@ def beam_search(
         beams, scores = live, torch.tensor(live_scores)
         work.select(torch.tensor(rows))
         logits, work = lm.decode(torch.tensor([ids[-1] for ids in live]), work)
+        if progress:
+            yield None
     else:
         done += [Hypothesis(ids, s, "length") for ids, s in zip(beams, scores.tolist())]
     best = max(done, key=lambda h: h.normalised)

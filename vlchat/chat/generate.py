@@ -8,12 +8,14 @@ stop string that might still complete.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from vlchat.config import GenerationConfig
+from vlchat.errors import VlchatError
 from vlchat.model.language import LanguageModel, LMState
 
 
@@ -25,6 +27,16 @@ class GenerationResult:
     state: LMState  # the cache after prompt + fed answer tokens
     exact: bool = True  # decode(token_ids) == text (False when a stop string cut a token)
     fed_ids: list[int] = field(default_factory=list)  # answer ids whose KV is in `state`
+
+
+@dataclass
+class TokenLogprob:
+    """One answer token's log-probability under the model (log-softmax of its raw logits, before
+    any penalty, bias or temperature), with the `top` likeliest tokens at that step, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +59,49 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     return logits.scatter(1, previous, seen)
 
 
+def apply_frequency_presence(
+    logits: torch.Tensor, previous: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
+    """OpenAI's rule: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, where count[j]
+    is how often token j is in `previous` (B, t), the answer so far. logits (B, V)."""
+    if (frequency == 0 and presence == 0) or previous.numel() == 0:
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, previous, torch.ones_like(previous, dtype=logits.dtype))
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add each (token id, bias) to that token's logit in every row of (B, V) logits."""
+    if not bias:
+        return logits
+    ids = torch.tensor([token for token, _ in bias])
+    return logits.index_add(1, ids, torch.tensor([b for _, b in bias], dtype=logits.dtype).expand(len(logits), -1))
+
+
+def process_logits(
+    logits: torch.Tensor, previous: torch.Tensor, config: GenerationConfig, eos: set[int]
+) -> torch.Tensor:
+    """Every front end's logits processors, in one order: (B, V) logits and each row's answer so
+    far (B, t) -> (B, V). Repetition penalty, frequency/presence penalties, logit_bias, then EOS is
+    forbidden while the answer is shorter than min_new_tokens. Greedy decoding, sampling and
+    beam search (chat/beam.py, per beam over its own tokens) all go through here."""
+    logits = apply_repetition_penalty(logits, previous, config.repetition_penalty)
+    logits = apply_frequency_presence(logits, previous, config.frequency_penalty, config.presence_penalty)
+    logits = apply_logit_bias(logits, config.logit_bias)
+    if previous.shape[1] < config.min_new_tokens:
+        logits = suppress(logits, eos)
+    return logits
+
+
+def check_for_model(config: GenerationConfig, vocab_size: int) -> None:
+    """Refuse settings this model cannot honour: logit_bias ids outside its vocabulary."""
+    outside = sorted(token for token, _ in config.logit_bias if token >= vocab_size)
+    if outside:
+        raise VlchatError(
+            f"logit_bias token id {outside[0]} is outside the model's vocabulary (ids 0..{vocab_size - 1})"
+        )
+
+
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask (B, V) logits outside the top-k and outside the smallest nucleus with mass >= top_p."""
     if top_k > 0:
@@ -62,14 +117,53 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) ids: argmax when greedy, else a sample."""
+    """(B, V) processed logits -> (B,) ids: argmax when greedy, else a sample.
+
+    The logits are shifted so the largest is 0 before dividing by the temperature, in float64:
+    every scaled logit is then <= 0, so a tiny temperature (1e-300) drives the others to -inf and
+    the sample is the argmax (the limit of temperature -> 0) instead of overflowing to +inf."""
     if config.temperature == 0:
         return logits.argmax(-1)
-    logits = top_k_top_p_filter(logits / config.temperature, config.top_k, config.top_p)
-    probs = logits.softmax(-1)
-    if not torch.isfinite(probs).all():  # a temperature so small that logits overflow: the limit is greedy
-        return logits.nan_to_num(nan=float("-inf")).argmax(-1)
+    wide = logits.double()
+    scaled = (wide - wide.max(-1, keepdim=True).values) / config.temperature
+    probs = top_k_top_p_filter(scaled, config.top_k, config.top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The model's log-probability of `token` from its raw (1, V) logits, and the `top` likeliest."""
+    logp = logits[0].float().log_softmax(-1)
+    best = torch.topk(logp, min(top, logp.shape[-1])) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logp[token]), pairs)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def byte_level_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2, SmolLM2, Qwen): byte b is shown as itself when it is a
+    printable Latin-1 character, else as chr(256 + n) for the n-th of the others, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in shown]
+    shown.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return {char: b for b, char in shown.items()}
+
+
+BYTE_DECODER = byte_level_decoder()
+
+
+def token_bytes(lm: LanguageModel, token_id: int) -> bytes:
+    """A token's own bytes (a piece of a multi-byte character stays a piece): byte-level BPE pieces
+    map back through their alphabet, SentencePiece byte-fallback pieces ("<0xE4>") to their byte,
+    anything else is its decoded text."""
+    piece = lm.tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and (hit := _BYTE_FALLBACK.fullmatch(piece)):
+        return bytes([int(hit.group(1), 16)])
+    if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece) and "▁" not in piece:
+        return bytes(BYTE_DECODER[c] for c in piece)
+    return lm.detokenize([token_id]).encode("utf-8")
 
 
 def suppress(logits: torch.Tensor, token_ids: set[int]) -> torch.Tensor:
@@ -135,27 +229,26 @@ class SequenceDecoder:
     `step(logits)` takes the (1, V) logits at the current position and returns (text delta,
     token to feed next or None). After None, or after `max_new_tokens` tokens, `finish_reason`
     is set and `result(state)` gives the answer. An optional `constraint` (chat/grammar.py) masks
-    the logits before the pick and is advanced after it.
+    the logits before the pick and is advanced after it. With `config.logprobs`, `logprobs` grows
+    by one entry per answer token (not for EOS, nor for a token that completes a stop string).
     """
 
     def __init__(
         self, lm: LanguageModel, config: GenerationConfig, stops: tuple[str, ...] = (), constraint=None
     ) -> None:
+        check_for_model(config, lm.vocab_size)
         self.lm, self.config, self.constraint = lm, config, constraint
         self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.stream, self.eos = TextStream(lm, stops + tuple(config.stop)), lm.eos_token_ids
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []
 
     def step(self, logits: torch.Tensor) -> tuple[str, int | None]:
-        config, steps = self.config, len(self.stream.ids)
-        processed = apply_repetition_penalty(
-            logits, torch.tensor([self.stream.ids], dtype=torch.long), config.repetition_penalty
-        )
-        if steps < config.min_new_tokens:
-            processed = suppress(processed, self.eos)
+        previous = torch.tensor([self.stream.ids], dtype=torch.long)
+        processed = process_logits(logits, previous, self.config, self.eos)
         if self.constraint is not None:
             processed = self.constraint.mask(processed, logits)
-        token = int(next_token(processed, config, self.generator))
+        token = int(next_token(processed, self.config, self.generator))
         if token in self.eos:
             return self._end("stop"), None
         if self.constraint is not None:
@@ -163,7 +256,9 @@ class SequenceDecoder:
         delta = self.stream.push(token)
         if self.stream.stopped:
             return delta + self._end("stop"), None
-        if len(self.stream.ids) >= config.max_new_tokens:
+        if self.config.logprobs:
+            self.logprobs.append(token_logprob(logits, token, self.config.top_logprobs))
+        if len(self.stream.ids) >= self.config.max_new_tokens:
             self.finish_reason = "length"  # the last token is still fed, so the cache holds it
         return delta, token
 

@@ -8,6 +8,7 @@ can slot in later without touching them.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import shutil
@@ -75,6 +76,18 @@ class LanguageModel(nn.Module):
     def eos_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         return set(ids) if isinstance(ids, (list, tuple)) else {ids} if ids is not None else set()
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of logits per position (token ids 0..vocab_size-1)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Characters in the longest vocabulary piece (SmolLM2: 81). No text of n characters can
+        tokenize to fewer than n / this tokens, so a prompt can be refused before tokenizing it."""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return max((len(piece) for piece in pieces if piece), default=1)
 
     def tokenize(self, text: str) -> list[int]:
         """Text -> ids; special tokens written in the text (e.g. `<|im_start|>`) are recognised."""

@@ -2,13 +2,16 @@
 
 Every failure leaves as OpenAI's error object `{"error": {"message", "type", "param", "code"}}`
 with its status: 400 bad request, 401 key, 404 unknown model/route/conversation, 413 too large,
-422 schema, 429 queue full, 503 loading, 504 timeout; a bug is a 500 without a traceback.
+415 a body that is not JSON, 422 schema, 429 queue full, 503 loading, 504 timeout; a bug is a
+500 without a traceback. Schema errors name the field as a client wrote it (`messages[0].content[1]`)
+and the value it sent.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -23,7 +26,11 @@ from vlchat.serve.webui import add_webui
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/redoc")  # no API key needed
-ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
+ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+JSON_TYPES = re.compile(r"application/([\w.+-]+\+)?json")
+LENIENT_TYPES = ("", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last one
+PART_EXAMPLES = '{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}'
+BRANCH_LABEL = re.compile(r"(str|int|float|bool|none|[\w-]+\[.*\])")  # pydantic's union member names in a loc
 
 
 def create_app(service: ChatService, conversations: Conversations) -> FastAPI:
@@ -53,13 +60,12 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {"msg": "invalid request", "loc": ()}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        if first.get("type") == "json_invalid":
+        errors = error.errors()
+        if errors and errors[0].get("type") == "json_invalid":
             return error_response(
-                ApiError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
+                ApiError(400, f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
             )
-        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        where, message = describe_schema_error(errors)
         return error_response(ApiError(422, message, where or None, "invalid_schema"))
 
     @app.exception_handler(HTTPException)
@@ -81,37 +87,105 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_guards(app: FastAPI, service: ChatService) -> None:
-    """Body size (413) and API key (401) checks, before any route reads the body."""
+    """Body size (413), API key (401) and body type (415) checks, before any route reads the body."""
     limit = int(service.config.max_body_mb * 2**20)
     key = service.config.api_key
+    too_large = ApiError(
+        413, f"the request body is larger than {service.config.max_body_mb:g} MB", code="request_too_large"
+    )
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(
-                ApiError(
-                    413, f"the request body is larger than {service.config.max_body_mb:g} MB", code="request_too_large"
-                )
-            )
+            return error_response(too_large)
         if key and request.url.path.startswith("/v1") and not authorized(request, key):
             return error_response(
                 ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
             )
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for piece in request.stream():
-                body += piece
-                if len(body) > limit:
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return await call_next(request)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if length is None or not JSON_TYPES.fullmatch(media):
+            body = await read_body(request, limit)
+            if body is None:
+                return error_response(too_large)
+            request._body = body  # replayed to the route (Starlette caches the body here)
+            if body.strip() and not JSON_TYPES.fullmatch(media):
+                if media not in LENIENT_TYPES or body.lstrip()[:1] not in (b"{", b"["):
                     return error_response(
                         ApiError(
-                            413,
-                            f"the request body is larger than {service.config.max_body_mb:g} MB",
-                            code="request_too_large",
+                            415,
+                            f"send the request body as JSON with 'Content-Type: application/json' "
+                            f"(got {media or 'no Content-Type'!r})",
+                            code="unsupported_media_type",
                         )
                     )
-            request._body = body  # replayed to the route (Starlette caches the body here)
+                # a JSON body sent as form data or text (e.g. plain `curl -d`): read it as JSON
+                headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+                request.scope["headers"] = headers + [(b"content-type", b"application/json")]
         return await call_next(request)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The whole body, or None once it passes `limit` bytes (a chunked body has no length to check first)."""
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def describe_schema_error(errors: list[dict]) -> tuple[str, str]:
+    """(param, message) for pydantic's errors: the most specific one (the deepest location, so a
+    bad content part wins over "content is not a string"), said in the request's own terms."""
+    if not errors:
+        return "", "invalid request"
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    where, kind, ctx = param_path(first.get("loc", ())), first.get("type"), first.get("ctx") or {}
+    if not where:
+        return "", f"the request body must be a JSON object, got {shown(first.get('input'))}"
+    if kind == "union_tag_invalid":
+        return where, (
+            f"{where} has type {shown(ctx.get('tag'))}, which vlchat does not accept; "
+            f"use {ctx.get('expected_tags', 'another type')}"
+        )
+    if kind == "union_tag_not_found":
+        return where, f"{where} has no {ctx.get('discriminator', 'type')}: write {PART_EXAMPLES}"
+    if kind == "missing":
+        return where, f"{where} is required"
+    return where, f"{where}: {first.get('msg', 'invalid value')}, got {shown(first.get('input'))}"
+
+
+def param_path(loc: tuple) -> str:
+    """('body', 'messages', 0, 'content', 'list[tagged-union[...]]', 1, 'image_url', 'image_url', 'url')
+    -> 'messages[0].content[1].image_url.url': no 'body', no union member names, no tag values."""
+    out, skip_tag = "", False
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        if skip_tag:  # a tagged union's member name follows the list index
+            skip_tag = False
+            continue
+        if BRANCH_LABEL.fullmatch(part):
+            skip_tag = "tagged-union" in part
+            continue
+        out += f".{part}" if out else part
+    return out
+
+
+def shown(value) -> str:
+    """A client's value, short: objects and lists by kind, long strings cut."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:40]) + f"… ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
 
 
 def authorized(request: Request, key: str) -> bool:
@@ -132,6 +206,8 @@ def add_openai_routes(app: FastAPI) -> None:
             body["batch"] = {
                 "max": scheduler.max_batch,
                 "active": len(scheduler.active),
+                "prefilling": len(scheduler.prefilling),
+                "beam_searches": len(scheduler.searching),
                 "peak": scheduler.peak_batch,
                 "waiting": scheduler.waiting.qsize(),
             }

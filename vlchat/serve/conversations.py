@@ -41,6 +41,10 @@ class Conversations:
         return {"object": "list", "data": self._call(self.store.list, limit, offset)}
 
     def get(self, conversation_id: str) -> dict:
+        return public(self._call(self.store.get, conversation_id))
+
+    def stored(self, conversation_id: str) -> dict:
+        """The conversation as stored (server-side only: image parts may hold file paths)."""
         return self._call(self.store.get, conversation_id)
 
     def delete(self, conversation_id: str) -> dict:
@@ -50,7 +54,9 @@ class Conversations:
 
     def update(self, conversation_id: str, body: p.ConversationUpdate) -> dict:
         system = {"system": body.system} if "system" in body.model_fields_set else {}
-        return self._call(self.store.update, conversation_id, title=body.title, settings=body.settings, **system)
+        return public(
+            self._call(self.store.update, conversation_id, title=body.title, settings=body.settings, **system)
+        )
 
     def export(self, conversation_id: str, form: str) -> tuple[str, str]:
         """(text, media type) of a conversation as Markdown or JSON."""
@@ -73,8 +79,8 @@ class Conversations:
             )
         except VlchatError as error:
             raise ApiError(400, str(error), "messages") from None
-        return self._call(
-            self.store.create, body.title or "New chat", body.system, body.template, body.settings, messages
+        return public(
+            self._call(self.store.create, body.title or "New chat", body.system, body.template, body.settings, messages)
         )
 
     def stored_parts(self, content, param: str) -> list[dict]:
@@ -85,16 +91,16 @@ class Conversations:
         for part in parts:
             if isinstance(part, Text):
                 out.append({"type": "text", "text": part.text})
-            else:
-                path = self._call(self.store.save_image, part.key, images[part.key])
-                out.append({"type": "image", "key": part.key, "path": path})
+            else:  # the file's path stays in the images table, never in a message
+                self._call(self.store.save_image, part.key, images[part.key])
+                out.append({"type": "image", "key": part.key})
         return out
 
     # --- replies -------------------------------------------------------------------------
     def reply_job(self, conversation_id: str, body: p.ConversationReply, emit) -> tuple[Job, dict | None, int]:
         """(job, user message to store or None, messages to keep) for a reply; runs in a worker thread."""
         self.service.require_ready()
-        conversation = self.get(conversation_id)
+        conversation = self.stored(conversation_id)
         stored = conversation["messages"]
         if body.regenerate:
             while stored and stored[-1]["role"] == "assistant":
@@ -203,6 +209,22 @@ def tool_messages(stored: dict) -> list[Message]:
     texts = [Text(part["text"]) for part in parts if part["type"] == "text"]
     tool_calls = tuple(ToolCall(c.get("id") or new_call_id(), c["name"], c["arguments"]) for c in calls)
     return [Message(stored["role"], texts, tool_calls=tool_calls)]
+
+
+def public(conversation: dict) -> dict:
+    """A conversation as clients see it: image parts by key and URL (`/v1/images/<key>`), never by
+    the server's file path (older stores kept the path in each message)."""
+    messages = [
+        {**message, "parts": [public_part(part) for part in message["parts"]]}
+        for message in conversation.get("messages", [])
+    ]
+    return {**conversation, "messages": messages} if "messages" in conversation else conversation
+
+
+def public_part(part: dict) -> dict:
+    if part.get("type") != "image":
+        return part
+    return {"type": "image", "key": part["key"], "url": f"/v1/images/{part['key']}"}
 
 
 def to_markdown(conversation: dict) -> str:

@@ -4,7 +4,8 @@ An OpenAI client resends the whole conversation every turn. After each answer th
 the cache of (prompt + answer) keyed by its position keys (token ids, and (image hash, slot) for
 image embeddings). A new request whose keys share a prefix with a kept entry starts from a copy
 of that prefix, so a follow-up turn prefills only its new tokens. Entries are evicted least
-recently used first once their total size passes `max_tokens` positions.
+recently used first once their tensors' total size passes `max_bytes`: the bound is measured
+from the real KV tensors (their dtype, layers and heads), not assumed per token.
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ from vlchat.model.language import LMState
 class CacheStats:
     entries: int
     tokens: int
-    bytes: int
+    bytes: int  # the kept KV tensors' size
+    max_bytes: int
     hits: int
     lookups: int
 
 
+@dataclass
+class Entry:
+    keys: tuple[PositionKey, ...]
+    state: LMState
+    bytes: int  # state_bytes(state), measured once when stored
+
+
 class PrefixCache:
-    def __init__(self, max_tokens: int = 16384) -> None:
-        self.max_tokens = max_tokens
-        self.entries: OrderedDict[int, tuple[tuple[PositionKey, ...], LMState]] = OrderedDict()
+    def __init__(self, max_bytes: int = 384 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, Entry] = OrderedDict()
         self.lock = threading.Lock()
         self.hits = self.lookups = 0
         self._next_id = 0
@@ -41,36 +50,38 @@ class PrefixCache:
         with self.lock:
             self.lookups += 1
             best_id, best = None, 0
-            for entry_id, (cached, _) in self.entries.items():
-                common = reusable_prefix(list(cached), keys)
+            for entry_id, entry in self.entries.items():
+                common = reusable_prefix(list(entry.keys), keys)
                 if common > best:
                     best_id, best = entry_id, common
             if best_id is None:
                 return 0, LMState()
             self.hits += 1
             self.entries.move_to_end(best_id)
-            return best, prefix_state(self.entries[best_id][1], best)
+            return best, prefix_state(self.entries[best_id].state, best)
 
     def store(self, keys: list[PositionKey], state: LMState) -> None:
         """Keep a finished sequence's cache (the caller gives up `state`); prefixes of it go."""
-        if not self.max_tokens or state.length != len(keys) or len(keys) > self.max_tokens:
+        size = state_bytes(state)
+        if not self.max_bytes or state.length != len(keys) or not keys or size > self.max_bytes:
             return
-        entry = tuple(keys)
+        new = Entry(tuple(keys), state, size)
         with self.lock:
-            for entry_id, (cached, _) in list(self.entries.items()):
-                if entry[: len(cached)] == cached:  # subsumed: the new entry answers every lookup it did
+            for entry_id, entry in list(self.entries.items()):
+                if new.keys[: len(entry.keys)] == entry.keys:  # subsumed: the new entry answers every lookup it did
                     del self.entries[entry_id]
-            self.entries[self._next_id] = (entry, state)
+            self.entries[self._next_id] = new
             self._next_id += 1
-            while sum(len(k) for k, _ in self.entries.values()) > self.max_tokens:
+            while sum(entry.bytes for entry in self.entries.values()) > self.max_bytes:
                 self.entries.popitem(last=False)
 
     def stats(self) -> CacheStats:
         with self.lock:
             return CacheStats(
                 len(self.entries),
-                sum(len(k) for k, _ in self.entries.values()),
-                sum(state_bytes(s) for _, s in self.entries.values()),
+                sum(len(entry.keys) for entry in self.entries.values()),
+                sum(entry.bytes for entry in self.entries.values()),
+                self.max_bytes,
                 self.hits,
                 self.lookups,
             )

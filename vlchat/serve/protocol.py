@@ -2,8 +2,9 @@
 plus vlchat's documented extensions (`num_beams`, `repetition_penalty`, `template`, `top_k`)
 and the `/v1/conversations` schemas.
 
-Fields OpenAI defines that vlchat does not use (`frequency_penalty`, `user`, `logprobs`, ...)
-are accepted and ignored, as clients such as LangChain and Open WebUI send them.
+Other fields are checked by the serving layer (serving.py `check_extra_fields`): fields that
+cannot change the answer (`user`, `metadata`, ...) are accepted and ignored, as clients such as
+LangChain and Open WebUI send them; any other field is refused with a 400 naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+# A part's `type` picks its schema (api.py turns a missing or unknown type into a message naming the part).
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
@@ -111,18 +113,23 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # other fields: accepted if harmless, else a 400 (serving.py)
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
+    frequency_penalty: float | None = None  # -2..2
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100
+    logprobs: bool | None = None
     max_completion_tokens: int | None = None
     max_tokens: int | None = None  # the older name; max_completion_tokens wins when both are set
     n: int | None = 1
+    presence_penalty: float | None = None  # -2..2
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None  # None: the server's default (0 = greedy)
+    temperature: float | None = None  # 0..2; None: the server's default (0 = greedy)
+    top_logprobs: int | None = None  # 0..20, needs logprobs: true
     top_p: float | None = None
     # vlchat extensions (min_tokens as in vLLM)
     min_tokens: int | None = None
@@ -146,11 +153,29 @@ class ResponseMessage(BaseModel):
     function_call: FunctionCall | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (a piece of a character stays a piece)
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -192,7 +217,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -270,9 +295,10 @@ class ConversationUpdate(BaseModel):
 
 
 class ConversationReply(BaseModel):
-    """Append a user message to a stored conversation and generate (and store) the answer."""
+    """Append a user message to a stored conversation and generate (and store) the answer.
+    The generation fields mean what they mean in a chat completion."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # other fields: accepted if harmless, else a 400 (serving.py)
 
     content: str | list[ContentPart] | None = None
     stream: bool | None = False
@@ -281,6 +307,14 @@ class ConversationReply(BaseModel):
     min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
     seed: int | None = None
+    stop: str | list[str] | None = None
     num_beams: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     regenerate: bool = False  # drop the last answer and answer the last user message again

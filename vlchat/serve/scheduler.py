@@ -4,7 +4,13 @@ Each admitted request is prefilled alone (starting from the longest cached prefi
 the running `DecodeBatch`: every step feeds one token for every active request in one forward
 pass, so concurrent clients share the cost of reading the weights (continuous batching, as
 vLLM and llama.cpp's server do). Requests leave the batch when they finish, are cancelled (the
-client went away) or run past their deadline. Beam search runs alone, outside the batch.
+client went away) or run past their deadline. Beam search runs outside the batch, one search
+step per loop.
+
+No request holds the others up for more than about a decode step: while other requests are
+decoding, a prompt is prefilled `PREFILL_CHUNK` positions per loop (chunked prefill, as vLLM
+does), its images encoded with the chunk that holds them, and a beam search advances one step
+per loop. Prompts arrive tokenized (serving.py tokenizes in the request's thread).
 
 Events go back through each job's `emit` callback (called on the worker thread):
 `Started` once the prompt is prefilled, `Delta`s of text, then `Finished` or `Failed`.
@@ -16,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +30,20 @@ import torch
 from PIL.Image import Image as PILImage
 
 from vlchat.chat.beam import beam_search
-from vlchat.chat.generate import SequenceDecoder
+from vlchat.chat.generate import Chunk, SequenceDecoder, TokenLogprob
 from vlchat.chat.messages import Message
 from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.model.batching import DecodeBatch
+from vlchat.model.language import LMState
 from vlchat.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
+# Prompt positions prefilled per loop while other requests decode: on 2 CPU cores a 64-position
+# chunk of the default model costs about as much as one decode step of a full batch.
+PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Started:
 @dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the answer tokens behind `text`
 
 
 @dataclass
@@ -80,12 +91,16 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     usage: Usage = field(default_factory=Usage)
     deadline: float = 0.0
+    keys: list[PositionKey] | None = None  # the prompt's position keys; None: tokenized by the worker
     # function calling / structured output (serve/tool_serving.py): tools rendered in the prompt,
     # the grammar each step is masked with, the format answers are parsed in (None: plain text)
     tools: tuple = ()
     structure: object | None = None
     call_format: object | None = None
     legacy_functions: bool = False
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
 
 
 @dataclass
@@ -94,6 +109,29 @@ class Active:
     keys: list[PositionKey]
     decoder: SequenceDecoder
     logits: torch.Tensor  # (1, V) at the row's current position
+    shown_logprobs: int = 0  # decoder.logprobs already sent with a Delta
+
+
+@dataclass
+class Prefilling:
+    """A prompt being prefilled chunk by chunk: `state` holds its first `done` positions."""
+
+    job: Job
+    keys: list[PositionKey]
+    common: int  # positions that came from the prefix cache
+    state: LMState
+    done: int
+    logits: torch.Tensor | None = None  # (1, V) after the last chunk
+
+
+@dataclass
+class Searching:
+    """A beam search advanced one step per loop."""
+
+    job: Job
+    keys: list[PositionKey]
+    state: LMState  # the prompt's cache (the search works on a fork)
+    steps: Iterator[Chunk | None]
 
 
 class QueueFull(Exception):
@@ -104,6 +142,15 @@ class ContextTooLong(VlchatError):
     code = "context_length_exceeded"
 
 
+def check_window(prompt_tokens: int, max_new_tokens: int, window: int, tools: int = 0) -> None:
+    if prompt_tokens + max_new_tokens > window:
+        raise ContextTooLong(
+            f"this conversation needs {prompt_tokens} prompt tokens + max_tokens "
+            f"{max_new_tokens}, more than the context window of {window} tokens"
+            + (f" (the {tools} tool definitions are part of the prompt)" if tools else "")
+        )
+
+
 class Scheduler:
     def __init__(self, chat, prefix_cache: PrefixCache | None = None, max_batch: int = 8, max_queue: int = 32) -> None:
         self.chat, self.lm = chat, chat.model.lm
@@ -111,6 +158,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.active: list[Active] = []
+        self.prefilling: list[Prefilling] = []
+        self.searching: list[Searching] = []
         self.batch = DecodeBatch()
         self.peak_batch = 0
         self._stop = threading.Event()
@@ -129,95 +178,155 @@ class Scheduler:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    @property
+    def running(self) -> int:
+        return len(self.active) + len(self.prefilling) + len(self.searching)
+
     # --- the worker loop -----------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._admit()
+                self._prefill_step()
+                self._search_step()
                 if self.active:
                     self._step()
             except Exception:  # a bug must not kill the worker: fail what is running, go on
                 log.exception("scheduler step failed")
-                for active in self.active:
-                    active.job.emit(Failed("internal error while generating"))
-                self.active, self.batch = [], DecodeBatch()
+                for job in [a.job for a in self.active] + [w.job for w in self.prefilling + self.searching]:
+                    job.emit(Failed("internal error while generating"))
+                self.active, self.prefilling, self.searching, self.batch = [], [], [], DecodeBatch()
 
     def _admit(self) -> None:
-        joined: list[tuple[Active, object]] = []
-        while len(self.active) + len(joined) < self.max_batch:
+        """Take waiting jobs while there is room; they start prefilling (nothing is computed here
+        but a prefix-cache lookup)."""
+        while self.running < self.max_batch:
             try:
-                job = self.waiting.get(timeout=0.05) if not (self.active or joined) else self.waiting.get_nowait()
+                job = self.waiting.get(timeout=0.05) if not self.running else self.waiting.get_nowait()
             except queue.Empty:
                 break
             if job.cancelled.is_set():
                 continue
-            started = self._start(job)
-            if started is not None:
-                joined.append(started)
-        if joined:
-            self.batch = DecodeBatch.of(self.batch.rows() + [state for _, state in joined])
-            self.active += [active for active, _ in joined]
-            self.peak_batch = max(self.peak_batch, len(self.active))
+            try:
+                keys = job.keys if job.keys is not None else self._keys(job)
+                common, state = self.prefix_cache.lookup(keys)
+            except VlchatError as error:
+                job.emit(Failed(str(error), 400, getattr(error, "code", None)))
+                continue
+            except Exception:  # a bug: this request fails, the others go on
+                log.exception("cannot start a request")
+                job.emit(Failed("internal error while reading the prompt"))
+                continue
+            self.prefilling.append(Prefilling(job, keys, common, state, common))
 
-    def _start(self, job: Job) -> tuple[Active, object] | None:
-        """Prefill a job's prompt from the longest cached prefix; beam search runs to the end here."""
+    def _keys(self, job: Job) -> list[PositionKey]:
+        """Tokenize a job that came without keys (serving.py tokenizes before submitting)."""
+        keys = encode(job.template, job.messages, self.lm.tokenize, self.chat.model.tokens_per_image, tools=job.tools)[
+            0
+        ]
+        check_window(len(keys), job.config.max_new_tokens, self.lm.context_window, len(job.tools))
+        return keys
+
+    def _prefill_step(self) -> None:
+        """Advance the oldest prefilling prompt: one chunk while others decode, else all of it."""
+        if not self.prefilling:
+            return
+        work = self.prefilling[0]
+        job = work.job
+        if job.cancelled.is_set() or job.expired():
+            self.prefilling.pop(0)
+            if not job.cancelled.is_set():
+                job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
+            return
+        busy = bool(self.active or self.searching)
         try:
-            keys, embeds, common, state = self._prefill_inputs(job)
-            logits, state = self.lm.prefill(embeds, state)
+            self._prefill_chunk(work, PREFILL_CHUNK if busy else len(work.keys))
         except VlchatError as error:
+            self.prefilling.pop(0)
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
-            return None
+            return
         except Exception:  # a bug: this request fails, the others go on
+            self.prefilling.pop(0)
             log.exception("cannot start a request")
             job.emit(Failed("internal error while reading the prompt"))
-            return None
-        job.usage = Usage(prompt_tokens=len(keys), cached_tokens=common)
-        job.emit(Started(job.usage))
-        if job.config.num_beams > 1:
-            try:
-                self._beam(job, keys, logits, state)
-            except Exception:
-                log.exception("beam search failed")
-                job.emit(Failed("internal error during beam search"))
-            return None
-        constraint = job.structure.constraint(self.lm) if job.structure is not None else None
-        return Active(job, keys, SequenceDecoder(self.lm, job.config, job.template.stop, constraint), logits), state
+            return
+        if work.done == len(work.keys):
+            self.prefilling.pop(0)
+            self._started(work)
 
     @torch.inference_mode()
-    def _prefill_inputs(self, job: Job):
+    def _prefill_chunk(self, work: Prefilling, size: int) -> None:
+        """Prefill positions done..done+size (never splitting an image's slots); only the images
+        whose first slot is in the chunk are encoded."""
+        end = min(work.done + size, len(work.keys))
+        while end < len(work.keys) and isinstance(work.keys[end], tuple) and work.keys[end][1] > 0:
+            end += 1
+        chunk = work.keys[work.done : end]
         model = self.chat.model
-        keys = encode(job.template, job.messages, self.lm.tokenize, model.tokens_per_image, tools=job.tools)[0]
-        window = self.lm.context_window
-        if len(keys) + job.config.max_new_tokens > window:
-            raise ContextTooLong(
-                f"this conversation needs {len(keys)} prompt tokens + max_tokens "
-                f"{job.config.max_new_tokens}, more than the context window of {window} tokens"
-                + (f" (the {len(job.tools)} tool definitions are part of the prompt)" if job.tools else "")
+        images = [self.chat.image_embeddings(work.job.images[key], key)[1] for key in first_slots(chunk)]
+        embeds = model.embed(torch.tensor([slot_ids(chunk)]), torch.stack(images) if images else None)
+        work.logits, work.state = self.lm.prefill(embeds, work.state)
+        work.done = end
+
+    def _started(self, work: Prefilling) -> None:
+        """A prompt is in the cache: start decoding it in the batch, or start its beam search."""
+        job = work.job
+        job.usage = Usage(prompt_tokens=len(work.keys), cached_tokens=work.common)
+        job.emit(Started(job.usage))
+        if job.config.num_beams > 1:
+            stops = job.template.stop + tuple(job.config.stop)
+            steps = beam_search(
+                self.lm,
+                work.logits,
+                work.state,
+                job.config,
+                stops,
+                lambda: job.cancelled.is_set() or job.expired(),
+                progress=True,
             )
-        common, state = self.prefix_cache.lookup(keys)
-        rest = keys[common:]
-        # only the images after the reused prefix are embedded
-        images = [self.chat.image_embeddings(job.images[key], key)[1] for key in first_slots(rest)]
-        embeds = model.embed(torch.tensor([slot_ids(rest)]), torch.stack(images) if images else None)
-        return keys, embeds, common, state
+            self.searching.append(Searching(job, work.keys, work.state, steps))
+            return
+        try:
+            constraint = job.structure.constraint(self.lm) if job.structure is not None else None
+            decoder = SequenceDecoder(self.lm, job.config, job.template.stop, constraint)
+        except VlchatError as error:
+            job.emit(Failed(str(error), 400, getattr(error, "code", None)))
+            return
+        self.batch = DecodeBatch.of(self.batch.rows() + [work.state])
+        self.active.append(Active(job, work.keys, decoder, work.logits))
+        self.peak_batch = max(self.peak_batch, len(self.active))
 
-    def _beam(self, job: Job, keys: list[PositionKey], logits: torch.Tensor, state) -> None:
-        def interrupted() -> bool:
-            return job.cancelled.is_set() or time.monotonic() > job.deadline
+    def _search_step(self) -> None:
+        """One step of every running beam search."""
+        for search in list(self.searching):
+            try:
+                done = self._search_advance(search)
+            except Exception:
+                log.exception("beam search failed")
+                search.job.emit(Failed("internal error during beam search"))
+                done = True
+            if done:
+                self.searching.remove(search)
 
-        stops = job.template.stop + tuple(job.config.stop)
-        for chunk in beam_search(self.lm, logits, state, job.config, stops, interrupted):
-            if time.monotonic() > job.deadline:
+    def _search_advance(self, search: Searching) -> bool:
+        """Advance a search to its next step or its end; True once it is over."""
+        job = search.job
+        for chunk in search.steps:
+            if job.expired():
                 job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
-                return
+                return True
             if job.cancelled.is_set():
-                return
+                return True
+            if chunk is None:
+                return False  # one step done; the others get their turn
             if chunk.text:
                 job.emit(Delta(chunk.text))
             if chunk.result is not None:
                 job.usage.completion_tokens = len(self.lm.tokenize(chunk.result.text)) if chunk.result.text else 0
-                self.prefix_cache.store(keys, state)
+                self.prefix_cache.store(search.keys, search.state)
                 job.emit(Finished(chunk.finish_reason, job.usage))
+                return True
+        return True
 
     def _step(self) -> None:
         """Pick one token for every active row, retire finished rows, feed the rest together."""
@@ -248,20 +357,27 @@ class Scheduler:
         job = active.job
         if job.cancelled.is_set():
             return None
-        if time.monotonic() > job.deadline:
+        if job.expired():
             job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
             job.cancelled.set()
             return None
         delta, token = active.decoder.step(active.logits)
         if delta:
-            job.emit(Delta(delta))
+            job.emit(Delta(delta, self._new_logprobs(active)))
         return None if active.decoder.finish_reason else token
+
+    def _new_logprobs(self, active: Active) -> list[TokenLogprob]:
+        """The logprobs of tokens picked since the last Delta (a held-back token's go with the text)."""
+        new = active.decoder.logprobs[active.shown_logprobs :]
+        active.shown_logprobs = len(active.decoder.logprobs)
+        return new
 
     def _retire(self, row: int, active: Active) -> None:
         job, decoder = active.job, active.decoder
         if not job.cancelled.is_set():
-            if tail := decoder.tail():
-                job.emit(Delta(tail))
+            tail, logprobs = decoder.tail(), self._new_logprobs(active)
+            if tail or logprobs:
+                job.emit(Delta(tail, logprobs))
             job.usage.completion_tokens = len(decoder.stream.ids)
             job.emit(Finished(decoder.finish_reason or "length", job.usage))
         state = self.batch.row(row)

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlchat.chat.generate import TokenLogprob, check_for_model, token_bytes
 from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.prompt import encode
 from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import get_format
 from vlchat.config import GenerationConfig
@@ -25,12 +27,33 @@ from vlchat.images import DEFAULT_MAX_PIXELS, image_key
 from vlchat.serve import protocol as p
 from vlchat.serve.image_source import ImageInputError, ImagePolicy, resolve_image
 from vlchat.serve.prefix_cache import PrefixCache
-from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler
+from vlchat.serve.scheduler import ContextTooLong, Delta, Failed, Finished, Job, QueueFull, Scheduler, check_window
 from vlchat.serve.tool_serving import DeltaStream, ToolRequestError, message_fields, response, tool_request
 
 log = logging.getLogger(__name__)
 API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # GenerationConfig -> request
 Disconnected = Callable[[], Awaitable[bool]]
+
+# Request fields beyond the declared ones (protocol.py): those that cannot change the answer are
+# accepted and ignored; the function-calling fields are handled by the tool-calling work and are
+# accepted here; OpenAI fields that would change the answer and are not implemented get a 400.
+HARMLESS_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+FUNCTION_CALLING_FIELDS = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "functions",
+    "function_call",
+)
+UNSUPPORTED_FIELDS = {
+    "audio": "audio output is not supported",
+    "modalities": 'only text output is supported (modalities must be ["text"])',
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this model has no reasoning mode",
+    "verbosity": "verbosity is not supported",
+    "web_search_options": "web search is not supported",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,7 @@ class ServeConfig:
     max_batch: int = 8
     max_queue: int = 32
     timeout_s: float = 300.0
-    prefix_cache_tokens: int = 16384
+    prefix_cache_mb: float = 384.0  # ~16k positions of the default model in bfloat16, ~8k in float32
     default_max_tokens: int = 256
     home: Path | None = None  # the conversation store's folder; None: $VLCHAT_HOME or ~/.vlchat
 
@@ -55,6 +78,8 @@ class ServeConfig:
         for name in ("max_body_mb", "max_image_mb", "max_batch", "max_queue", "timeout_s", "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise VlchatError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.prefix_cache_mb < 2**40:
+            raise VlchatError(f"prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
 
     @property
     def image_policy(self) -> ImagePolicy:
@@ -76,6 +101,7 @@ class ApiError(Exception):
         405: "invalid_request_error",
         409: "conflict_error",
         413: "invalid_request_error",
+        415: "invalid_request_error",
         422: "invalid_request_error",
         429: "rate_limit_error",
         503: "service_unavailable_error",
@@ -111,6 +137,7 @@ class ChatService:
         self.model_template = template  # the model's conversation template, known before it loads
         self.chat = None
         self.scheduler: Scheduler | None = None
+        self._token_text: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for logprobs
         self.load_error: str | None = None
         self._loader = threading.Thread(target=self._load, args=(load_chat,), daemon=True, name="vlchat-load")
         self._loader.start()
@@ -119,7 +146,10 @@ class ChatService:
         try:
             self.chat = load_chat()
             self.scheduler = Scheduler(
-                self.chat, PrefixCache(self.config.prefix_cache_tokens), self.config.max_batch, self.config.max_queue
+                self.chat,
+                PrefixCache(int(self.config.prefix_cache_mb * 2**20)),
+                self.config.max_batch,
+                self.config.max_queue,
             )
             log.info("model %s loaded", self.model_id)
         except Exception as error:  # reported by /health and every request (503), never a crash
@@ -152,6 +182,7 @@ class ChatService:
 
     # --- requests -> jobs ----------------------------------------------------------------
     def generation(self, request, max_tokens: int | None) -> GenerationConfig:
+        check_extra_fields(request.model_extra)
         fields = {
             "max_new_tokens": self.config.default_max_tokens if max_tokens is None else max_tokens,
             "temperature": request.temperature,
@@ -161,10 +192,18 @@ class ChatService:
             "top_k": getattr(request, "top_k", None),
             "min_new_tokens": getattr(request, "min_tokens", None),
             "repetition_penalty": getattr(request, "repetition_penalty", None),
+            "frequency_penalty": request.frequency_penalty,
+            "presence_penalty": request.presence_penalty,
+            "logit_bias": logit_bias(request.logit_bias),
+            "logprobs": request.logprobs,
+            "top_logprobs": request.top_logprobs,
             "stop": stop_strings(getattr(request, "stop", None)),
         }
         try:
-            return GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
+            config = GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
+            if self.chat is not None:
+                check_for_model(config, self.chat.model.lm.vocab_size)
+            return config
         except VlchatError as error:
             message = str(error)
             for ours, theirs in API_NAMES.items():
@@ -193,11 +232,11 @@ class ChatService:
         if content is None:
             return []
         if isinstance(content, str):
-            return [Text(valid_text(content, param))]
+            return [Text(valid_text(self.fitting(content, param), param))]
         out = []
         for j, part in enumerate(content):
             if isinstance(part, p.TextPart):
-                out.append(Text(valid_text(part.text, f"{param}[{j}].text")))
+                out.append(Text(valid_text(self.fitting(part.text, f"{param}[{j}].text"), f"{param}[{j}].text")))
                 continue
             image = self.image(part.image_url.url, f"{param}[{j}].image_url")
             key = image_key(image)
@@ -213,7 +252,34 @@ class ChatService:
         except VlchatError as error:
             raise ApiError(400, str(error), param) from None
 
-    def job(self, prompt: Prompt, template: str | None, generation: GenerationConfig, emit) -> Job:
+    # --- request cost, bounded before the model's thread sees it --------------------------
+    def max_prompt_chars(self, max_new_tokens: int = 0) -> int | None:
+        """No text longer than this can fit: the window's free tokens x the longest vocabulary
+        piece in characters (a necessary bound, so nothing that fits is ever refused by it)."""
+        if self.chat is None:
+            return None
+        lm = self.chat.model.lm
+        return max(lm.context_window - max_new_tokens, 0) * lm.longest_token_chars
+
+    def fitting(self, text: str, param: str) -> str:
+        """Refuse one text that cannot fit the context window, by its length alone (no tokenizing)."""
+        limit = self.max_prompt_chars()
+        if limit is not None and len(text) > limit:
+            message = too_long(f"{param} has {len(text):,} characters", self.chat.model.lm, limit)
+            raise ApiError(400, message, param, "context_length_exceeded")
+        return text
+
+    def check_size(self, prompt: Prompt, generation: GenerationConfig) -> None:
+        """The whole conversation's characters against the window left after max_tokens."""
+        limit = self.max_prompt_chars(generation.max_new_tokens)
+        total = sum(len(part.text) for m in prompt.messages for part in m.parts if isinstance(part, Text))
+        if limit is not None and total > limit:
+            message = f"the messages have {total:,} characters with max_tokens {generation.max_new_tokens}"
+            raise ApiError(400, too_long(message, self.chat.model.lm, limit), "messages", "context_length_exceeded")
+
+    def job(self, prompt: Prompt, template: str | None, generation: GenerationConfig, emit, tools: tuple = ()) -> Job:
+        """Check and tokenize a prompt into a job. This runs in a request thread, not on the model's
+        worker: a long prompt's tokenizing never holds up other requests' decoding."""
         try:
             chosen = get_template(template or self.model_template)
             chosen.segments(prompt.messages)  # refuses a bad role order now
@@ -225,7 +291,17 @@ class ChatService:
             raise ApiError(
                 400, "the last message must be a user message (the one to answer) or a tool result", "messages"
             )
-        return Job(prompt.messages, prompt.images, chosen, generation, emit, self.config.timeout_s)
+        self.require_ready()
+        self.check_size(prompt, generation)
+        model = self.chat.model
+        keys = encode(chosen, prompt.messages, model.lm.tokenize, model.tokens_per_image, tools=tools)[0]
+        try:
+            check_window(len(keys), generation.max_new_tokens, model.lm.context_window, len(tools))
+        except ContextTooLong as error:
+            raise ApiError(400, str(error), "messages", error.code) from None
+        job = Job(prompt.messages, prompt.images, chosen, generation, emit, self.config.timeout_s, tools=tools)
+        job.keys = keys
+        return job
 
     def completion_job(self, request: p.ChatCompletionRequest, emit) -> Job:
         """Validate a chat-completions request (raises ApiError) and build its job."""
@@ -234,21 +310,44 @@ class ChatService:
         if request.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (vlchat returns one choice per request), got {request.n}", "n")
         generation = self.generation(request, request.max_completion_tokens or request.max_tokens)
-        job = self.job(self.prompt(request.messages), request.template, generation, emit)
         try:
             tools = tool_request(request)
-            if tools is not None:
-                fmt = get_format(job.template.tool_format)
-                job.structure = tools.structure(fmt, self.scheduler.lm.tokenizer)
-                job.tools, job.call_format = tuple(tools.tools), fmt if tools.calling else None
-                job.legacy_functions = tools.legacy
         except ToolRequestError as error:
             raise ApiError(400, str(error), error.param) from None
+        offered = tuple(tools.tools) if tools is not None else ()  # rendered in the prompt, so tokenized with it
+        job = self.job(self.prompt(request.messages), request.template, generation, emit, offered)
+        if tools is not None:
+            fmt = get_format(job.template.tool_format)
+            try:
+                job.structure = tools.structure(fmt, self.scheduler.lm.tokenizer)
+            except ToolRequestError as error:
+                raise ApiError(400, str(error), error.param) from None
+            job.call_format, job.legacy_functions = (fmt if tools.calling else None), tools.legacy
         if job.structure is not None and generation.num_beams > 1:
             raise ApiError(
                 400, "num_beams > 1 cannot be combined with tools or response_format; use num_beams 1", "num_beams"
             )
         return job
+
+    def describe_logprobs(self, entries: list[TokenLogprob]) -> list[p.TokenLogprob]:
+        """Token ids -> OpenAI's logprob objects (token text, its UTF-8 bytes, log-probability)."""
+        lm = self.chat.model.lm
+
+        def shown(token_id: int) -> tuple[str, list[int]]:
+            if token_id not in self._token_text:
+                raw = token_bytes(lm, token_id)
+                self._token_text[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+            return self._token_text[token_id]
+
+        def value(logprob: float) -> float:
+            return max(logprob, -9999.0)  # OpenAI's floor for "practically impossible"; JSON has no -inf
+
+        out = []
+        for entry in entries:
+            text, raw = shown(entry.token_id)
+            top = [p.TopLogprob(token=shown(t)[0], logprob=value(v), bytes=shown(t)[1]) for t, v in entry.top]
+            out.append(p.TokenLogprob(token=text, logprob=value(entry.logprob), bytes=raw, top_logprobs=top))
+        return out
 
     # --- running jobs --------------------------------------------------------------------
     async def run(self, build: Callable[[Callable], Job], disconnected: Disconnected) -> Run:
@@ -261,6 +360,7 @@ class ChatService:
         except QueueFull as error:
             raise ApiError(429, f"{error}; retry later", code="queue_full") from None
         run = Run(job, events, disconnected)
+        run.describe = self.describe_logprobs
         first = await run.next()
         if isinstance(first, Failed):
             raise ApiError(first.status, first.message, code=first.code)
@@ -274,10 +374,12 @@ class Run:
     def __init__(self, job: Job, events: asyncio.Queue, disconnected: Disconnected) -> None:
         self.job, self.events, self.disconnected = job, events, disconnected
         self.text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # with logprobs: one per answer token
         self.finished: Finished | None = None
         self.done = False
         self.on_end: Callable[[Run], None] | None = None
         self.message: p.ResponseMessage | None = None  # the parsed answer (tool calls), once complete
+        self.describe: Callable[[list[TokenLogprob]], list[p.TokenLogprob]] = lambda entries: []
 
     async def next(self):
         while True:
@@ -289,6 +391,7 @@ class Run:
                 continue
             if isinstance(event, Delta):
                 self.text.append(event.text)
+                self.logprobs += event.logprobs
             self.finished = event if isinstance(event, Finished) else None
             self.done = isinstance(event, (Finished, Failed))
             return event
@@ -321,6 +424,47 @@ def api_role(role: str, index: int) -> str:
             f"messages[{index}].role",
         )
     return ours
+
+
+def check_extra_fields(extra: dict | None) -> None:
+    """Fields a request carries beyond the declared ones: harmless ones pass, others are a 400."""
+    for name, value in (extra or {}).items():
+        if name in HARMLESS_FIELDS or name in FUNCTION_CALLING_FIELDS:
+            continue
+        if name == "modalities" and value in (["text"], None):
+            continue
+        if name in UNSUPPORTED_FIELDS:
+            raise ApiError(
+                400, f"{name} is not supported by vlchat: {UNSUPPORTED_FIELDS[name]}", name, "unsupported_field"
+            )
+        shown = name if len(name) <= 60 else name[:60] + "…"
+        raise ApiError(
+            400,
+            f"unknown field {shown!r}: vlchat refuses fields it does not know rather than ignore a setting "
+            "(see docs/api.md for the accepted fields)",
+            shown,
+            "unknown_field",
+        )
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}."""
+    if bias is None:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit():
+            shown = key if len(key) <= 40 else key[:40] + "…"
+            raise ApiError(400, f'logit_bias keys must be token ids such as "42", got {shown!r}', "logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def too_long(what: str, lm, limit: int) -> str:
+    return (
+        f"{what}; at most {limit:,} fit in the context window of {lm.context_window} tokens "
+        f"(at up to {lm.longest_token_chars} characters per token)"
+    )
 
 
 def stop_strings(stop) -> tuple[str, ...] | None:
@@ -364,9 +508,10 @@ async def complete(run: Run, model_id: str) -> p.ChatCompletion:
         "".join(run.text), run.finished.finish_reason, run.job.call_format, run.job.legacy_functions
     )
     run.message = message
+    logprobs = p.ChoiceLogprobs(content=run.describe(run.logprobs)) if run.job.config.logprobs else None
     return p.ChatCompletion(
         model=model_id,
-        choices=[p.Choice(message=message, finish_reason=finish)],
+        choices=[p.Choice(message=message, finish_reason=finish, logprobs=logprobs)],
         usage=usage(run.finished.usage),
     )
 
@@ -383,8 +528,10 @@ async def sse(run: Run, model_id: str, include_usage: bool) -> AsyncIterator[str
     try:
         async for event in run.rest():
             if isinstance(event, Delta):
+                logprobs = p.ChoiceLogprobs(content=run.describe(event.logprobs)) if run.job.config.logprobs else None
                 for delta in calls.feed(event.text) if calls else [p.Delta(content=event.text)]:
-                    yield chunk(choices=[p.ChunkChoice(delta=delta)])
+                    yield chunk(choices=[p.ChunkChoice(delta=delta, logprobs=logprobs)])
+                    logprobs = None  # a Delta's logprobs go with its first chunk
             elif isinstance(event, Finished):
                 for delta in calls.finish() if calls else []:
                     yield chunk(choices=[p.ChunkChoice(delta=delta)])

@@ -1,7 +1,8 @@
 """SQLite store for server-side conversations (the `/v1/conversations` endpoints and the web UI).
 
 One file, three tables (conversations, messages, images); message parts use the engine's
-session-file JSON: `[{"type": "text", "text": ...}, {"type": "image", "key": sha256, "path": ...}]`.
+session-file JSON: `[{"type": "text", "text": ...}, {"type": "image", "key": sha256}]` (stores written
+before the API hid server paths also hold a "path" in image parts; the images table maps key -> file).
 Function calling adds two part types: an assistant's `{"type": "tool_call", "id", "name",
 "arguments"}` and a tool result `{"type": "tool_result", "tool_call_id", "name", "content"}`,
 stored as a message of role "user" whose parts are all results (the role column is unchanged).
