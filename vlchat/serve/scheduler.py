@@ -1,7 +1,8 @@
 """One worker thread owns the model; requests wait in a bounded FIFO queue and decode in a batch.
 
 Each admitted request is prefilled alone (starting from the longest cached prefix), then joins
-the running `DecodeBatch`: every step feeds one token for every active request in one forward
+the running `BatchDecoder` (vlchat/chat/batch.py, the loop `vlchat eval` runs too): every step
+picks each request's next token with its own `SequenceDecoder` and feeds them all in one forward
 pass, so concurrent clients share the cost of reading the weights (continuous batching, as
 vLLM and llama.cpp's server do). Requests leave the batch when they finish, are cancelled (the
 client went away) or run past their deadline. Beam search runs alone, outside the batch.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL.Image import Image as PILImage
 
+from vlchat.chat.batch import BatchDecoder
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import SequenceDecoder
 from vlchat.chat.messages import Message
@@ -30,7 +32,7 @@ from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
-from vlchat.model.batching import DecodeBatch
+from vlchat.model.language import LMState
 from vlchat.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache or PrefixCache()
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.active: list[Active] = []
-        self.batch = DecodeBatch()
+        self.decoding: BatchDecoder[Active] = BatchDecoder(self.lm)
         self.peak_batch = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vlchat-scheduler", daemon=True)
@@ -118,6 +119,11 @@ class Scheduler:
             self.waiting.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"the server is busy: {self.waiting.maxsize} requests are already waiting") from None
+
+    @property
+    def active(self) -> list[Active]:
+        """The requests decoding now, in batch order."""
+        return self.decoding.rows
 
     def close(self) -> None:
         self._stop.set()
@@ -134,10 +140,10 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for active in self.active:
                     active.job.emit(Failed("internal error while generating"))
-                self.active, self.batch = [], DecodeBatch()
+                self.decoding = BatchDecoder(self.lm)
 
     def _admit(self) -> None:
-        joined: list[tuple[Active, object]] = []
+        joined: list[tuple[Active, LMState]] = []
         while len(self.active) + len(joined) < self.max_batch:
             try:
                 job = self.waiting.get(timeout=0.05) if not (self.active or joined) else self.waiting.get_nowait()
@@ -149,11 +155,10 @@ class Scheduler:
             if started is not None:
                 joined.append(started)
         if joined:
-            self.batch = DecodeBatch.of(self.batch.rows() + [state for _, state in joined])
-            self.active += [active for active, _ in joined]
+            self.decoding.join(joined)
             self.peak_batch = max(self.peak_batch, len(self.active))
 
-    def _start(self, job: Job) -> tuple[Active, object] | None:
+    def _start(self, job: Job) -> tuple[Active, LMState] | None:
         """Prefill a job's prompt from the longest cached prefix; beam search runs to the end here."""
         try:
             keys, embeds, common, state = self._prefill_inputs(job)
@@ -213,27 +218,16 @@ class Scheduler:
 
     def _step(self) -> None:
         """Pick one token for every active row, retire finished rows, feed the rest together."""
-        keep, tokens = [], []
-        for row, active in enumerate(self.active):
-            try:
-                token = self._pick(active)
-            except Exception:  # a bug in one row's sampling fails that request only
-                log.exception("sampling failed")
-                active.job.emit(Failed("internal error while generating"))
-                active.job.cancelled.set()
-                token = None
-            if token is None:
-                self._retire(row, active)
-            else:
-                keep.append(row)
-                tokens.append(token)
-        if len(keep) < len(self.active):
-            self.batch = DecodeBatch.of([self.batch.row(i) for i in keep])
-            self.active = [self.active[i] for i in keep]
-        if self.active:
-            logits = self.batch.decode(self.lm, torch.tensor(tokens))  # (B, V)
-            for row, active in enumerate(self.active):
-                active.logits = logits[row : row + 1]
+        self.decoding.step(self._retire, self._pick_or_fail)
+
+    def _pick_or_fail(self, active: Active) -> int | None:
+        try:
+            return self._pick(active)
+        except Exception:  # a bug in one row's sampling fails that request only
+            log.exception("sampling failed")
+            active.job.emit(Failed("internal error while generating"))
+            active.job.cancelled.set()
+            return None
 
     def _pick(self, active: Active) -> int | None:
         """The row's next token, or None when it is done (finished, cancelled, timed out)."""
@@ -249,13 +243,12 @@ class Scheduler:
             job.emit(Delta(delta))
         return None if active.decoder.finish_reason else token
 
-    def _retire(self, row: int, active: Active) -> None:
+    def _retire(self, active: Active, state: LMState) -> None:
         job, decoder = active.job, active.decoder
         if not job.cancelled.is_set():
             if tail := decoder.tail():
                 job.emit(Delta(tail))
             job.usage.completion_tokens = len(decoder.stream.ids)
             job.emit(Finished(decoder.finish_reason or "length", job.usage))
-        state = self.batch.row(row)
         fed = active.keys + decoder.stream.ids
         self.prefix_cache.store(fed[: state.length], state)
