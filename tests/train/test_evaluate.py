@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
 
 from vlchat.chat.engine import Chat
 from vlchat.config import GenerationConfig
@@ -30,21 +36,81 @@ def test_caption_recall_counts_named_attributes():
     assert caption_recall("一个红色的圆形", scene, "zh") == 2 / 3
 
 
-def test_batched_answers_equal_the_chat_engine(tiny_model):
-    """Left-padded batches give the same greedy answers as one-at-a-time chat sessions."""
-    scenes = [synth.make_scene(seed) for seed in synth.HELD_OUT_SEEDS[:3]]
-    items = [
-        Item(synth.render(s), q, a, "synth")
-        for s in scenes
-        for q, a, _ in synth.questions(s, __import__("random").Random(0))[:2]
-    ]
-    batched = Answerer(tiny_model, with_image=True, batch_size=4).answer(items, max_new_tokens=5)
-    chat = Chat(tiny_model)
-    for item, answer in zip(items, batched):
-        session = chat.session(generation=GenerationConfig(max_new_tokens=5))
+@pytest.fixture(scope="module")
+def lively_model(tiny_model):
+    """The tiny model with decoder weights large enough that its answers vary (the tiny LM's own
+    small init repeats the prompt's last token, "\\n", so every answer strips to "")."""
+    model, generator = copy.deepcopy(tiny_model), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.lm.model.get_decoder().layers.parameters():
+            if weight.ndim == 2:  # (out, in) projections: std 3 / sqrt(in)
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 3 / weight.shape[1] ** 0.5)
+    return model
+
+
+def engine_answer(tiny_model, item: Item, max_new_tokens: int, with_image: bool = True, template=None):
+    """What a chat session (the CLI's path: `generate()`) answers, why it stopped, and its ids."""
+    session = Chat(tiny_model).session(generation=GenerationConfig(max_new_tokens=max_new_tokens))
+    session.template = template or session.template
+    if with_image:
         session.upload_img(item.image)
-        session.ask(item.question)
-        assert session.answer() == answer
+    session.ask(item.question)
+    result = list(session.stream())[-1].result
+    return session.messages[-1].content, result.finish_reason, result.token_ids
+
+
+def scene_items(count: int) -> list[Item]:
+    scenes = [synth.make_scene(seed) for seed in synth.HELD_OUT_SEEDS[:count]]
+    return [
+        Item(synth.render(s), q, a, "synth") for s in scenes for q, a, _ in synth.questions(s, random.Random(0))[:2]
+    ]
+
+
+def test_eval_answers_equal_the_chat_engine_that_hits_max_new_tokens(lively_model):
+    """Continuous batching (5 questions, 2 rows: rows join as others leave) answers as sessions do."""
+    items = scene_items(3)[:5]
+    answers = Answerer(lively_model, with_image=True, batch_size=2).answer(items, max_new_tokens=5)
+    assert all(answers)
+    for item, answer in zip(items, answers):
+        expected, finish, _ = engine_answer(lively_model, item, 5)
+        assert finish == "length" and answer == expected
+
+
+def test_eval_stops_at_eos_as_the_chat_engine_does(lively_model, monkeypatch):
+    """An EOS token that is not a stop string (as `<|endoftext|>` for a ChatML model) ends the
+    answer where the decoder ends it; HF generate's text cut kept it and the padding after it."""
+    items = scene_items(2)[:3]
+    _, _, ids = engine_answer(lively_model, items[0], 12)
+    eos = next(t for k, t in enumerate(ids) if k >= 2 and t not in ids[:k])  # a token first seen mid-answer
+    monkeypatch.setattr(lively_model.lm.model.generation_config, "eos_token_id", eos)
+    answers = Answerer(lively_model, with_image=True, batch_size=3).answer(items, max_new_tokens=12)
+    expected = [engine_answer(lively_model, item, 12) for item in items]
+    assert expected[0][1] == "stop" and len(expected[0][2]) == ids.index(eos)  # the case is real
+    assert answers == [text for text, _, _ in expected]
+
+
+def test_eval_stops_at_the_templates_stop_string_as_the_chat_engine_does(lively_model):
+    items = scene_items(2)[:3]
+    full, _, ids = engine_answer(lively_model, items[0], 12)
+    piece = lively_model.lm.detokenize(ids[3:4]).strip() or lively_model.lm.detokenize(ids[4:5]).strip()
+    answerer = Answerer(lively_model, with_image=True, batch_size=2)
+    answerer.template = replace(answerer.template, stop=(*answerer.template.stop, piece))
+    answers = answerer.answer(items, max_new_tokens=12)
+    expected = [engine_answer(lively_model, item, 12, template=answerer.template) for item in items]
+    assert expected[0][1] == "stop" and len(expected[0][0]) < len(full)  # the stop string cut it
+    assert answers == [text for text, _, _ in expected]
+
+
+def test_the_text_only_baseline_sends_no_image(lively_model, monkeypatch):
+    items = scene_items(2)[:3]
+    expected = [engine_answer(lively_model, item, 5, with_image=False)[0] for item in items]
+    assert all(expected)
+
+    def no_image(*args):
+        raise AssertionError("the text-only baseline encoded an image")
+
+    monkeypatch.setattr(lively_model, "encode_images", no_image)
+    assert Answerer(lively_model, with_image=False, batch_size=2).answer(items, max_new_tokens=5) == expected
 
 
 def test_evaluate_writes_markdown_and_json(tiny_model, tmp_path):

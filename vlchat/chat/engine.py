@@ -6,6 +6,11 @@ template, segment by segment; the longest prefix that matches the cache is reuse
 rest is prefilled, so a follow-up question costs only its new tokens. Image embeddings are
 cached by content hash. When history + max_new_tokens would overflow the context window, the
 oldest whole turns are dropped (never the system prompt, never part of an image).
+
+The CLI (`vlchat chat`, `vlchat ask`) answers through a session and `generate()`; the server
+does not use sessions: its scheduler prefills and batch-decodes requests itself, with the same
+prompt code (vlchat/chat/prompt.py), the same image-embedding cache (`Chat.image_embeddings`)
+and the same `SequenceDecoder` (vlchat/chat/generate.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,17 @@
-"""Generation as a stack of small functions ending in one iterator (after litgpt's generate/base.py).
+"""Generation as a stack of small functions ending in an iterator (after litgpt's generate/base.py).
 
-`generate()` yields `Chunk`s: text deltas as tokens arrive, then a last chunk with the finish
-reason and the `GenerationResult`. The CLI, the HTTP API's SSE stream and the web UI all consume
-this iterator. Text deltas never split a multi-byte UTF-8 character and never show a prefix of a
-stop string that might still complete.
-"""
+Every front end picks its tokens through `SequenceDecoder` (processing, greedy/sampling, EOS,
+stop strings, max/min_new_tokens, clean text deltas); what differs is who drives it:
+- `generate()` drives one, for the chat engine (`ChatSession.stream`): `vlchat chat`, `vlchat ask`
+  and the Python API. It yields `Chunk`s: text deltas as tokens arrive, then a last chunk with
+  the finish reason and the `GenerationResult`.
+- `BatchDecoder` (vlchat/chat/batch.py) drives many over one `DecodeBatch`: the server's
+  scheduler for every HTTP request (the OpenAI-compatible API and the web UI, which talks to the
+  server only through its `/v1/conversations` routes), and `vlchat eval` for its questions.
+- Beam search (`num_beams` > 1) is its own loop, `beam_search` (vlchat/chat/beam.py), over the
+  same logits processing and stop-string search; `generate()` and the scheduler both call it.
+Text deltas never split a multi-byte UTF-8 character and never show a prefix of a stop string
+that might still complete."""
 
 from __future__ import annotations
 
@@ -224,7 +231,7 @@ class TextStream:
 
 
 class SequenceDecoder:
-    """Picks a sequence's tokens one step at a time; `generate()` drives one, a batch scheduler many.
+    """Picks a sequence's tokens one step at a time; `generate()` drives one, `BatchDecoder` many.
 
     `step(logits)` takes the (1, V) logits at the current position and returns (text delta,
     token to feed next or None). After None, or after `max_new_tokens` tokens, `finish_reason`

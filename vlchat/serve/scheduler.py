@@ -1,7 +1,8 @@
 """One worker thread owns the model; requests wait in a bounded FIFO queue and decode in a batch.
 
 Each admitted request is prefilled alone (starting from the longest cached prefix), then joins
-the running `DecodeBatch`: every step feeds one token for every active request in one forward
+the running `BatchDecoder` (vlchat/chat/batch.py, the loop `vlchat eval` runs too): every step
+picks each request's next token with its own `SequenceDecoder` and feeds them all in one forward
 pass, so concurrent clients share the cost of reading the weights (continuous batching, as
 vLLM and llama.cpp's server do). Requests leave the batch when they finish, are cancelled (the
 client went away) or run past their deadline. Beam search runs outside the batch, one search
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from PIL.Image import Image as PILImage
 
+from vlchat.chat.batch import BatchDecoder
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, SequenceDecoder, TokenLogprob
 from vlchat.chat.messages import Message
@@ -36,7 +38,6 @@ from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
-from vlchat.model.batching import DecodeBatch
 from vlchat.model.language import LMState
 from vlchat.serve.prefix_cache import PrefixCache
 
@@ -157,10 +158,9 @@ class Scheduler:
         self.prefix_cache = prefix_cache or PrefixCache()
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.active: list[Active] = []
+        self.decoding: BatchDecoder[Active] = BatchDecoder(self.lm)
         self.prefilling: list[Prefilling] = []
         self.searching: list[Searching] = []
-        self.batch = DecodeBatch()
         self.peak_batch = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vlchat-scheduler", daemon=True)
@@ -179,6 +179,11 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     @property
+    def active(self) -> list[Active]:
+        """The requests decoding now, in batch order."""
+        return self.decoding.rows
+
+    @property
     def running(self) -> int:
         return len(self.active) + len(self.prefilling) + len(self.searching)
 
@@ -195,7 +200,7 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for job in [a.job for a in self.active] + [w.job for w in self.prefilling + self.searching]:
                     job.emit(Failed("internal error while generating"))
-                self.active, self.prefilling, self.searching, self.batch = [], [], [], DecodeBatch()
+                self.decoding, self.prefilling, self.searching = BatchDecoder(self.lm), [], []
 
     def _admit(self) -> None:
         """Take waiting jobs while there is room; they start prefilling (nothing is computed here
@@ -292,8 +297,7 @@ class Scheduler:
         except VlchatError as error:
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
             return
-        self.batch = DecodeBatch.of(self.batch.rows() + [work.state])
-        self.active.append(Active(job, work.keys, decoder, work.logits))
+        self.decoding.join([(Active(job, work.keys, decoder, work.logits), work.state)])
         self.peak_batch = max(self.peak_batch, len(self.active))
 
     def _search_step(self) -> None:
@@ -330,27 +334,16 @@ class Scheduler:
 
     def _step(self) -> None:
         """Pick one token for every active row, retire finished rows, feed the rest together."""
-        keep, tokens = [], []
-        for row, active in enumerate(self.active):
-            try:
-                token = self._pick(active)
-            except Exception:  # a bug in one row's sampling fails that request only
-                log.exception("sampling failed")
-                active.job.emit(Failed("internal error while generating"))
-                active.job.cancelled.set()
-                token = None
-            if token is None:
-                self._retire(row, active)
-            else:
-                keep.append(row)
-                tokens.append(token)
-        if len(keep) < len(self.active):
-            self.batch = DecodeBatch.of([self.batch.row(i) for i in keep])
-            self.active = [self.active[i] for i in keep]
-        if self.active:
-            logits = self.batch.decode(self.lm, torch.tensor(tokens))  # (B, V)
-            for row, active in enumerate(self.active):
-                active.logits = logits[row : row + 1]
+        self.decoding.step(self._retire, self._pick_or_fail)
+
+    def _pick_or_fail(self, active: Active) -> int | None:
+        try:
+            return self._pick(active)
+        except Exception:  # a bug in one row's sampling fails that request only
+            log.exception("sampling failed")
+            active.job.emit(Failed("internal error while generating"))
+            active.job.cancelled.set()
+            return None
 
     def _pick(self, active: Active) -> int | None:
         """The row's next token, or None when it is done (finished, cancelled, timed out)."""
@@ -372,7 +365,7 @@ class Scheduler:
         active.shown_logprobs = len(active.decoder.logprobs)
         return new
 
-    def _retire(self, row: int, active: Active) -> None:
+    def _retire(self, active: Active, state: LMState) -> None:
         job, decoder = active.job, active.decoder
         if not job.cancelled.is_set():
             tail, logprobs = decoder.tail(), self._new_logprobs(active)
@@ -380,6 +373,5 @@ class Scheduler:
                 job.emit(Delta(tail, logprobs))
             job.usage.completion_tokens = len(decoder.stream.ids)
             job.emit(Finished(decoder.finish_reason or "length", job.usage))
-        state = self.batch.row(row)
         fed = active.keys + decoder.stream.ids
         self.prefix_cache.store(fed[: state.length], state)

@@ -7,6 +7,9 @@ Suites:
   and printed word that a generated description names).
 The baseline is the same LM with the image removed from the prompt: what can be guessed from
 the question alone (e.g. "yes" to every yes/no question).
+Answers are decoded as the server decodes requests (the chat engine's prompt code, greedy
+`SequenceDecoder`s in a `BatchDecoder`, stopping on the template's stop strings and EOS): each is
+what `vlchat ask` answers for the same image and question, up to floating-point rounding.
 Answers are exact-match after `normalise`; a reply that gives its reason before a yes/no
 verdict ("It is blue, so no.", as a model trained with `explain_yes_no` answers easy-VQA's)
 is scored by its verdict.
@@ -20,14 +23,20 @@ import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
 
+from vlchat.chat.batch import BatchDecoder
+from vlchat.chat.engine import Chat
+from vlchat.chat.generate import SequenceDecoder
 from vlchat.chat.messages import Image, Message, Text
 from vlchat.chat.prompt import encode, slot_ids
 from vlchat.chat.template_lookup import get_template
-from vlchat.images import image_key, load_image
+from vlchat.config import GenerationConfig
+from vlchat.images import load_image
+from vlchat.model.language import LMState
 from vlchat.model.vlm import VisionLanguageModel
 
 
@@ -120,48 +129,56 @@ def caption_recall(text: str, scene, lang: str) -> float:
     return sum(w.lower() in low for w in words) / len(words)
 
 
+@dataclass
+class Asking:
+    """One question in the decode batch: a row of `BatchDecoder`."""
+
+    index: int  # the item's place in the list being answered
+    decoder: SequenceDecoder
+    logits: torch.Tensor  # (1, V) at the row's current position
+
+
 class Answerer:
-    """Batched greedy answers through the same template path as the chat engine."""
+    """Greedy answers decoded the way the server decodes them: each prompt, built by the chat
+    engine's prompt code, is prefilled alone, then joins a `BatchDecoder` of up to `batch_size`
+    rows whose `SequenceDecoder`s stop on the template's stop strings and EOS. Each answer is
+    what `ChatSession.answer()` returns for the same image and question (stripped)."""
 
     def __init__(self, model: VisionLanguageModel, with_image: bool, batch_size: int = 16) -> None:
         self.model, self.with_image, self.batch_size = model, with_image, batch_size
         self.template = get_template(model.config.template)
+        self.chat = Chat(model)  # its image-embedding cache: a scene's questions share one encoding
 
-    def prompt(self, item: Item) -> tuple[list[int], torch.Tensor | None]:
-        image = load_image(item.image) if isinstance(item.image, str) else item.image
-        parts = ([Image(image_key(image))] if self.with_image else []) + [Text(item.question)]
+    def prompt(self, item: Item) -> torch.Tensor:
+        """The item as one user message (image first, as upload_img then ask) -> (1, T, D) embeddings."""
+        parts = [Text(item.question)]
+        images = []
+        if self.with_image:
+            image = item.image if hasattr(item.image, "mode") else load_image(item.image)  # as upload_img
+            key, embeddings = self.chat.image_embeddings(image)
+            parts, images = [Image(key), *parts], [embeddings]
         keys, _ = encode(self.template, [Message("user", parts)], self.model.lm.tokenize, self.model.tokens_per_image)
-        return slot_ids(keys), self.model.pixels(image) if self.with_image else None
+        return self.model.embed(torch.tensor([slot_ids(keys)]), torch.stack(images) if images else None)
 
     @torch.inference_mode()
     def answer(self, items: list[Item], max_new_tokens: int) -> list[str]:
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            out += self._batch(items[start : start + self.batch_size], max_new_tokens)
-        return out
+        config = GenerationConfig(max_new_tokens=max_new_tokens)  # greedy
+        lm, answers = self.model.lm, [""] * len(items)
+        decoding: BatchDecoder[Asking] = BatchDecoder(lm)
+        waiting = iter(enumerate(items))
 
-    def _batch(self, items: list[Item], max_new_tokens: int) -> list[str]:
-        prompts = [self.prompt(item) for item in items]
-        width = max(len(ids) for ids, _ in prompts)
-        ids = torch.zeros((len(items), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (row_ids, _) in enumerate(prompts):  # left padding, for generation
-            ids[row, width - len(row_ids) :], mask[row, width - len(row_ids) :] = torch.tensor(row_ids), 1
-        images = None
-        if self.with_image:
-            images = self.model.encode_images(torch.stack([p for _, p in prompts]))
-        embeds = self.model.embed(ids, images)
-        lm = self.model.lm
-        new = lm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id or 0,
-        )
-        stop = self.template.stop
-        texts = [lm.tokenizer.decode(row, skip_special_tokens=False) for row in new.tolist()]
-        return [min((t.split(s)[0] for s in stop), key=len).strip() for t in texts]
+        def leave(asking: Asking, state: LMState) -> None:
+            answers[asking.index] = asking.decoder.result(state).text.strip()
+
+        while True:
+            joined = []
+            for index, item in islice(waiting, self.batch_size - decoding.size):
+                logits, state = lm.prefill(self.prompt(item), LMState())
+                joined.append((Asking(index, SequenceDecoder(lm, config, self.template.stop), logits), state))
+            decoding.join(joined)
+            if not decoding.size:
+                return answers
+            decoding.step(leave)
 
 
 def score(model: VisionLanguageModel, items: list[Item], with_image: bool, batch_size: int) -> Scores:
