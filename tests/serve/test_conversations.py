@@ -367,6 +367,11 @@ def test_bad_inputs_are_refused_and_store_nothing(client, server):
     for content in ("", []):
         assert_error(client.post(f"/v1/conversations/{cid}/messages", json={"content": content}), 400)
     assert_error(client.post(f"/v1/conversations/{cid}/messages", json={}), 400)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for field, value in (("tools", tools), ("response_format", {"type": "json_object"})):
+        body = {"content": "Hi", field: value}  # a reply cannot honour them: refused, not ignored
+        error = assert_error(client.post(f"/v1/conversations/{cid}/messages", json=body), 400, "unsupported_field")
+        assert error["param"] == field and "/v1/chat/completions" in error["message"], error
     for url in (
         "data:image/png;base64,AAAA",
         "data:image/png;base64,@@not base64@@",

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vlchat.assets import vlchat_home
 from vlchat.errors import VlchatError
-from vlchat.serve.store import DEFAULT_TITLE, ConversationStore, NotFound, vlchat_home
+from vlchat.serve.store import DEFAULT_TITLE, ConversationStore, NotFound
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = hashlib.sha256(b"red square").hexdigest()

@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 
+from vlchat.assets import vlchat_home
 from vlchat.errors import VlchatError
 from vlchat.serve.api import create_app
 from vlchat.serve.conversations import Conversations
 from vlchat.serve.serving import ChatService, ServeConfig
-from vlchat.serve.store import ConversationStore, vlchat_home
+from vlchat.serve.store import ConversationStore
 
 
 def build_app(

@@ -429,8 +429,15 @@ def api_role(role: str, index: int) -> str:
 def check_extra_fields(extra: dict | None) -> None:
     """Fields a request carries beyond the declared ones: harmless ones pass, others are a 400."""
     for name, value in (extra or {}).items():
-        if name in HARMLESS_FIELDS or name in FUNCTION_CALLING_FIELDS:
+        if name in HARMLESS_FIELDS:
             continue
+        if name in FUNCTION_CALLING_FIELDS:  # declared on /v1/chat/completions, so extra only elsewhere
+            raise ApiError(
+                400,
+                f"{name} is supported on /v1/chat/completions only; a conversation reply cannot take it yet",
+                name,
+                "unsupported_field",
+            )
         if name == "modalities" and value in (["text"], None):
             continue
         if name in UNSUPPORTED_FIELDS:

@@ -55,13 +55,6 @@ class NotFound(VlchatError):
     """No conversation with that id (the API turns it into a 404)."""
 
 
-def vlchat_home() -> Path:
-    """`$VLCHAT_HOME` if set, else `~/.vlchat`; created if missing."""
-    home = Path(os.environ.get("VLCHAT_HOME") or Path.home() / ".vlchat").expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
 def _check_parts(parts: Any) -> None:
     if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
         raise VlchatError("message parts must be a list of objects like {'type': 'text', 'text': '...'}")
