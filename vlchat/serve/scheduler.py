@@ -26,7 +26,7 @@ from PIL.Image import Image as PILImage
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import SequenceDecoder
 from vlchat.chat.messages import Message
-from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
+from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slot_ids
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
@@ -186,7 +186,8 @@ class Scheduler:
                 f"this conversation needs {len(keys)} prompt tokens + max_tokens "
                 f"{job.config.max_new_tokens}, more than the context window of {window} tokens"
             )
-        common, state = self.prefix_cache.lookup(keys)
+        adapter = self.lm.adapter_on(has_images(keys))  # LoRA on only for conversations with an image
+        common, state = self.prefix_cache.lookup(keys, adapter)
         rest = keys[common:]
         # only the images after the reused prefix are embedded
         images = [self.chat.image_embeddings(job.images[key], key)[1] for key in first_slots(rest)]

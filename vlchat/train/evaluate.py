@@ -5,8 +5,10 @@ Suites:
 - synth: held-out synthetic scenes (seeds never used in training): accuracy per question type,
   in English and Chinese, and caption attribute recall (share of the scene's colours, shapes
   and printed word that a generated description names).
-The baseline is the same LM with the image removed from the prompt: what can be guessed from
-the question alone (e.g. "yes" to every yes/no question).
+The baseline is the LM with the image removed from the prompt: what can be guessed from the
+question alone (e.g. "yes" to every yes/no question). Without an image the LM runs without its
+LoRA adapter (model/lora.py: the adapter is on only for sequences with an image), so the baseline
+is the base LM, as a text-only chat gets it.
 Answers are exact-match after `normalise`; a reply that gives its reason before a yes/no
 verdict ("It is blue, so no.", as a model trained with `explain_yes_no` answers easy-VQA's)
 is scored by its verdict.
@@ -152,13 +154,14 @@ class Answerer:
             images = self.model.encode_images(torch.stack([p for _, p in prompts]))
         embeds = self.model.embed(ids, images)
         lm = self.model.lm
-        new = lm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id or 0,
-        )
+        with lm.gated(lm.adapter_on(self.with_image)):  # the LoRA adapter on for prompts with an image
+            new = lm.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id or 0,
+            )
         stop = self.template.stop
         texts = [lm.tokenizer.decode(row, skip_special_tokens=False) for row in new.tolist()]
         return [min((t.split(s)[0] for s in stop), key=len).strip() for t in texts]
@@ -215,9 +218,16 @@ def overall(scores: Scores) -> dict[str, float]:
     return {k: c / n for k, (c, n) in sorted(sums.items())}
 
 
+BASELINE_NOTE = (
+    "Text-only baseline: the same questions without the image, answered by the base language model "
+    "(a LoRA adapter is on only for prompts with an image)."
+)
+
+
 def markdown(report: dict, title: str) -> str:
     model, base = report["model"], report["text_only"]
-    lines = [f"# {title}", "", "| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
+    lines = [f"# {title}", "", BASELINE_NOTE, ""]
+    lines += ["| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
     for key, value in model["overall"].items():
         n = sum(c for g, c in model["counts"].items() if g.startswith(key))
         lines.append(f"| **{key} (all)** | {n} | **{value:.1%}** | {base['overall'][key]:.1%} |")
