@@ -77,7 +77,10 @@ def reply_log_probs(lm: LanguageModel, template: str, question: Question) -> lis
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     batch = collate(encoded, 1, pad_id)
     with torch.no_grad():
-        logits, targets, supervised = lm.supervised_logits(lm.embed(batch.ids), batch.attention_mask, batch.labels)
+        # the adapter on (if the LM has one) although no image is given: what it learnt is measured
+        logits, targets, supervised = lm.supervised_logits(
+            lm.embed(batch.ids), batch.attention_mask, batch.labels, adapter=True
+        )
     losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
     rows = supervised.nonzero()[:, 0]  # (n,) the candidate each supervised token belongs to
     return (-torch.zeros(len(encoded)).index_add_(0, rows, losses)).tolist()

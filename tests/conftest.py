@@ -80,3 +80,36 @@ def tiny_chat(tiny_model):
     from vlchat.chat.engine import Chat
 
     return Chat(tiny_model)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, tiny_lm_dir) -> Path:
+    """A random rank-4 peft LoRA adapter on the tiny LM's q/k/v/o, saved as stage 2 saves one. B is
+    drawn non-zero (peft starts it at zero), so the adapter changes the logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_lm_dir), lora)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.2)
+    out = tmp_path_factory.mktemp("tiny-lora")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapted_model(tiny_lm_dir, tiny_adapter_dir):
+    """The tiny model (same random parts as `tiny_model`) with the random adapter attached."""
+    from dataclasses import replace
+
+    from vlchat.model.vlm import load_model
+
+    config = tiny_config(tiny_lm_dir)
+    torch.manual_seed(0)
+    return load_model(replace(config, lm=replace(config.lm, adapter=str(tiny_adapter_dir))))

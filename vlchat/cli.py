@@ -366,7 +366,8 @@ def evaluate(
     model: Model = "default",
 ) -> None:
     """Exact-match VQA accuracy (easy-vqa test, held-out synthetic scenes per question type) and caption
-    attribute recall, beside a text-only baseline (same LM, no image). Writes Markdown + JSON."""
+    attribute recall, beside a text-only baseline (no image: the base LM, its LoRA adapter is on only with an
+    image). Writes Markdown + JSON."""
     from vlchat.train.evaluate import evaluate as run_eval
     from vlchat.train.evaluate import markdown, write_report
 
@@ -375,7 +376,7 @@ def evaluate(
         raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
     report = run_eval(open_model(model, projector, adapter), suite, limit, scenes, lang, batch_size)
     weights = projector or "default model: projector + LoRA adapter"
-    title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''})"
+    title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''}; baseline: base LM, no image)"
     write_report(report, out, title)
     print(markdown(report, title))
 

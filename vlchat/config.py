@@ -130,7 +130,8 @@ class LMConfig:
     # here) or on a GPU, else float32. "float32" | "bfloat16" force one.
     dtype: str = "auto"
     # A LoRA adapter trained by stage 2 with `lm: lora` (a peft directory, local or
-    # "package:<module>/<dir>"), merged into the LM weights at load: no runtime cost.
+    # "package:<module>/<dir>"), attached at load and on only for sequences with an image
+    # (model/lora.py); text-only checkpoints, which never see an image, merge it into the weights.
     adapter: str | None = None
 
     def __post_init__(self) -> None:

@@ -70,6 +70,34 @@ def test_images_at_several_turns_and_text_only(tiny_chat):
     assert isinstance(text_only.answer(), str) and text_only.messages[-1].role == "assistant"
 
 
+def test_a_first_image_in_a_later_turn_recomputes_the_prefix_with_the_adapter(tiny_model, tiny_adapted_model):
+    """The LoRA adapter is on only once the conversation has an image: turn 1 (text) is the base
+    LM's, turn 2 (the first image) cannot reuse turn 1's KV (computed without the adapter)."""
+    chat = Chat(tiny_adapted_model)
+    session = chat.session(generation=GREEDY)
+    session.ask(TURNS[0])
+    answers = [session.answer()]
+    assert not session._state.adapter
+    session.upload_img(EXAMPLES / "chelsea.jpg")
+    session.ask(TURNS[1])
+    answers.append(session.answer())
+    assert session.timings.reused_tokens == 0 and session._state.adapter
+    session.ask(TURNS[2])
+    answers.append(session.answer())
+    assert session.timings.reused_tokens > 0 and session._state.adapter
+    assert answers == converse(chat, TURNS, {1: [EXAMPLES / "chelsea.jpg"]}, reuse=False)[1]
+    base = Chat(tiny_model).session(generation=GREEDY)
+    base.ask(TURNS[0])
+    assert base.answer() == answers[0]  # text only: the base LM's answer
+    with_image = Chat(tiny_model).session(generation=GREEDY)
+    with_image.upload_img(EXAMPLES / "chelsea.jpg")
+    with_image.ask(TURNS[0])
+    adapted = chat.session(generation=GREEDY)
+    adapted.upload_img(EXAMPLES / "chelsea.jpg")
+    adapted.ask(TURNS[0])
+    assert adapted.answer() != with_image.answer()  # with an image the adapter is on
+
+
 def test_image_embeddings_cached_by_content(tiny_chat, tmp_path):
     copy = tmp_path / "same.png"
     from PIL import Image as PILImage

@@ -3,6 +3,7 @@
 import torch
 
 from vlchat.model.batching import DecodeBatch, prefix_state, state_bytes
+from vlchat.model.language import LMState
 
 
 def prefill(lm, ids):
@@ -52,3 +53,29 @@ def test_prefix_state_copies_and_counts_bytes(tiny_model):
     got, _ = lm.prefill(lm.embed(torch.tensor([[9]])), head)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert state.length == 4  # the source is untouched
+
+
+def test_rows_with_and_without_the_adapter_decode_together_as_alone(tiny_adapted_model):
+    """Sequences with an image (adapter on) and without (off) in one batch: each row as alone."""
+    lm = tiny_adapted_model.lm
+    prompts = [([5, 6, 7], True), ([8, 9, 10, 11, 12, 13], False), ([14], True), ([15, 16], False)]
+
+    def start(ids, adapter):
+        return lm.prefill(lm.embed(torch.tensor([ids])), LMState(adapter=adapter))[1]
+
+    solo = []
+    for ids, adapter in prompts:
+        steps, state = [], start(ids, adapter)
+        for token in (20, 21, 22):
+            out, state = lm.decode(torch.tensor([token]), state)
+            steps.append(out)
+        solo.append(steps)
+    batch = DecodeBatch.of([start(ids, adapter) for ids, adapter in prompts])
+    assert batch.adapters == [True, False, True, False]
+    for step, token in enumerate((20, 21, 22)):
+        out = batch.decode(lm, torch.tensor([token] * 4))  # (4, V)
+        for row in range(4):
+            torch.testing.assert_close(out[row : row + 1], solo[row][step], atol=1e-5, rtol=0)
+    assert [row.adapter for row in batch.rows()] == [True, False, True, False]
+    assert prefix_state(batch.row(0), 2).adapter and prefix_state(batch.row(0), 0).adapter
+    assert DecodeBatch.of([batch.row(2), batch.row(1)]).adapters == [True, False]

@@ -113,3 +113,33 @@ def test_beam_search_stops_at_its_deadline(scheduler):
     scheduler.submit(job("go", config, collector, timeout_s=0.3))
     assert collector.done.wait(30)
     assert isinstance(collector.events[-1], Failed) and collector.events[-1].status == 504
+
+
+def test_jobs_with_and_without_images_share_the_batch_and_answer_as_alone(tiny_adapted_model):
+    """The LoRA adapter is on only for the jobs with an image, row by row in one batch."""
+    from conftest import EXAMPLES
+
+    from vlchat.chat.messages import Image, Text
+    from vlchat.images import image_key, load_image
+
+    image = load_image(EXAMPLES / "shapes.png")
+    key, config = image_key(image), GenerationConfig(max_new_tokens=10)
+    cases = [("hello there", False), ("what is in the image?", True), ("a longer question", False), ("why?", True)]
+    scheduler = Scheduler(Chat(tiny_adapted_model), max_batch=4, max_queue=8)
+    try:
+        collectors = [Collector() for _ in cases]
+        for (text, with_image), collector in zip(cases, collectors):
+            parts = [Image(key), Text(text)] if with_image else [Text(text)]
+            images = {key: image} if with_image else {}
+            scheduler.submit(Job([Message("user", parts)], images, get_template("chatml"), config, collector))
+        for (text, with_image), collector in zip(cases, collectors):
+            assert collector.done.wait(60)
+            session = Chat(tiny_adapted_model).session("chatml")
+            if with_image:
+                session.upload_img(image)
+            session.ask(text)
+            assert collector.text == "".join(chunk.text for chunk in session.stream(config))
+        assert scheduler.peak_batch >= 2
+        assert {state.adapter for _, state in scheduler.prefix_cache.entries.values()} == {True, False}
+    finally:
+        scheduler.close()

@@ -132,7 +132,7 @@ def baseline_turns(chat, config) -> list[tuple[float, float]]:
         start = time.perf_counter()
         keys = session.position_keys(session.conversation())
         clock = _Clock()
-        with torch.inference_mode():
+        with torch.inference_mode(), lm.gated(lm.adapter_on(True)):  # the conversation has an image
             embeds = session.embed_keys(keys)
             out = lm.model.generate(
                 inputs_embeds=embeds,

@@ -27,7 +27,7 @@ import torch
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
+from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slot_ids
 from vlchat.chat.template_lookup import get_template
 from vlchat.chat.templates import Template
 from vlchat.chat.tools import ToolSpec, answer_message, get_format
@@ -241,9 +241,13 @@ class ChatSession:
         return self.chat.model.embed(torch.tensor([slot_ids(keys)]), torch.stack(images) if images else None)
 
     def _prefill(self, keys: list[PositionKey]) -> tuple[torch.Tensor, LMState]:
-        """Reuse the cached prefix, prefill the rest; returns last logits (1, V) and the state."""
-        common = reusable_prefix(self._cached, keys)
-        state = self._state or LMState()
+        """Reuse the cached prefix, prefill the rest; returns last logits (1, V) and the state.
+        The LoRA adapter is on when the conversation has an image: a cache computed with the other
+        setting (the first image arrives, or the last one is dropped) is not reused."""
+        adapter = self.chat.model.lm.adapter_on(has_images(keys))
+        same_gate = self._state is not None and self._state.adapter == adapter
+        state = self._state if same_gate else LMState(adapter=adapter)
+        common = reusable_prefix(self._cached, keys) if same_gate else 0
         state.trim(common)
         embeds = self.embed_keys(keys[common:])  # (1, T, D)
         self.timings = Timings(prompt_tokens=len(keys), reused_tokens=common)

@@ -95,6 +95,11 @@ def slot_ids(keys: Sequence[PositionKey]) -> list[int]:
     return [IMAGE_TOKEN_ID if isinstance(k, tuple) else k for k in keys]
 
 
+def has_images(keys: Sequence[PositionKey]) -> bool:
+    """Whether the prompt holds an image: its sequence runs with the LM's LoRA adapter on."""
+    return any(isinstance(k, tuple) for k in keys)
+
+
 def first_slots(keys: Sequence[PositionKey]) -> list[str]:
     """The image keys in order of appearance (one per image, at its first slot)."""
     return [k[0] for k in keys if isinstance(k, tuple) and k[1] == 0]

@@ -5,6 +5,8 @@ its KV cache is left-padded to the batch's length, with an attention mask that h
 padding and explicit position ids, so every row computes exactly what it would alone (up to
 floating-point rounding). Rows join and leave between steps; a leaving row is cut back to its
 own batch-1 state, so the server can keep its cache for the next turn of that conversation.
+Rows with the LoRA adapter on (sequences with an image) and off share the batch: the adapter
+gate is set per row (model/lora.py).
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ def layer_tensors(state: LMState) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in state.cache.layers]
 
 
-def make_state(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> LMState:
+def make_state(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int, adapter: bool = False) -> LMState:
     from transformers import DynamicCache
 
-    return LMState(DynamicCache(ddp_cache_data=layers), length)
+    return LMState(DynamicCache(ddp_cache_data=layers), length, adapter)
 
 
 def prefix_state(state: LMState, length: int) -> LMState:
-    """A new state holding a copy of the first `length` positions of a batch-1 state."""
+    """A new state holding a copy of the first `length` positions of a batch-1 state (same gate)."""
     if length == 0 or state.cache is None:
-        return LMState()
+        return LMState(adapter=state.adapter)
     layers = [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in layer_tensors(state)]
-    return make_state(layers, length)
+    return make_state(layers, length, state.adapter)
 
 
 def state_bytes(state: LMState) -> int:
@@ -47,6 +49,7 @@ class DecodeBatch:
     """Rows of sequences of different lengths, left-padded to `width` cache positions."""
 
     lengths: list[int] = field(default_factory=list)  # each row's real cache length
+    adapters: list[bool] = field(default_factory=list)  # each row's adapter gate (LMState.adapter)
     state: LMState | None = None  # (B, H, width, hd) per layer
     mask: torch.Tensor | None = None  # (B, width): 1 for real positions, 0 for padding
 
@@ -57,7 +60,7 @@ class DecodeBatch:
     @classmethod
     def of(cls, states: list[LMState]) -> DecodeBatch:
         """Stack batch-1 states into one left-padded batch."""
-        batch = cls([s.length for s in states])
+        batch = cls([s.length for s in states], [s.adapter for s in states])
         if states:
             width = max(batch.lengths)
             per_layer = zip(*(layer_tensors(s) for s in states))
@@ -76,7 +79,7 @@ class DecodeBatch:
             (k[i : i + 1, :, k.shape[2] - n :].clone(), v[i : i + 1, :, v.shape[2] - n :].clone())
             for k, v in layer_tensors(self.state)
         ]
-        return make_state(layers, n)
+        return make_state(layers, n, self.adapters[i])
 
     def rows(self) -> list[LMState]:
         return [self.row(i) for i in range(self.size)]
@@ -86,13 +89,14 @@ class DecodeBatch:
         """One step for every row: (B,) ids -> (B, V) logits; each row's cache grows by one."""
         mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=self.mask.dtype)], dim=1)  # (B, width+1)
         positions = torch.tensor(self.lengths)[:, None]  # (B, 1): each row's own next position
-        out = lm.model.get_decoder()(
-            inputs_embeds=lm.embed(token_ids[:, None]),
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.state.cache,
-            use_cache=True,
-        )
+        with lm.gated(self.adapters):
+            out = lm.model.get_decoder()(
+                inputs_embeds=lm.embed(token_ids[:, None]),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.state.cache,
+                use_cache=True,
+            )
         self.mask, self.lengths = mask, [n + 1 for n in self.lengths]
         self.state = LMState(out.past_key_values, mask.shape[1])
         return lm.model.get_output_embeddings()(out.last_hidden_state[:, -1, :]).float()  # (B, V)

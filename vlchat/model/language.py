@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,19 +25,26 @@ from torch import nn
 from vlchat.assets import lm_directory, resolve
 from vlchat.config import LMConfig
 from vlchat.errors import VlchatError
+from vlchat.model.lora import AdapterGate, attach_adapter
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LMState:
-    """The KV cache of a prefix: `length` positions for each of `batch` rows."""
+    """The KV cache of a prefix: `length` positions for each of `batch` rows.
+
+    `adapter`: whether this sequence runs with the LM's LoRA adapter on (the caller sets it when
+    the conversation has an image; model/lora.py). The cache holds keys and values computed that
+    way, so it travels with them: forks, trims and batches keep it, and KV computed with the
+    other setting is never reused for it."""
 
     cache: object | None = None  # transformers DynamicCache
     length: int = 0
+    adapter: bool = False
 
     def fork(self) -> LMState:
-        return LMState(copy.deepcopy(self.cache), self.length)
+        return LMState(copy.deepcopy(self.cache), self.length, self.adapter)
 
     def trim(self, length: int) -> None:
         """Keep only the first `length` positions (a shared prefix)."""
@@ -58,11 +67,28 @@ class LMState:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, context_window: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, context_window: int | None = None, adapter_gate: AdapterGate | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.context_window = context_window or model.config.max_position_embeddings
+        self.adapter_gate = adapter_gate  # set when a LoRA adapter is attached (model/lora.py)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_gate is not None
+
+    def adapter_on(self, has_images: bool) -> bool:
+        """The gate of a sequence: the adapter (trained on image conversations) is on only when the
+        sequence has an image; without one the LM is the base LM. False when there is no adapter,
+        so KV caches of text and image sequences stay shareable then."""
+        return self.has_adapter and has_images
+
+    def gated(self, rows: bool | Sequence[bool]):
+        """Context for one forward: the adapter on for `rows` (one flag, or one per batch row)."""
+        return self.adapter_gate.on(rows) if self.adapter_gate is not None else nullcontext()
 
     @property
     def hidden_size(self) -> int:
@@ -117,9 +143,10 @@ class LanguageModel(nn.Module):
         state = state or LMState()
         # The decoder body, then the LM head on the last position only, as a 2-D (B, D) input:
         # HF's logits_to_keep slice has strides that send bf16 matmuls down a path ~20x slower.
-        out = self.model.get_decoder()(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
+        with self.gated(state.adapter):
+            out = self.model.get_decoder()(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
         logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1, :])  # (B, V)
-        return logits.float(), LMState(out.past_key_values, state.length + embeds.shape[1])
+        return logits.float(), LMState(out.past_key_values, state.length + embeds.shape[1], state.adapter)
 
     def decode(self, token_ids: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """One step: (B,) token ids -> next logits (B, V), state advanced by one."""
@@ -149,15 +176,18 @@ class LanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        adapter: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LM head's logits at the supervised positions only: (logits (n, V), their targets
-        (n,), the (B, T-1) bool mask of where they are), inputs as for `loss`."""
-        hidden = self.model.get_decoder()(
-            inputs_embeds=embeds,
-            attention_mask=self._mask(attention_mask, embeds.dtype),
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, T, D)
+        (n,), the (B, T-1) bool mask of where they are), inputs as for `loss`; `adapter`: run
+        with an attached (gated) LoRA adapter on. (Training wraps the LM with peft instead.)"""
+        with self.gated(adapter):
+            hidden = self.model.get_decoder()(
+                inputs_embeds=embeds,
+                attention_mask=self._mask(attention_mask, embeds.dtype),
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1)
         supervised = targets != -100
         return self.model.get_output_embeddings()(hidden[:, :-1][supervised]), targets[supervised], supervised
@@ -229,14 +259,14 @@ def load_language_model(config: LMConfig) -> LanguageModel:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(config.dtype))
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
-    if config.adapter:
-        model = merge_adapter(model, config.adapter)
+    gate = attach_adapter(model, config.adapter) if config.adapter else None
     model.eval().requires_grad_(False)
-    return LanguageModel(model, tokenizer, config.context_window)
+    return LanguageModel(model, tokenizer, config.context_window, gate)
 
 
 def merge_adapter(model: nn.Module, spec: str) -> nn.Module:
-    """Fold a peft LoRA adapter into the weights (W + B·A·alpha/r), returning a plain HF model."""
+    """Fold a peft LoRA adapter into the weights (W + B·A·alpha/r), returning a plain HF model: for
+    text-only models, which have no images to switch a gated adapter (`attach_adapter`) on."""
     from peft import PeftModel
 
     path = resolve(spec)

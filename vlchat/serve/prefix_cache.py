@@ -5,7 +5,9 @@ the cache of (prompt + answer) keyed by its position keys (token ids, and (image
 image embeddings). A new request whose keys share a prefix with a kept entry starts from a copy
 of that prefix, so a follow-up turn prefills only its new tokens. Entries are evicted least
 recently used first once their tensors' total size passes `max_bytes`: the bound is measured
-from the real KV tensors (their dtype, layers and heads), not assumed per token.
+from the real KV tensors (their dtype, layers and heads), not assumed per token. An entry serves
+only sequences with its own LoRA adapter gate (`LMState.adapter`): KV computed with the adapter on
+(a conversation with an image) never continues one without, nor the other way round.
 """
 
 from __future__ import annotations
@@ -45,17 +47,18 @@ class PrefixCache:
         self.hits = self.lookups = 0
         self._next_id = 0
 
-    def lookup(self, keys: list[PositionKey]) -> tuple[int, LMState]:
-        """(reused length, a private copy of that many cached positions) for the longest match."""
+    def lookup(self, keys: list[PositionKey], adapter: bool) -> tuple[int, LMState]:
+        """(reused length, a private copy of that many cached positions) for the longest match
+        among entries computed with the same adapter gate."""
         with self.lock:
             self.lookups += 1
             best_id, best = None, 0
             for entry_id, entry in self.entries.items():
-                common = reusable_prefix(list(entry.keys), keys)
+                common = reusable_prefix(list(entry.keys), keys) if entry.state.adapter == adapter else 0
                 if common > best:
                     best_id, best = entry_id, common
             if best_id is None:
-                return 0, LMState()
+                return 0, LMState(adapter=adapter)
             self.hits += 1
             self.entries.move_to_end(best_id)
             return best, prefix_state(self.entries[best_id].state, best)
@@ -68,7 +71,8 @@ class PrefixCache:
         new = Entry(tuple(keys), state, size)
         with self.lock:
             for entry_id, entry in list(self.entries.items()):
-                if new.keys[: len(entry.keys)] == entry.keys:  # subsumed: the new entry answers every lookup it did
+                # subsumed: the new entry answers every lookup the old one did
+                if new.keys[: len(entry.keys)] == entry.keys and entry.state.adapter == state.adapter:
                     del self.entries[entry_id]
             self.entries[self._next_id] = new
             self._next_id += 1

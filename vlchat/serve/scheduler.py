@@ -34,7 +34,7 @@ from vlchat.chat.batch import BatchDecoder
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, SequenceDecoder, TokenLogprob
 from vlchat.chat.messages import Message
-from vlchat.chat.prompt import PositionKey, encode, first_slots, slot_ids
+from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slot_ids
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
@@ -214,7 +214,8 @@ class Scheduler:
                 continue
             try:
                 keys = job.keys if job.keys is not None else self._keys(job)
-                common, state = self.prefix_cache.lookup(keys)
+                adapter = self.lm.adapter_on(has_images(keys))  # LoRA on only for conversations with an image
+                common, state = self.prefix_cache.lookup(keys, adapter)
             except VlchatError as error:
                 job.emit(Failed(str(error), 400, getattr(error, "code", None)))
                 continue

@@ -5,8 +5,10 @@ Suites:
 - synth: held-out synthetic scenes (seeds never used in training): accuracy per question type,
   in English and Chinese, and caption attribute recall (share of the scene's colours, shapes
   and printed word that a generated description names).
-The baseline is the same LM with the image removed from the prompt: what can be guessed from
-the question alone (e.g. "yes" to every yes/no question).
+The baseline is the LM with the image removed from the prompt: what can be guessed from the
+question alone (e.g. "yes" to every yes/no question). Without an image the LM runs without its
+LoRA adapter (model/lora.py: the adapter is on only for sequences with an image), so the baseline
+is the base LM, as a text-only chat gets it.
 Answers are decoded as the server decodes requests (the chat engine's prompt code, greedy
 `SequenceDecoder`s in a `BatchDecoder`, stopping on the template's stop strings and EOS): each is
 what `vlchat ask` answers for the same image and question, up to floating-point rounding.
@@ -173,7 +175,8 @@ class Answerer:
         while True:
             joined = []
             for index, item in islice(waiting, self.batch_size - decoding.size):
-                logits, state = lm.prefill(self.prompt(item), LMState())
+                # the LoRA adapter is on for prompts with an image, as in a chat (model/lora.py)
+                logits, state = lm.prefill(self.prompt(item), LMState(adapter=lm.adapter_on(self.with_image)))
                 joined.append((Asking(index, SequenceDecoder(lm, config, self.template.stop), logits), state))
             decoding.join(joined)
             if not decoding.size:
@@ -232,9 +235,16 @@ def overall(scores: Scores) -> dict[str, float]:
     return {k: c / n for k, (c, n) in sorted(sums.items())}
 
 
+BASELINE_NOTE = (
+    "Text-only baseline: the same questions without the image, answered by the base language model "
+    "(a LoRA adapter is on only for prompts with an image)."
+)
+
+
 def markdown(report: dict, title: str) -> str:
     model, base = report["model"], report["text_only"]
-    lines = [f"# {title}", "", "| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
+    lines = [f"# {title}", "", BASELINE_NOTE, ""]
+    lines += ["| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
     for key, value in model["overall"].items():
         n = sum(c for g, c in model["counts"].items() if g.startswith(key))
         lines.append(f"| **{key} (all)** | {n} | **{value:.1%}** | {base['overall'][key]:.1%} |")

@@ -131,14 +131,15 @@ def build_lm(config: LMConfig, directory: Path, text_config, state: dict, dtype)
     """The causal LM part of a VLM checkpoint, with the checkpoint's tokenizer and generation config."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from vlchat.model.language import LanguageModel, merge_adapter
+    from vlchat.model.language import LanguageModel
     from vlchat.model.loaders.checkpoint import build_frozen
     from vlchat.model.loaders.text import load_tokenizer
+    from vlchat.model.lora import attach_adapter
 
     tied = ("lm_head.weight",) if getattr(text_config, "tie_word_embeddings", False) else ()
     model = build_frozen(lambda: AutoModelForCausalLM.from_config(text_config), state, "language model", dtype, tied)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    if config.adapter:
-        model = merge_adapter(model, config.adapter).eval().requires_grad_(False)
-    return LanguageModel(model, load_tokenizer(directory), config.context_window)
+    gate = attach_adapter(model, config.adapter) if config.adapter else None  # on for image conversations
+    model.eval().requires_grad_(False)
+    return LanguageModel(model, load_tokenizer(directory), config.context_window, gate)
