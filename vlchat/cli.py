@@ -301,8 +301,12 @@ def serve(
     home: Annotated[
         Path | None, typer.Option(help="Conversation store folder (default $VLCHAT_HOME or ~/.vlchat).")
     ] = None,
+    agent_tools: Annotated[
+        str, typer.Option(help="Built-in tools requests may run on the server (vlchat_tools), comma-separated.")
+    ] = "read_text,image_labels,zoom",
 ) -> None:
     """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
+    from vlchat.agent.cli import tool_names
     from vlchat.config import ModelConfig
     from vlchat.serve.server import build_app, check_address
     from vlchat.serve.server import serve as run_server
@@ -325,6 +329,7 @@ def serve(
         prefix_cache_tokens=prefix_cache_tokens,
         default_max_tokens=max_tokens,
         home=home,
+        agent_tools=tuple(tool_names(agent_tools)) if agent_tools.strip() else (),
     )
     preset = ModelConfig.from_name(model)  # a bad name fails here, before the server starts
     check_address(host, port)

@@ -25,6 +25,7 @@ class ScriptedSession:
     messages: list[Message] = field(default_factory=list)
     tools: tuple = ()
     tool_choice: str = "auto"
+    grammar_tools: tuple | None = None
     last_finish_reason: str | None = None
     choices: list[str] = field(default_factory=list)  # tool_choice seen at each step
     prompts: list[list[Message]] = field(default_factory=list)

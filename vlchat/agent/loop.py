@@ -108,6 +108,7 @@ class AgentSession(Protocol):
     messages: list[Message]
     tools: tuple[ToolSpec, ...]
     tool_choice: str
+    grammar_tools: tuple[ToolSpec, ...] | None  # the calls' grammar when narrower than `tools`
     last_finish_reason: str | None
 
     def upload_img(self, source: Any) -> str: ...
@@ -174,6 +175,7 @@ class Agent:
     def _generate(self, step: int, choice: str, said: list[str]) -> Iterator[AgentEvent]:
         """One generation: text deltas without the call markup (calls are read from the answer)."""
         self.session.tool_choice = choice
+        self.session.grammar_tools = image_names_only(self.session.tools, list(self.executor.context.images))
         words = CallStream(get_format(self.session.template.tool_format)) if choice != "none" else None
         first = True
         for chunk in self.session.stream():
@@ -198,6 +200,23 @@ class Agent:
         parts: list = [Text(observation.content)]
         parts += [self.session.add_image(made.image) for made in observation.images]
         return Message("tool", parts, tool_call_id=call.id, name=call.name)
+
+
+def image_names_only(tools: Sequence[ToolSpec], names: list[str]) -> tuple[ToolSpec, ...]:
+    """The tools with every string "image" argument limited to the conversation's image names, for the
+    calls' grammar only (the prompt shows the tools as they are, so its prefix, and the KV cache, stay).
+    A small model otherwise writes names that do not exist ("triangle" for "image_1")."""
+    if not names:
+        return tuple(tools)
+    out = []
+    for tool in tools:
+        properties = tool.parameters.get("properties", {})
+        image = properties.get("image")
+        if isinstance(image, dict) and image.get("type") == "string":
+            narrowed = {**properties, "image": {**image, "enum": names}}
+            tool = ToolSpec(tool.name, tool.description, {**tool.parameters, "properties": narrowed})
+        out.append(tool)
+    return tuple(out)
 
 
 def check_tool_choice(choice: str, names: Sequence[str]) -> None:

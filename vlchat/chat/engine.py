@@ -93,6 +93,9 @@ class ChatSession:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"
     json_schema: dict | None = None
+    # The calls' grammar when it is narrower than the tools shown in the prompt (the agent limits an
+    # "image" argument to the conversation's image names); None: the tools' own schemas.
+    grammar_tools: tuple[ToolSpec, ...] | None = None
 
     # --- MiniGPT-4's verbs -----------------------------------------------------------------
     def upload_img(self, source) -> str:

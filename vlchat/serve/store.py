@@ -4,7 +4,8 @@ One file, three tables (conversations, messages, images); message parts use the 
 session-file JSON: `[{"type": "text", "text": ...}, {"type": "image", "key": sha256, "path": ...}]`.
 Function calling adds two part types: an assistant's `{"type": "tool_call", "id", "name",
 "arguments"}` and a tool result `{"type": "tool_result", "tool_call_id", "name", "content"}`,
-stored as a message of role "user" whose parts are all results (the role column is unchanged).
+stored as a message of role "user" whose parts are all results (the role column is unchanged);
+a result of the server's own tools may list the images it made: `"images": [{"key", "path"}]`.
 Every method returns plain JSON-serialisable dicts/lists; every write is one transaction.
 """
 
