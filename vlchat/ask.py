@@ -84,19 +84,24 @@ def answer_batch(
         raise VlchatError(f"cannot read batch file {path}: {error}") from None
     template and get_template(template)
     chat = open_chat()
+    print_batch(lines, lambda line: answer_line(chat, line, path.parent, template, system, config))
+
+
+def print_batch(lines: list[str], answer: Callable[[str], dict]) -> None:
+    """Print `answer(line)` of every non-blank line as a JSON line numbered from 1; a line whose
+    answer raises VlchatError prints {"line", "id"?, "error"} and the rest go on."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = answer_line(chat, line, path.parent, template, system, config)
+            record = answer(line)
         except VlchatError as error:
             record = {**line_id(line), "error": str(error)}
         print(json.dumps({"line": number, **record}, ensure_ascii=False), flush=True)
 
 
-def answer_line(
-    chat: Chat, line: str, base: Path, template: str | None, system: str | None, config: GenerationConfig
-) -> dict:
+def batch_item(line: str, base: Path) -> tuple[str, list[Path]]:
+    """(question, image paths) of one batch line; paths relative to `base` (the batch file's folder)."""
     try:
         item = json.loads(line)
     except ValueError as error:
@@ -107,10 +112,17 @@ def answer_line(
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise VlchatError('"image" must be a path or a list of paths')
+    return item["question"], [base / image for image in images]
+
+
+def answer_line(
+    chat: Chat, line: str, base: Path, template: str | None, system: str | None, config: GenerationConfig
+) -> dict:
+    question, images = batch_item(line, base)
     session = chat.session(template, system, config)
     for image in images:
-        session.upload_img(base / image)
-    session.ask(item["question"])
+        session.upload_img(image)
+    session.ask(question)
     answer = session.answer()
     return {**line_id(line), **result_record(session, answer)}
 

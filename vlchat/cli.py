@@ -261,6 +261,65 @@ def ask(
 
 
 @app.command()
+def agent(
+    question: Annotated[str | None, typer.Argument(help="The question (none: an interactive session).")] = None,
+    image: Images = [],
+    batch: Annotated[
+        Path | None,
+        typer.Option(help='A JSONL file of {"image": PATH, "question": TEXT} lines, as `vlchat ask --batch` reads.'),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, steps, usage.")] = False,
+    tools: Annotated[
+        str, typer.Option(help="Built-in tools, comma-separated: read_text, image_labels, zoom, python, arxiv_search.")
+    ] = "all",
+    tool_choice: Annotated[
+        str, typer.Option(help="The first step's: auto | required | a tool name (forces a first call).")
+    ] = "auto",
+    max_steps: Annotated[int, typer.Option(help="Steps that may call tools before an answer is forced.")] = 5,
+    template: Template = None,
+    system: System = None,
+    persona: Persona = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: MaxNew = 256,
+    min_new_tokens: MinNew = 0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = [],
+    model: Model = "default",
+) -> None:
+    """Answer with tools: the model may call them, sees each result, then answers. No question: an
+    interactive session (/image PATH, /reset, /help, /exit). Each call and result is shown."""
+    from vlchat.agent import cli as agent_cli
+    from vlchat.agent.loop import AgentConfig
+    from vlchat.chat.templates import get_template
+
+    config = generation_config(
+        temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, 1, seed, stop
+    )
+    template and get_template(template)
+    setup = agent_cli.AgentSetup(
+        lambda: open_chat(model),
+        agent_cli.tool_names(tools),
+        AgentConfig(max_steps=max_steps, tool_choice=tool_choice),
+        template,
+        system_prompt(system, persona),
+        config,
+    )
+    if batch is not None:
+        if question is not None or image or json_output:
+            raise VlchatError("--batch takes its questions and images from the file and prints JSON; drop the others")
+        agent_cli.answer_batch(setup, batch)
+    elif question is not None:
+        agent_cli.answer_one(setup, question, image, json_output)
+    elif json_output:
+        raise VlchatError("--json needs a question (or use --batch)")
+    else:
+        agent_cli.repl(setup, image)
+
+
+@app.command()
 def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     tokens: Annotated[int, typer.Option(help="Tokens decoded per measured turn.")] = 64,
@@ -302,8 +361,12 @@ def serve(
     home: Annotated[
         Path | None, typer.Option(help="Conversation store folder (default $VLCHAT_HOME or ~/.vlchat).")
     ] = None,
+    agent_tools: Annotated[
+        str, typer.Option(help="Built-in tools requests may run on the server (vlchat_tools), comma-separated.")
+    ] = "read_text,image_labels,zoom",
 ) -> None:
     """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
+    from vlchat.agent.cli import tool_names
     from vlchat.serve.server import build_app, check_address
     from vlchat.serve.server import serve as run_server
     from vlchat.serve.serving import ServeConfig
@@ -330,6 +393,7 @@ def serve(
         prefix_cache_mb=prefix_cache_mb,
         default_max_tokens=max_tokens,
         home=home,
+        agent_tools=tuple(tool_names(agent_tools)) if agent_tools.strip() else (),
     )
     preset = model_config(model)  # a bad name fails here, before the server starts
     check_address(host, port)

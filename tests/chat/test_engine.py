@@ -126,6 +126,25 @@ def test_oldest_turns_dropped_to_fit_context(tiny_lm_dir):
     assert not any(m.images for m in session.messages)  # the image went with its whole turn
 
 
+def test_a_dropped_turn_takes_its_tool_calls_and_results_along(tiny_lm_dir):
+    from vlchat.chat.messages import Message, Text, ToolCall
+    from vlchat.model.vlm import load_model
+
+    chat = Chat(load_model(tiny_config(tiny_lm_dir, context_window=120)))
+    session = chat.session(generation=GenerationConfig(max_new_tokens=10))
+    call = ToolCall("call_1", "f", "{}")
+    session.messages += [
+        Message.text_message("user", "first question " * 8),
+        Message("assistant", [Text("")], tool_calls=(call,)),
+        Message("tool", [Text("result " * 8)], tool_call_id="call_1", name="f"),
+        Message.text_message("assistant", "an answer " * 4),
+    ]
+    session.ask("second question")
+    notices = [c.notice for c in session.stream() if c.notice]
+    assert notices and "dropped the 1 oldest" in notices[0]
+    assert [m.role for m in session.messages] == ["user", "assistant"]  # never a tool message first
+
+
 def test_too_long_single_message_is_refused(tiny_lm_dir):
     from vlchat.model.vlm import load_model
 

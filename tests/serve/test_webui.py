@@ -265,3 +265,24 @@ def test_stored_tool_calls_and_results_are_rendered_and_exported(page, default_s
     page.screenshot(path=SHOTS / "9-tool-calls.png")
     exported = httpx.get(f"{default_server.url}/v1/conversations/{created.json()['id']}/export?format=markdown").text
     assert "*calls* `get_current_weather" in exported and "*result of* `get_current_weather`" in exported
+
+
+def test_tools_switch_shows_a_forced_call_and_its_result(page):
+    assert page.is_checked("#tools")  # on by default for the default model
+    page.select_option("#tool-choice", "image_labels")  # it does not call tools by itself yet
+    page.fill("#max-tokens", "96")
+    page.set_input_files("#image-input", str(EXAMPLES / "chelsea.jpg"))
+    page.wait_for_selector("#attachments img")
+    page.fill("#question", "What animal is this?")
+    page.press("#question", "Enter")
+    page.wait_for_selector(".message.assistant .tool-call")  # streamed in while the answer is generated
+    page.wait_for_selector("#send:not([disabled])")
+    assert page.locator("#error").is_hidden(), page.inner_text("#error")
+    call = page.locator(".message.assistant .tool-call").first
+    assert "calls image_labels" in call.locator("summary").inner_text()
+    assert '"image": "image_1"' in call.locator("code").text_content()
+    result = page.locator(".message.tool .tool-result").first  # as stored: the result in a turn of its own
+    assert "result of image_labels" in result.locator("summary").inner_text()
+    page.screenshot(path=SHOTS / "10-agent-tools.png")
+    result.locator("summary").click()  # collapsible
+    assert result.evaluate("el => !el.open")

@@ -100,18 +100,27 @@ class ChatSession:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"
     json_schema: dict | None = None
+    # The calls' grammar when it is narrower than the tools shown in the prompt (the agent limits an
+    # "image" argument to the conversation's image names); None: the tools' own schemas.
+    grammar_tools: tuple[ToolSpec, ...] | None = None
 
     # --- MiniGPT-4's verbs -----------------------------------------------------------------
     def upload_img(self, source) -> str:
         """Add an image (path, bytes or PIL image) to the coming user message; returns its key."""
+        part = self.add_image(source)
+        self._pending_user().parts.append(part)
+        return part.key
+
+    def add_image(self, source) -> Image:
+        """Encode an image (path, bytes or PIL image) for this session's prompts and return its part,
+        for the caller to put in a message (upload_img: the coming user message; the agent: a tool result)."""
         image = source if hasattr(source, "mode") else load_image(source)
         start = time.perf_counter()
         key, embeds = self.chat.image_embeddings(image)
         self._images[key] = embeds
         self._pending_encode_ms += (time.perf_counter() - start) * 1000
         path = str(Path(source).resolve()) if isinstance(source, (str, Path)) else None
-        self._pending_user().parts.append(Image(key, path))
-        return key
+        return Image(key, path)
 
     def ask(self, text: str) -> None:
         if not text or not text.strip():
@@ -227,12 +236,14 @@ class ChatSession:
             keys = self.position_keys(self.conversation())
             if len(keys) + max_new_tokens <= window:
                 return keys, dropped
-            if len(self.messages) < 3:
+            # the oldest turn: its user message, the answer, and any tool calls and results between
+            turn_end = next((i for i in range(1, len(self.messages)) if self.messages[i].role == "user"), None)
+            if turn_end is None:
                 raise VlchatError(
                     f"the conversation is too long: {len(keys)} prompt tokens + max_new_tokens "
                     f"{max_new_tokens} > context window {window}; shorten the message or max_new_tokens"
                 )
-            del self.messages[:2]  # the oldest user message and its answer
+            del self.messages[:turn_end]
             dropped += 1
 
     def embed_keys(self, keys: list[PositionKey]) -> torch.Tensor:

@@ -47,4 +47,5 @@ def session_structure(session) -> Structure | None:
         return None
     fmt = get_format(session.template.tool_format)
     tokenizer = session.chat.model.lm.tokenizer
-    return build_structure(session.tools, session.tool_choice, True, session.json_schema, fmt, tokenizer)
+    tools = session.grammar_tools if session.grammar_tools is not None else session.tools
+    return build_structure(tools, session.tool_choice, True, session.json_schema, fmt, tokenizer)

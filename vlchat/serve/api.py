@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from vlchat.serve import protocol as p
+from vlchat.serve.agent_serving import AgentRun, agent_request, agent_response, run_agent
 from vlchat.serve.conversations import Conversations
 from vlchat.serve.serving import ApiError, ChatService, complete, sse
 from vlchat.serve.webui import add_webui
@@ -229,9 +230,13 @@ def add_openai_routes(app: FastAPI) -> None:
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         """OpenAI chat completions; `stream: true` answers with Server-Sent Events."""
         service: ChatService = request.app.state.service
-        run = await service.run(lambda emit: service.completion_job(body, emit), request.is_disconnected)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        build = lambda emit: service.completion_job(body, emit)  # noqa: E731
+        if (agent := agent_request(body, service.config.agent_tools)) is not None:  # server-side tools
+            run = await run_agent(service, agent, build, request.is_disconnected)
+            return await agent_response(run, service.model_id, bool(body.stream), usage)
+        run = await service.run(build, request.is_disconnected)
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(run, service.model_id, usage), media_type="text/event-stream")
         return await complete(run, service.model_id)
 
@@ -268,6 +273,9 @@ def add_conversation_routes(app: FastAPI) -> None:
         """Add a user message (or regenerate the last answer) and answer it; both are stored."""
         state = request.app.state
         run = await state.conversations.reply(conversation_id, body, request.is_disconnected)
+        if isinstance(run, AgentRun):
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await agent_response(run, state.service.model_id, bool(body.stream), usage)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(run, state.service.model_id, usage), media_type="text/event-stream")

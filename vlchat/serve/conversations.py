@@ -18,6 +18,7 @@ from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import new_call_id
 from vlchat.errors import VlchatError
 from vlchat.serve import protocol as p
+from vlchat.serve.agent_serving import AgentRun, agent_request, run_agent
 from vlchat.serve.scheduler import Job
 from vlchat.serve.serving import ApiError, ChatService, Disconnected, Prompt, Run, api_role
 from vlchat.serve.store import ConversationStore, NotFound
@@ -121,7 +122,7 @@ class Conversations:
         a crash or stopped before any text leaves a user message unanswered)."""
         prompt = Prompt([Message("system", [Text(system)])] if system is not None else [])
         for message in stored:
-            if restored := tool_messages(message):
+            if restored := tool_messages(message, lambda part: self.image_part(part, prompt)):
                 prompt.messages += restored
                 continue
             parts = [
@@ -160,7 +161,11 @@ class Conversations:
             return job
 
         try:
-            run = await self.service.run(build, disconnected)
+            agent = agent_request(body, self.service.config.agent_tools)
+            if agent is None:
+                run = await self.service.run(build, disconnected)
+            else:  # server-side tools: the steps are stored with the answer (serve/agent_serving.py)
+                run = await run_agent(self.service, agent, build, disconnected)
             if body.regenerate:
                 self._call(self.store.truncate, conversation_id, pending["keep"])  # the old answer goes
             if pending["new"] is not None:
@@ -171,9 +176,13 @@ class Conversations:
         run.on_end = lambda ended: self._store_answer(conversation_id, ended)
         return run
 
-    def _store_answer(self, conversation_id: str, run: Run) -> None:
-        text = "".join(run.text).strip()
+    def _store_answer(self, conversation_id: str, run: Run | AgentRun) -> None:
         try:
+            if isinstance(run, AgentRun):
+                if messages := run.stored_messages(self.store.save_image):
+                    self.store.append(conversation_id, messages)
+                return
+            text = "".join(run.text).strip()
             if text or run.finished is not None:
                 self.store.append(conversation_id, [{"role": "assistant", "parts": [{"type": "text", "text": text}]}])
         except NotFound:  # deleted while the answer was being generated
@@ -195,12 +204,18 @@ def stored_message(role: str, message: p.ChatMessage, parts: list[dict]) -> dict
     return {"role": role, "parts": parts + [{"type": "tool_call", **call} for call in calls]}
 
 
-def tool_messages(stored: dict) -> list[Message]:
-    """Engine messages for a stored message with tool parts ([] when it has none)."""
+def tool_messages(stored: dict, image_part: Callable[[dict], Image] | None = None) -> list[Message]:
+    """Engine messages for a stored message with tool parts ([] when it has none). A result's images
+    (zoom's crops, stored by the agent) become image parts through `image_part`."""
     parts = stored["parts"]
     if parts and all(part["type"] == "tool_result" for part in parts):
         return [
-            Message("tool", [Text(part["content"])], tool_call_id=part.get("tool_call_id"), name=part.get("name"))
+            Message(
+                "tool",
+                [Text(part["content"])] + [image_part(i) for i in part.get("images", []) if image_part],
+                tool_call_id=part.get("tool_call_id"),
+                name=part.get("name"),
+            )
             for part in parts
         ]
     calls = [part for part in parts if part["type"] == "tool_call"]

@@ -1,5 +1,6 @@
 """Pydantic models of the OpenAI chat-completions API (field order as in OpenAI's reference),
-plus vlchat's documented extensions (`num_beams`, `repetition_penalty`, `template`, `top_k`)
+plus vlchat's documented extensions (`num_beams`, `repetition_penalty`, `template`, `top_k`,
+the server-side tools `vlchat_tools`, `vlchat_tool_choice`, `vlchat_max_steps`)
 and the `/v1/conversations` schemas.
 
 Other fields are checked by the serving layer (serving.py `check_extra_fields`): fields that
@@ -144,6 +145,10 @@ class ChatCompletionRequest(BaseModel):
     functions: list[FunctionDefinition] | None = None  # legacy
     function_call: Literal["none", "auto"] | FunctionName | None = None  # legacy
     response_format: ResponseFormat | None = None
+    # server-side tools (serve/agent_serving.py, a vlchat extension)
+    vlchat_tools: list[str] | None = None
+    vlchat_tool_choice: str | None = None
+    vlchat_max_steps: int | None = None
 
 
 class ResponseMessage(BaseModel):
@@ -318,3 +323,6 @@ class ConversationReply(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     regenerate: bool = False  # drop the last answer and answer the last user message again
+    vlchat_tools: list[str] | None = None  # server-side tools, as on /v1/chat/completions
+    vlchat_tool_choice: str | None = None
+    vlchat_max_steps: int | None = None

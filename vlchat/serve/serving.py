@@ -73,6 +73,7 @@ class ServeConfig:
     prefix_cache_mb: float = 384.0  # ~16k positions of the default model in bfloat16, ~8k in float32
     default_max_tokens: int = 256
     home: Path | None = None  # the conversation store's folder; None: $VLCHAT_HOME or ~/.vlchat
+    agent_tools: tuple[str, ...] = ("read_text", "image_labels", "zoom")  # what vlchat_tools may name
 
     def __post_init__(self) -> None:
         for name in ("max_body_mb", "max_image_mb", "max_batch", "max_queue", "timeout_s", "default_max_tokens"):

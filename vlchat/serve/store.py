@@ -5,7 +5,8 @@ session-file JSON: `[{"type": "text", "text": ...}, {"type": "image", "key": sha
 before the API hid server paths also hold a "path" in image parts; the images table maps key -> file).
 Function calling adds two part types: an assistant's `{"type": "tool_call", "id", "name",
 "arguments"}` and a tool result `{"type": "tool_result", "tool_call_id", "name", "content"}`,
-stored as a message of role "user" whose parts are all results (the role column is unchanged).
+stored as a message of role "user" whose parts are all results (the role column is unchanged);
+a result of the server's own tools may list the images it made: `"images": [{"key", "path"}]`.
 Every method returns plain JSON-serialisable dicts/lists; every write is one transaction.
 """
 

@@ -38,4 +38,7 @@ def add_webui(app: FastAPI) -> None:
             "model": service.model_id,
             "personas": PERSONAS,
             "examples": [{"name": name, "url": f"/examples/{name}"} for name in examples],
+            # server-side tools (serve/agent_serving.py): the Tools switch starts on for the default model
+            "agent_tools": list(service.config.agent_tools),
+            "tools_on": service.model_id == "vlchat-default" and bool(service.config.agent_tools),
         }

@@ -65,7 +65,9 @@ function addMessage(role, parts) {
     else if (part.type === "image_url") bubble.appendChild(imageElement(part.image_url.url, "your image"));
     else if (part.type === "tool_call") bubble.appendChild(toolBox("tool-call", `calls ${part.name}`, part.arguments));
     else if (part.type === "tool_result") {
-      bubble.appendChild(toolBox("tool-result", `result of ${part.name || part.tool_call_id || "a tool"}`, part.content));
+      const box = toolBox("tool-result", `result of ${part.name || part.tool_call_id || "a tool"}`, part.content);
+      for (const image of part.images || []) box.appendChild(storedImage(image.key));  // e.g. zoom's crop
+      bubble.appendChild(box);
     } else bubble.appendChild(document.createTextNode(part.text));
   }
   $("#messages").appendChild(bubble);
@@ -73,17 +75,34 @@ function addMessage(role, parts) {
   return bubble;
 }
 
-// A tool call (name + JSON arguments) or a tool's result, as a labelled block (textContent: never HTML).
+// A tool call (name + JSON arguments) or a tool's result, as a collapsible labelled block (click the
+// label to fold it; textContent: never HTML).
 function toolBox(kind, label, body) {
-  const box = document.createElement("div");
+  const box = document.createElement("details");
   box.className = kind;
-  const title = document.createElement("div");
+  box.open = true;
+  const title = document.createElement("summary");
   title.className = "tool-label";
   title.textContent = label;
   const code = document.createElement("code");
   code.textContent = body;
   box.append(title, code);
   return box;
+}
+
+// A call or a result of the server's tools as it streams in (a `vlchat_step` chunk).
+function addStep(bubble, step) {
+  const box = step.type === "tool_call"
+    ? toolBox("tool-call", `calls ${step.name}`, step.arguments)
+    : toolBox("tool-result", `result of ${step.tool}${step.ok ? "" : " (failed)"}`, step.content);
+  if (step.type === "observation" && !step.ok) box.classList.add("failed");
+  bubble.appendChild(box);
+  bubble.scrollIntoView({ block: "end" });
+}
+
+function appendText(bubble, text) {  // the answer's words go after any call boxes
+  if (bubble.lastChild && bubble.lastChild.nodeType === Node.TEXT_NODE) bubble.lastChild.appendData(text);
+  else bubble.appendChild(document.createTextNode(text));
 }
 
 function imageElement(src, alt) {
@@ -186,11 +205,17 @@ async function ensureConversation() {
 
 // --- asking and streaming ----------------------------------------------------------------------
 function generationSettings() {
-  return {
+  const settings = {
     num_beams: Number($("#num-beams").value), temperature: Number($("#temperature").value),
     top_p: Number($("#top-p").value), max_tokens: Number($("#max-tokens").value),
     min_tokens: Math.min(Number($("#min-tokens").value), Number($("#max-tokens").value)),
   };
+  if ($("#tools").checked && state.config.agent_tools.length) {  // server-side tools (a vlchat extension)
+    settings.vlchat_tools = state.config.agent_tools;
+    settings.vlchat_tool_choice = $("#tool-choice").value;
+    settings.num_beams = 1;  // beam search cannot be combined with tools
+  }
+  return settings;
 }
 
 async function send(event) {
@@ -250,14 +275,20 @@ async function streamAnswer(id, body) {
     });
     bubble = addMessage("assistant", []);
     bubble.classList.add("streaming");
+    let steps = 0;
     await readEvents(response, (event) => {
       if (event.error) throw new Error(event.error.message);
+      if (event.vlchat_step) {
+        steps += 1;
+        addStep(bubble, event.vlchat_step);
+      }
       const delta = event.choices?.[0]?.delta?.content;
       if (delta) {
-        bubble.textContent += delta;
+        appendText(bubble, delta);
         bubble.scrollIntoView({ block: "end" });
       }
     });
+    if (steps) renderConversation(await json(`/v1/conversations/${id}`));  // as stored: results in turns of their own
     return true;
   } catch (error) {
     if (error.name === "AbortError") return true;  // stopped: the partial answer is kept
@@ -374,10 +405,21 @@ function setUpSettings() {
   });
   $("#system").addEventListener("input", () => { select.value = personaOf($("#system").value); });
   $("#system").addEventListener("change", saveSystem);
+  setUpTools();
   for (const id of ["num-beams", "temperature", "top-p", "max-tokens", "min-tokens"]) {
     const input = $(`#${id}`);
     input.addEventListener("input", () => { $(`#${id}-value`).value = input.value; });
   }
+}
+
+function setUpTools() {  // the server's own tools: on by default for the default model
+  const tools = state.config.agent_tools || [];
+  $("#tools-settings").hidden = tools.length === 0;
+  $("#tools").checked = Boolean(state.config.tools_on);
+  $("#tool-names").textContent = `(${tools.join(", ")})`;
+  const choices = { auto: "Model decides", required: "Always call a tool" };
+  $("#tool-choice").replaceChildren(
+    ...["auto", "required", ...tools].map((name) => new Option(choices[name] || `Call ${name}`, name)));
 }
 
 function saveSystem() {  // the system prompt of an open conversation follows the box
