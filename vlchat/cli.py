@@ -293,7 +293,7 @@ def agent(
     interactive session (/image PATH, /reset, /help, /exit). Each call and result is shown."""
     from vlchat.agent import cli as agent_cli
     from vlchat.agent.loop import AgentConfig
-    from vlchat.chat.templates import get_template
+    from vlchat.chat.template_lookup import get_template
 
     config = generation_config(
         temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty, 1, seed, stop

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from vlchat.chat.generate import Chunk
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import answer_message, get_format
 from vlchat.images import image_key
 

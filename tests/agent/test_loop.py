@@ -25,7 +25,7 @@ from vlchat.agent.tools import ToolContext, ToolError, ToolRegistry
 from vlchat.chat.engine import ChatSession
 from vlchat.chat.generate import Chunk
 from vlchat.chat.messages import Image
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 from vlchat.chat.tools import answer_message, get_format
 from vlchat.errors import VlchatError
 from vlchat.images import image_key

@@ -23,7 +23,7 @@ from serve_helpers import Server, data_url, default_server, tiny_model_file, tin
 from vlchat.chat.generate import BYTE_DECODER, token_bytes
 from vlchat.chat.messages import Message
 from vlchat.chat.prompt import encode
-from vlchat.chat.templates import get_template
+from vlchat.chat.template_lookup import get_template
 
 
 def client(server, api_key: str = "none") -> openai.OpenAI:

@@ -140,6 +140,6 @@ def test_jobs_with_and_without_images_share_the_batch_and_answer_as_alone(tiny_a
             session.ask(text)
             assert collector.text == "".join(chunk.text for chunk in session.stream(config))
         assert scheduler.peak_batch >= 2
-        assert {state.adapter for _, state in scheduler.prefix_cache.entries.values()} == {True, False}
+        assert {entry.state.adapter for entry in scheduler.prefix_cache.entries.values()} == {True, False}
     finally:
         scheduler.close()
