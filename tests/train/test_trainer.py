@@ -473,24 +473,31 @@ def test_clear_error_before_compute(case, tiny_model_file, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing was written: it stopped before training
 
 
-def test_a_trained_lora_adapter_is_merged_at_load(tiny_lm_dir, tiny_model_file, tmp_path):
+def test_a_trained_lora_adapter_is_attached_at_load_and_on_only_for_image_sequences(
+    tiny_lm_dir, tiny_model_file, tmp_path
+):
     from dataclasses import replace
 
     from peft import PeftModel
 
+    from vlchat.model.language import LMState
     from vlchat.model.vlm import load_model
 
     recipe = write_recipe(tmp_path, tiny_model_file, lm="lora", max_steps=3, lr=0.05)
     assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
     base = tiny_config(tiny_lm_dir)
     adapted = replace(base, lm=replace(base.lm, adapter=str(tmp_path / "out" / "lora")))
-    plain, merged = load_model(base).lm, load_model(adapted).lm
+    plain, gated = load_model(base).lm, load_model(adapted).lm
     ids = torch.tensor([[5, 6, 7, 8]])
-    assert not torch.allclose(plain.prefill(plain.embed(ids))[0], merged.prefill(merged.embed(ids))[0])
+    with_image = LMState(adapter=True)  # a sequence with an image: the adapter is on
+    # text-only sequences run the base LM exactly; image sequences the adapted one
+    torch.testing.assert_close(gated.prefill(gated.embed(ids))[0], plain.prefill(plain.embed(ids))[0])
+    adapted_logits = gated.prefill(gated.embed(ids), with_image)[0]
+    assert not torch.allclose(plain.prefill(plain.embed(ids))[0], adapted_logits)
     reference = PeftModel.from_pretrained(load_model(base).lm.model, str(tmp_path / "out" / "lora"))
     with torch.no_grad():
         expected = reference(input_ids=ids).logits[:, -1].float()
-    torch.testing.assert_close(merged.prefill(merged.embed(ids))[0], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapted_logits, expected, atol=1e-4, rtol=1e-4)
     missing = replace(base, lm=replace(base.lm, adapter=str(tmp_path / "nothing")))
     with pytest.raises(VlchatError, match="LoRA adapter"):
         load_model(missing)
