@@ -38,11 +38,6 @@ def test_bad_input_is_one_error_line_and_exit_2(args, message):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
 
 
-@pytest.mark.xfail(
-    reason="failed in the last run of Dec 7, likely as the weather tests: with the adapter gated off for "
-    "text-only prompts the base LM's forced call behaves differently; to fix next",
-    strict=False,
-)
 def test_one_question_on_the_default_model_with_a_forced_call():
     args = ["--json", "--tools", "image_labels", "--tool-choice", "image_labels", "--max-new-tokens", "80"]
     result = vlchat("agent", *args, "-i", CHELSEA, "What animal is this?")
@@ -51,6 +46,7 @@ def test_one_question_on_the_default_model_with_a_forced_call():
     call, observation = record["steps"][:2]
     assert call["type"] == "tool_call" and call["name"] == "image_labels" and call["step"] == 1
     assert observation["type"] == "observation" and observation["tool_call_id"] == call["id"]
-    assert observation["ok"] or "no image named" in observation["error"]  # the model may name a wrong image
+    # the model may write arguments the tool refuses (seen: box [1, 1, 1, 1]); the loop reports them
+    assert observation["ok"] or observation["error"]
     assert record["finish_reason"] in ("stop", "length") and isinstance(record["answer"], str)
     assert record["usage"]["reused_tokens"] > 0  # the second step reused the first step's KV cache

@@ -10,7 +10,6 @@ import json
 import httpx
 import jsonschema_rs
 import openai
-import pytest
 from openai.types.chat import ChatCompletionChunk
 from serve_helpers import default_server  # noqa: F401 (fixture)
 
@@ -42,11 +41,6 @@ def check_arguments(arguments: str) -> None:
     assert "boston" in value["location"].lower(), value
 
 
-@pytest.mark.xfail(
-    reason="since the stage-2 adapter is gated off without an image, the base SmolLM2 writes the forced "
-    "call past max_tokens (finish_reason 'length'); seen in the last run of Dec 7, to fix next",
-    strict=False,
-)
 def test_weather_with_tools(default_server):
     api = client(default_server)
     reply = api.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=64)
@@ -83,11 +77,6 @@ def test_weather_with_legacy_functions(default_server):
     assert words.function_call is None and words.content and any(c.isalpha() for c in words.content), words
 
 
-@pytest.mark.xfail(
-    reason="since the stage-2 adapter is gated off without an image, the base SmolLM2 writes the forced "
-    "call past max_tokens (finish_reason 'length'); seen in the last run of Dec 7, to fix next",
-    strict=False,
-)
 def test_weather_streamed_equals_whole(default_server):
     body = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": "required", "max_tokens": 64}
     whole = httpx.post(f"{default_server.url}/v1/chat/completions", json=body, timeout=300).json()

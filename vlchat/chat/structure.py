@@ -10,6 +10,9 @@ from vlchat.chat.grammar import Structure, json_structure, tool_structure
 from vlchat.chat.tools import ToolError, ToolFormat, ToolSpec, check_tools, get_format
 
 CHOICES = ("none", "auto", "required")
+# The CLI and the agent ask for one call per answer (the API: unless `parallel_tool_calls: true`):
+# offered more, a small model repeats the same call until it runs out of tokens.
+PARALLEL_CALLS = False
 
 
 def build_structure(
@@ -48,4 +51,4 @@ def session_structure(session) -> Structure | None:
     fmt = get_format(session.template.tool_format)
     tokenizer = session.chat.model.lm.tokenizer
     tools = session.grammar_tools if session.grammar_tools is not None else session.tools
-    return build_structure(tools, session.tool_choice, True, session.json_schema, fmt, tokenizer)
+    return build_structure(tools, session.tool_choice, PARALLEL_CALLS, session.json_schema, fmt, tokenizer)

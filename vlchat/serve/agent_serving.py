@@ -37,7 +37,7 @@ from vlchat.agent.loop import (
 from vlchat.agent.tools import ToolContext, ToolRegistry
 from vlchat.chat.generate import Chunk
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.structure import build_structure
+from vlchat.chat.structure import PARALLEL_CALLS, build_structure
 from vlchat.chat.tools import ToolError, answer_message, get_format
 from vlchat.errors import VlchatError
 from vlchat.serve import protocol as p
@@ -155,9 +155,9 @@ class SchedulerSession:
         fmt = get_format(self.template.tool_format)
         calling = bool(self.tools) and self.tool_choice != "none"
         grammar = self.grammar_tools if self.grammar_tools is not None else self.tools
-        structure = (
-            build_structure(grammar, self.tool_choice, True, None, fmt, scheduler.lm.tokenizer) if calling else None
-        )
+        structure = None
+        if calling:
+            structure = build_structure(grammar, self.tool_choice, PARALLEL_CALLS, None, fmt, scheduler.lm.tokenizer)
         events: queue.Queue = queue.Queue()
         job = Job(list(self.messages), dict(self.images), self.template, self.generation, events.put)
         job.timeout_s = max(self.deadline - time.monotonic(), 0.001)

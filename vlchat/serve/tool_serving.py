@@ -87,7 +87,9 @@ def tool_request(request: p.ChatCompletionRequest) -> ToolRequest | None:
     schema = json_schema(request.response_format)
     if not tools and schema is None:
         return None
-    parallel = False if legacy else request.parallel_tool_calls is not False
+    # one call per answer unless asked (as llama.cpp's server; OpenAI defaults to several): a small
+    # model given the choice repeats the same call until max_tokens (docs/function-calling.md)
+    parallel = not legacy and request.parallel_tool_calls is True
     return ToolRequest(tools, choice, parallel, legacy, schema)
 
 
