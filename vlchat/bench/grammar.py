@@ -1,4 +1,4 @@
-"""Grammar cost on the default model: `python -m vlchat.grammar_bench [--tokens N]`.
+"""Grammar cost on the default model: `python -m vlchat.bench.grammar [--tokens N]`.
 
 Prints one line per measurement: greedy decode tokens/s without a grammar and with one (a JSON
 answer under a schema, a forced tool call), the grammar's compile time, the per-step mask time,
