@@ -42,7 +42,7 @@ from vlchat.chat.tools import ToolError, answer_message, get_format
 from vlchat.errors import VlchatError
 from vlchat.serve import protocol as p
 from vlchat.serve.scheduler import Delta, Failed, Finished, Job, QueueFull, Started
-from vlchat.serve.serving import ApiError, ChatService, Disconnected
+from vlchat.serve.serving import ApiError, ChatService, ClientGone, Disconnected, drain, failed_event
 
 SERVER_TOOLS = ("read_text", "image_labels", "zoom")  # the default --agent-tools: no code, no network
 
@@ -306,10 +306,6 @@ class AgentRun:
         return out
 
 
-class ClientGone(Exception):
-    pass
-
-
 async def run_agent(
     service: ChatService, request: AgentRequest, build: Callable, disconnected: Disconnected
 ) -> AgentRun:
@@ -363,14 +359,7 @@ def total_usage(final: FinalAnswer) -> p.Usage:
 
 async def agent_complete(run: AgentRun, model_id: str) -> dict:
     """The run as one chat.completion object plus `vlchat_steps`."""
-    try:
-        async for event in run.rest():
-            if isinstance(event, Failed):
-                raise ApiError(event.status, event.message, code=event.code)
-    except ClientGone:
-        raise ApiError(499, "the client closed the connection") from None
-    finally:
-        run.close()
+    await drain(run)
     if run.final is None:
         raise ApiError(499, "the answer was stopped")
     completion = p.ChatCompletion(
@@ -402,7 +391,7 @@ async def agent_sse(run: AgentRun, model_id: str, include_usage: bool) -> AsyncI
                 if include_usage:
                     yield chunk(choices=[], usage=total_usage(event))
             elif isinstance(event, Failed):
-                yield f"data: {json.dumps(ApiError(event.status, event.message, code=event.code).body())}\n\n"
+                yield failed_event(event)
         yield "data: [DONE]\n\n"
     except ClientGone:
         return

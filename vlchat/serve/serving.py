@@ -502,8 +502,9 @@ def usage(u) -> p.Usage:
     )
 
 
-async def complete(run: Run, model_id: str) -> p.ChatCompletion:
-    """Collect a run into one chat.completion object."""
+async def drain(run) -> None:
+    """Read a run (a `Run`, or the agent's) to its end: a failure is an ApiError, a client gone a
+    499; the run is closed in every case."""
     try:
         async for event in run.rest():
             if isinstance(event, Failed):
@@ -512,6 +513,16 @@ async def complete(run: Run, model_id: str) -> p.ChatCompletion:
         raise ApiError(499, "the client closed the connection") from None
     finally:
         run.close()
+
+
+def failed_event(event: Failed) -> str:
+    """A failure in the middle of a stream, as one SSE event with OpenAI's error body."""
+    return f"data: {json.dumps(ApiError(event.status, event.message, code=event.code).body())}\n\n"
+
+
+async def complete(run: Run, model_id: str) -> p.ChatCompletion:
+    """Collect a run into one chat.completion object."""
+    await drain(run)
     message, finish = response(
         "".join(run.text), run.finished.finish_reason, run.job.call_format, run.job.legacy_functions
     )
@@ -548,7 +559,7 @@ async def sse(run: Run, model_id: str, include_usage: bool) -> AsyncIterator[str
                 if include_usage:
                     yield chunk(choices=[], usage=usage(event.usage))
             elif isinstance(event, Failed):
-                yield f"data: {json.dumps(ApiError(event.status, event.message, code=event.code).body())}\n\n"
+                yield failed_event(event)
         yield "data: [DONE]\n\n"
     except ClientGone:
         return
