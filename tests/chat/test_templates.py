@@ -142,14 +142,27 @@ GOLDEN_TRAINABLE = {
     "internlm2": "A cat.<|im_end|>Orange.<|im_end|>",
     "blip2": "A cat.</s>Orange.</s>",
     "ziya": "A cat.\nOrange.\n",
+    "minigpt4_vicuna0": "A cat.###Orange.###",
+    "minigpt4_llama2": "A cat.Orange.",
 }
 
 
 def test_registry_names_and_stops() -> None:
-    assert list(TEMPLATES) == ["vicuna_v0", "llama2", "chatml", "internlm2", "blip2", "ziya"]
+    assert list(TEMPLATES) == [
+        "vicuna_v0",
+        "llama2",
+        "chatml",
+        "internlm2",
+        "blip2",
+        "ziya",
+        "minigpt4_vicuna0",
+        "minigpt4_llama2",
+    ]
     assert {n: t.stop for n, t in TEMPLATES.items()} == {
         "vicuna_v0": ("###",),
         "llama2": ("</s>",),
+        "minigpt4_vicuna0": ("###",),
+        "minigpt4_llama2": ("</s>",),
         "chatml": ("<|im_end|>",),
         "internlm2": ("<|im_end|>",),
         "blip2": ("</s>",),
