@@ -4,6 +4,8 @@ safetensors or `.bin` bases; bad inputs are one line through the CLI with exit c
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -49,6 +51,25 @@ def test_round_trip_gives_the_target_with_its_vocabulary(models, tmp_path):
     for key, value in target.state_dict().items():
         assert torch.allclose(rebuilt.state_dict()[key], value, atol=1e-6), key
     assert AutoTokenizer.from_pretrained(out).pad_token == "<pad>"  # the delta's tokenizer
+
+
+def test_ziya_style_takes_the_deltas_embeddings_whole(models, tmp_path):
+    """Fengshenbang-LM's apply_delta: embed_tokens and lm_head come from the delta as they are."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    root, target = models
+    ziya = tmp_path / "ziya-delta"
+    shutil.copytree(root / "delta", ziya)
+    for path in ziya.glob("*.safetensors"):
+        state = load_file(path)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if key in state:
+                state[key] = target.state_dict()[key].clone()
+        save_file(state, path, metadata={"format": "pt"})
+    rebuilt = LlamaForCausalLM.from_pretrained(apply_delta(root / "base", ziya, tmp_path / "out", "delta"))
+    for key, value in target.state_dict().items():
+        assert torch.allclose(rebuilt.state_dict()[key], value, atol=1e-6), key
 
 
 def test_the_cli_prints_the_folder(models, tmp_path, monkeypatch, capsys):

@@ -487,12 +487,15 @@ def weights_apply_delta(
     base: DirOption,
     delta: Annotated[Path, typer.Option(help="The delta directory (e.g. Vicuna v0's); its tokenizer is kept.")],
     out: Annotated[Path, typer.Option(help="A new (or empty) directory for the result.")],
+    embeddings: Annotated[
+        str, typer.Option(help="add: base added to the delta's first rows (Vicuna); delta: the delta's (Ziya-LLaMA).")
+    ] = "add",
 ) -> None:
     """Rebuild a model released as a delta (Vicuna v0, Ziya-LLaMA): base + delta per tensor, as FastChat's
     apply_delta (the delta's extra vocabulary rows kept). Prints the output folder."""
     from vlchat.delta import apply_delta
 
-    print(apply_delta(base, delta, out))
+    print(apply_delta(base, delta, out, embeddings))
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")

@@ -3,8 +3,10 @@ Ziya-LLaMA) from the base and the delta, as FastChat's `apply_delta` does.
 
 Every tensor of the output is delta + base. The delta may have more vocabulary rows than the base
 (Vicuna v0 added a pad token: 32001 against LLaMA's 32000): for `embed_tokens` and `lm_head` the base
-is added to the delta's first rows and the new rows are the delta's as they are. Other shapes must
-be equal. The sum is computed in float32 and stored in the delta's dtype. The output takes the
+is added to the delta's first rows and the new rows are the delta's as they are (`embeddings="add"`).
+Ziya-LLaMA's delta (Fengshenbang-LM `fengshen/utils/apply_delta.py`) instead holds these two whole,
+for its enlarged Chinese vocabulary: `embeddings="delta"` takes them from the delta unchanged. Other
+shapes must be equal. The sum is computed in float32 and stored in the delta's dtype. The output takes the
 delta's config.json, generation config and tokenizer (its vocabulary is the delta's), and the
 delta's shard layout, written as safetensors. Weights are read as safetensors or with
 torch.load(weights_only=True); every problem is one VlchatError line naming the key.
@@ -24,10 +26,15 @@ VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")  # rows = vocabulary: the
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers old checkpoints saved; recomputed at load
 
 
-def apply_delta(base: Path, delta: Path, out: Path) -> Path:
+EMBEDDINGS = ("add", "delta")
+
+
+def apply_delta(base: Path, delta: Path, out: Path, embeddings: str = "add") -> Path:
     """Write base + delta to `out` (a new or empty directory); returns `out`."""
     from vlchat.model.loaders.checkpoint import weight_files
 
+    if embeddings not in EMBEDDINGS:
+        raise VlchatError(f"--embeddings must be add (Vicuna, FastChat) or delta (Ziya-LLaMA), got {embeddings!r}")
     for flag, directory in (("--base", base), ("--delta", delta)):
         if not directory.is_dir():
             raise VlchatError(f"{flag} {directory}: no such directory")
@@ -48,7 +55,8 @@ def apply_delta(base: Path, delta: Path, out: Path) -> Path:
         for key, value in read_tensors(path).items():
             if key.endswith(SKIPPED):
                 continue
-            summed[key] = add_base(key, reader.get(key), value) if key in reader else value
+            whole = embeddings == "delta" and key.endswith(VOCAB_KEYS)
+            summed[key] = add_base(key, reader.get(key), value) if key in reader and not whole else value
             seen.add(key)
         save(summed, out / name)
         weight_map.update(dict.fromkeys(summed, name))
