@@ -283,11 +283,13 @@ TEMPLATES: dict[str, Template] = {
         bos="</s>",
         images_first=True,
     ),
-    # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:";
+    # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:",
+    # tokenized with LLaMA's BOS in front (the cards call `tokenizer(inputs)`, which adds it);
     # no default system; a given one goes first as "S\n". The model also stops on "</s>".
     "ziya": Template(
         name="ziya",
         default_system="",
+        bos="<s>",
         stop=("<human>:", "</s>"),
         system_suffix="\n",
         user_prefix="<human>:",
