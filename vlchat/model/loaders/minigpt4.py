@@ -3,7 +3,8 @@
 - `arch: minigpt4`, `model_type: pretrain_vicuna0` (Q-Former, Vicuna v0 prompt) or `pretrain_llama2`
   (no Q-Former, LLaMA-2-chat prompt); `has_qformer` may override the model type's default;
 - `ckpt`: the projection, `pretrained_minigpt4*.pth` = {"model": {"llama_proj.weight", "llama_proj.bias"}};
-- `llama_model`: the LM, a Hugging Face LLaMA directory (Vicuna v0 or LLaMA-2-chat);
+- `llama_model`: the LM, a Hugging Face LLaMA directory (Vicuna v0 or LLaMA-2-chat). MiniGPT-4 itself
+  reads it from `minigpt4/configs/models/*.yaml`; vlchat reads the eval YAML only, so it must be set there;
 - `q_former_model` (optional): `blip2_pretrained_flant5xxl.pth` = {"model": {"ln_vision.*", "query_tokens",
   "Qformer.bert.*", ...}}; its other parts (the T5 projection, the Q-Former's text-only layers) are unused;
 - the EVA ViT-g, `eva_vit_g.pth` (a bare state dict), and a Q-Former file given only as a URL, are
@@ -250,17 +251,13 @@ def load(config: ModelConfig, path: Path):
     connector = build_connector(files, state, vit_config, dtype)
     if config.lm.adapter:
         raise VlchatError("a LoRA adapter on a MiniGPT-4 model is not supported")
-    model = pretrained_strict(_causal_lm_class(), files.llama_model, dtype, "language model")
+    from transformers import AutoModelForCausalLM
+
+    model = pretrained_strict(AutoModelForCausalLM, files.llama_model, dtype, "language model")
     lm = LanguageModel(model, load_tokenizer(files.llama_model), config.lm.context_window)
     del state
     with torch.no_grad():
         return VisionLanguageModel(config, vision, connector, lm).eval()
-
-
-def _causal_lm_class():
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
 
 
 def _load_into(module, state: dict, what: str, files: MiniGPT4Files) -> None:
