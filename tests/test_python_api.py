@@ -77,3 +77,19 @@ def test_the_documented_examples_run(llava_dir, monkeypatch):
     for block in blocks:
         code = block.replace('"llava-hf/llava-1.5-7b-hf"', f'"{llava_dir}", dtype="float32"')
         exec(compile(code, str(DOC), "exec"), {})
+
+
+def test_ziya_chat_prompt_is_the_model_cards(tmp_path):
+    """Ziya's `chat(query, previous_querys, previous_outputs)` with the `ziya` template feeds exactly what
+    Ziya's model cards tokenize: `tokenizer("<human>:Q1\\n<bot>:A1\\n<human>:Q\\n<bot>:")`, BOS included."""
+    from tests.hf_tiny import save_tiny_causal_lm
+    from vlchat.chat.prompt import slot_ids
+
+    _, tokenizer = save_tiny_causal_lm(tmp_path / "lm")
+    ziya = vlchat.load(str(tmp_path / "lm"), dtype="float32")
+    ziya.new_session("ziya")
+    ziya.chat("What colour is the sky?", ["Hello!"], ["I am fine."], max_new_tokens=3)
+    session = ziya.session
+    keys = session.position_keys(session.conversation()[:-1])
+    expected = tokenizer("<human>:Hello!\n<bot>:I am fine.\n<human>:What colour is the sky?\n<bot>:").input_ids
+    assert expected[0] == tokenizer.bos_token_id and slot_ids(keys) == expected

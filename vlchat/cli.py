@@ -477,6 +477,27 @@ def pull(
     print(run_pull(name, source, revision))
 
 
+weights_app = typer.Typer(no_args_is_help=True, help="Prepare released weights (apply a delta to its base model).")
+app.add_typer(weights_app, name="weights")
+DirOption = Annotated[Path, typer.Option(help="The base model directory (e.g. LLaMA in Hugging Face format).")]
+
+
+@weights_app.command("apply-delta")
+def weights_apply_delta(
+    base: DirOption,
+    delta: Annotated[Path, typer.Option(help="The delta directory (e.g. Vicuna v0's); its tokenizer is kept.")],
+    out: Annotated[Path, typer.Option(help="A new (or empty) directory for the result.")],
+    embeddings: Annotated[
+        str, typer.Option(help="add: base added to the delta's first rows (Vicuna); delta: the delta's (Ziya-LLaMA).")
+    ] = "add",
+) -> None:
+    """Rebuild a model released as a delta (Vicuna v0, Ziya-LLaMA): base + delta per tensor, as FastChat's
+    apply_delta (the delta's extra vocabulary rows kept). Prints the output folder."""
+    from vlchat.delta import apply_delta
+
+    print(apply_delta(base, delta, out, embeddings))
+
+
 train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(train_app, name="train")

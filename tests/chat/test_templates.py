@@ -71,16 +71,18 @@ def _chatml(s: str) -> dict[str, str]:
     }
 
 
+_VICUNA = {
+    "single": f"{MS}###Human: {Q}###Assistant: ",
+    "multi": f"{MS}###Human: {Q}###Assistant: A cat.###Human: And its colour?###Assistant: ",
+    "two_images": f"{MS}###Human: {IMG} {IMG} Compare them.###Assistant: ",
+    "images_in_two_turns": f"{MS}###Human: {Q}###Assistant: A cat.###Human: {IMG} And this one?###Assistant: ",
+    "custom_system": f"Be brief.###Human: {Q}###Assistant: ",
+    "empty_system": f"Human: {Q}###Assistant: ",
+    "persona": f"{ZBJ}###Human: {Q}###Assistant: ",
+}
+
 GOLDEN: dict[str, dict[str, str]] = {
-    "vicuna_v0": {
-        "single": f"{MS}###Human: {Q}###Assistant: ",
-        "multi": f"{MS}###Human: {Q}###Assistant: A cat.###Human: And its colour?###Assistant: ",
-        "two_images": f"{MS}###Human: {IMG} {IMG} Compare them.###Assistant: ",
-        "images_in_two_turns": f"{MS}###Human: {Q}###Assistant: A cat.###Human: {IMG} And this one?###Assistant: ",
-        "custom_system": f"Be brief.###Human: {Q}###Assistant: ",
-        "empty_system": f"Human: {Q}###Assistant: ",
-        "persona": f"{ZBJ}###Human: {Q}###Assistant: ",
-    },
+    "vicuna_v0": _VICUNA,
     "llama2": {
         "single": f"<s>[INST] <<SYS>>\n{MS}\n<</SYS>>\n\n{Q} [/INST] ",
         "multi": f"<s>[INST] <<SYS>>\n{MS}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] And its colour? [/INST] ",
@@ -105,13 +107,23 @@ GOLDEN: dict[str, dict[str, str]] = {
         "persona": f"</s>{ZBJ}\nQuestion: {Q} Answer:",
     },
     "ziya": {
-        "single": f"<human>:{Q}\n<bot>:",
-        "multi": f"<human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:",
-        "two_images": f"<human>:{IMG} {IMG} Compare them.\n<bot>:",
-        "images_in_two_turns": f"<human>:{Q}\n<bot>:A cat.\n<human>:{IMG} And this one?\n<bot>:",
-        "custom_system": f"Be brief.\n<human>:{Q}\n<bot>:",
-        "empty_system": f"<human>:{Q}\n<bot>:",
-        "persona": f"{ZBJ}\n<human>:{Q}\n<bot>:",
+        "single": f"<s><human>:{Q}\n<bot>:",
+        "multi": f"<s><human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:",
+        "two_images": f"<s><human>:{IMG} {IMG} Compare them.\n<bot>:",
+        "images_in_two_turns": f"<s><human>:{Q}\n<bot>:A cat.\n<human>:{IMG} And this one?\n<bot>:",
+        "custom_system": f"<s>Be brief.\n<human>:{Q}\n<bot>:",
+        "empty_system": f"<s><human>:{Q}\n<bot>:",
+        "persona": f"<s>{ZBJ}\n<human>:{Q}\n<bot>:",
+    },
+    "minigpt4_vicuna0": {k: "<s>" + v for k, v in _VICUNA.items()},
+    "minigpt4_llama2": {
+        "single": f"<s>{MS}<s>[INST] {Q} [/INST] ",
+        "multi": f"<s>{MS}<s>[INST] {Q} [/INST] A cat.<s>[INST] And its colour? [/INST] ",
+        "two_images": f"<s>{MS}<s>[INST] {IMG} {IMG} Compare them. [/INST] ",
+        "images_in_two_turns": f"<s>{MS}<s>[INST] {Q} [/INST] A cat.<s>[INST] {IMG} And this one? [/INST] ",
+        "custom_system": f"<s>Be brief.<s>[INST] {Q} [/INST] ",
+        "empty_system": f"<s><s>[INST] {Q} [/INST] ",  # as MiniGPT-4: the tokenizer's BOS, then the role's
+        "persona": f"<s>{ZBJ}<s>[INST] {Q} [/INST] ",
     },
 }
 
@@ -133,7 +145,9 @@ GOLDEN_TRAINING = {
         "<|im_start|>assistant\nOrange.<|im_end|>\n"
     ),
     "blip2": f"</s>Question: {Q} Answer:A cat.</s>Question: And its colour? Answer:Orange.</s>",
-    "ziya": f"<human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:Orange.\n",
+    "ziya": f"<s><human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:Orange.\n",
+    "minigpt4_vicuna0": (f"<s>{MS}###Human: {Q}###Assistant: A cat.###Human: And its colour?###Assistant: Orange.###"),
+    "minigpt4_llama2": f"<s>{MS}<s>[INST] {Q} [/INST] A cat.<s>[INST] And its colour? [/INST] Orange.",
 }
 GOLDEN_TRAINABLE = {
     "vicuna_v0": "A cat.###Orange.###",
@@ -142,14 +156,27 @@ GOLDEN_TRAINABLE = {
     "internlm2": "A cat.<|im_end|>Orange.<|im_end|>",
     "blip2": "A cat.</s>Orange.</s>",
     "ziya": "A cat.\nOrange.\n",
+    "minigpt4_vicuna0": "A cat.###Orange.###",
+    "minigpt4_llama2": "A cat.Orange.",
 }
 
 
 def test_registry_names_and_stops() -> None:
-    assert list(TEMPLATES) == ["vicuna_v0", "llama2", "chatml", "internlm2", "blip2", "ziya"]
+    assert list(TEMPLATES) == [
+        "vicuna_v0",
+        "llama2",
+        "chatml",
+        "internlm2",
+        "blip2",
+        "ziya",
+        "minigpt4_vicuna0",
+        "minigpt4_llama2",
+    ]
     assert {n: t.stop for n, t in TEMPLATES.items()} == {
         "vicuna_v0": ("###",),
         "llama2": ("</s>",),
+        "minigpt4_vicuna0": ("###",),
+        "minigpt4_llama2": ("</s>",),
         "chatml": ("<|im_end|>",),
         "internlm2": ("<|im_end|>",),
         "blip2": ("</s>",),

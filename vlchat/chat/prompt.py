@@ -45,7 +45,8 @@ def encode(
         elif message is not None and message.images and template.images_first:
             piece = pieces.text(template.part_separator.join(p.text for p in message.parts if isinstance(p, Text)))
         elif message is not None and message.images:
-            piece = content_keys(message, pieces.text, tokens_per_image, template, pieces.flush)
+            restart = pieces.restart if template.split_at_images else None
+            piece = content_keys(message, pieces.text, tokens_per_image, template, pieces.flush, restart)
         else:
             piece = pieces.text(segment.text, bos=segment.text == template.bos and not keys)
         keys += piece
@@ -80,6 +81,11 @@ class _Pieces:
         self.started = self.started or not bos
         return ids
 
+    def restart(self) -> None:
+        """The next text is tokenized as a prompt's beginning (MiniGPT-4 tokenizes the text after each
+        image on its own: LLaMA's tokenizer then prepends its "▁" to it)."""
+        self.started = False
+
     def flush(self) -> list[int]:
         """The carried spaces as tokens of their own (an image or recorded answer ids come next)."""
         if not self.carry:
@@ -111,10 +117,12 @@ def content_keys(
     tokens_per_image: int,
     template: Template | None = None,
     flush: Callable[[], list[int]] = list,
+    restart: Callable[[], None] | None = None,
 ) -> list[PositionKey]:
     """A message's parts, images as the template's open text + N slots + close text (MiniGPT-4's
     `<Img>` ... `</Img>` by default), parts joined by its separator (one space by default).
-    `flush` returns tokens still owed before an image slot (spaces carried by `encode`)."""
+    `flush` returns tokens still owed before an image slot (spaces carried by `encode`); `restart`, if
+    given, is called after each image (templates with `split_at_images`)."""
     open_, close, separator = ("<Img>", "</Img>", " ") if template is None else template.image_markup
     keys: list[PositionKey] = []
     text = ""
@@ -126,5 +134,7 @@ def content_keys(
         keys += tokenize(text + open_) if text + open_ else []
         keys += flush()
         keys += [(part.key, slot) for slot in range(tokens_per_image)]
+        if restart is not None:
+            restart()
         text = close
     return keys + (tokenize(text) if text else [])

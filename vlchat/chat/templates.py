@@ -83,6 +83,9 @@ class Template:
     # all text (BLIP-2: Blip2Processor puts the Q-Former's query embeddings in front of the prompt);
     # a message's text parts are then joined by `part_separator`. Rendered text is unchanged.
     images_first: bool = False
+    # The text after each image is tokenized on its own, as a prompt's start (MiniGPT-4's
+    # `get_context_emb` splits the prompt at `<ImageHere>` and tokenizes each piece alone).
+    split_at_images: bool = False
     tool_format: str = "generic"  # how tools, calls and results are written (chat/tools.py FORMATS)
 
     def segments(
@@ -280,16 +283,44 @@ TEMPLATES: dict[str, Template] = {
         bos="</s>",
         images_first=True,
     ),
-    # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:";
+    # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:",
+    # tokenized with LLaMA's BOS in front (the cards call `tokenizer(inputs)`, which adds it);
     # no default system; a given one goes first as "S\n". The model also stops on "</s>".
     "ziya": Template(
         name="ziya",
         default_system="",
+        bos="<s>",
         stop=("<human>:", "</s>"),
         system_suffix="\n",
         user_prefix="<human>:",
         user_suffix="\n",
         assistant_prefix="<bot>:",
         assistant_end="\n",
+    ),
+    # MiniGPT-4's own demo prompts (conversation.py), for its release files (model/loaders/minigpt4.py):
+    # CONV_VISION_Vicuna0 "S###Human: U###Assistant: " after the BOS its tokenizer adds to the first
+    # piece; the text after an image is tokenized alone (split_at_images), as get_context_emb does.
+    "minigpt4_vicuna0": Template(
+        name="minigpt4_vicuna0",
+        default_system=MINIGPT4_SYSTEM,
+        stop=("###",),
+        bos="<s>",
+        system_suffix="###",
+        user_prefix="Human: ",
+        user_suffix="###",
+        assistant_prefix="Assistant: ",
+        assistant_end="###",
+        split_at_images=True,
+    ),
+    # CONV_VISION_LLama2: "S" then "<s>[INST] U [/INST] A" per turn, no separators, no <<SYS>> block;
+    # answers end with the EOS "</s>" (MiniGPT-4's end_sym), which is not re-rendered in the history.
+    "minigpt4_llama2": Template(
+        name="minigpt4_llama2",
+        default_system=MINIGPT4_SYSTEM,
+        stop=("</s>",),
+        bos="<s>",
+        user_prefix="<s>[INST] ",
+        assistant_prefix=" [/INST] ",
+        split_at_images=True,
     ),
 }

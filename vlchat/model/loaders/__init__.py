@@ -53,11 +53,21 @@ def model_config_from_checkpoint(directory: Path) -> ModelConfig:
 
 
 def load_checkpoint_model(config: ModelConfig):
-    """The VisionLanguageModel for a ModelConfig whose `checkpoint` names a directory."""
+    """The VisionLanguageModel for a ModelConfig whose `checkpoint` names a directory (or a MiniGPT-4
+    eval YAML, which names its release files)."""
     directory = Path(config.checkpoint).expanduser()
+    if directory.suffix in (".yaml", ".yml") and directory.is_file():
+        return _minigpt4().load(config, directory)
     if not (directory / "config.json").is_file():
         raise VlchatError(f"model checkpoint {directory} not found (expected a directory with config.json)")
     return family_module(directory).load(config, directory)
+
+
+def _minigpt4():
+    """MiniGPT-4's loader (eval YAMLs naming its release files), imported on use as the families are."""
+    import importlib
+
+    return importlib.import_module("vlchat.model.loaders.minigpt4")
 
 
 def find_checkpoint(name: str) -> Path | None:
@@ -77,8 +87,11 @@ def find_checkpoint(name: str) -> Path | None:
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """A preset by name, a model config file (JSON or YAML) by path, or a Hugging Face checkpoint
-    directory (a path, a folder name under $VLCHAT_HOME/models, or an org/name in the HF cache)."""
+    """A preset by name, a model config file (JSON or YAML) by path, a MiniGPT-4 eval YAML, or a Hugging
+    Face checkpoint directory (a path, a folder name under $VLCHAT_HOME/models, or an org/name in the HF cache)."""
+    if name not in PRESETS and name.endswith((".yaml", ".yml")):
+        if _minigpt4().is_minigpt4_yaml(Path(name).expanduser()):
+            return replace(_minigpt4().model_config(Path(name).expanduser()), **overrides)
     if name not in PRESETS and not name.endswith((".json", ".yaml", ".yml")):
         if (directory := find_checkpoint(name)) is not None:
             return replace(model_config_from_checkpoint(directory), **overrides)

@@ -8,6 +8,8 @@ VlchatError line that names the key and the likely cause.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -56,6 +58,37 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise VlchatError(f"cannot read weights {path}: {reason} (corrupt or incomplete file?)") from None
     return state
+
+
+def torch_load_tensors(path: Path, what: str) -> dict:
+    """A `.pth`/`.bin` file read with `torch.load(weights_only=True)`: tensors and plain containers
+    only. A file that pickles other Python objects (which could run code) is refused in one line."""
+    if not path.is_file():
+        raise VlchatError(f"the {what} file {path} does not exist")
+    try:
+        data = _load_weights_only(path)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise VlchatError(
+            f"refused to load {path}: it pickles Python objects{f' ({found[1]})' if found else ''}, not only "
+            "tensors; vlchat reads weights with torch.load(weights_only=True) and runs no code from a checkpoint"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise VlchatError(f"cannot read the {what} file {path}: {reason} (corrupt or incomplete file?)") from None
+    if not isinstance(data, dict):
+        raise VlchatError(f"the {what} file {path} holds a {type(data).__name__}, not a dict of weights")
+    return data
+
+
+def _load_weights_only(path: Path):
+    """Memory-mapped where the file allows it (zip format), else read whole (the legacy format)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rename_keys(state: dict[str, torch.Tensor], prefixes: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
