@@ -489,6 +489,33 @@ def pull(
     print(run_pull(name, source, revision))
 
 
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Argument(help="The folder to write.")],
+    run: Annotated[Path, typer.Option(help="A finished training run: its output_dir (e.g. runs/stage2).")],
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf-llava: a LlavaForConditionalGeneration checkpoint (CLIP/SigLIP runs); "
+            "weights: the projector (+ LoRA) in bfloat16, as vlchat/weights ships them.",
+        ),
+    ] = "hf-llava",
+) -> None:
+    """Export a training run: to the Hugging Face LLaVA layout, or as bfloat16 weights for vlchat."""
+    if export_format == "hf-llava":
+        from vlchat.train.export_llava import export_llava
+
+        print(export_llava(run, out))
+    elif export_format == "weights":
+        from vlchat.train.export import export_run
+
+        for path in export_run(run, out):
+            print(path)
+    else:
+        raise VlchatError(f"--format must be hf-llava or weights, got {export_format!r}")
+
+
 train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(train_app, name="train")
