@@ -11,9 +11,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-import yaml
 
-from tests.hf_tiny import CHATML_TEMPLATE, photo, save_tiny_vision, tiny_llama_config, tiny_tokenizer
+from tests.hf_tiny import photo, save_tiny_vision_model
 from vlchat.errors import VlchatError
 from vlchat.model.loaders import model_config
 from vlchat.model.projector import Projector, save_projector
@@ -24,29 +23,12 @@ from vlchat.train.export_llava import export_llava, run_model_config
 def tiny_run(root, kind: str, tie: bool, projector: dict | None = None):
     """A finished-looking run: its recipe's config.json names a model config file (tiny tower + LM)
     and a trained (here: random) projector sits beside it."""
-    from transformers import LlamaForCausalLM
-
-    tower = save_tiny_vision(root / f"{kind}-tower", kind)
-    tokenizer = tiny_tokenizer(chat_template=CHATML_TEMPLATE)
-    torch.manual_seed(1)
-    LlamaForCausalLM(tiny_llama_config(len(tokenizer), tie_word_embeddings=tie)).save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
-    projector = projector or {"kind": "mlp2x_gelu", "in_dim": 24, "out_dim": 32}
-    model = {
-        "name": "tiny-clip-run",
-        "vision": {"name": kind, "image_size": 28, "patch_size": 7, "weights": None, "sha256": None},
-        "projector": projector,
-        "lm": {"source": str(root / "lm"), "sha256": None, "dtype": "float32"},
-        "template": "chatml",
-        "projector_weights": None,
-    }
-    model["vision"] |= {"source": str(tower), "feature_layer": -2}
-    (root / "model.yaml").write_text(yaml.safe_dump(model))
+    model_file = save_tiny_vision_model(root, kind, tie, projector)
     run = root / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"model": str(root / "model.yaml"), "lm": "frozen"}))
+    (run / "config.json").write_text(json.dumps({"model": str(model_file), "lm": "frozen"}))
     torch.manual_seed(2)
-    trained = Projector(model_config(str(root / "model.yaml")).projector)
+    trained = Projector(model_config(str(model_file)).projector)
     for p in trained.parameters():
         p.data.normal_(0, 0.3)
     save_projector(trained, run / "projector")

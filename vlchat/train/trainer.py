@@ -181,9 +181,7 @@ class BatchMaker:
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
         groups = 1 if self.config.deepspeed else self.config.length_groups  # DeepSpeed steps per backward
-        return [
-            collate(group, self.vlm.config.vision.image_size, self.pad_id) for group in length_groups(items, groups)
-        ]
+        return [collate(group, self.vlm.pixels, self.pad_id) for group in length_groups(items, groups)]
 
 
 def lr_lambda(config: TrainConfig):
