@@ -314,3 +314,27 @@ def save_tiny_blip2(out: Path, seed: int = 0, num_query_tokens: int = 8):
     processor = {"processor_class": "Blip2Processor", "num_query_tokens": num_query_tokens}
     (out / "processor_config.json").write_text(json.dumps(processor))
     return model, tokenizer
+
+
+def save_tiny_vision_model(root: Path, kind: str, tie: bool = False, projector: dict | None = None) -> Path:
+    """A vlchat model config file (YAML) over a tiny CLIP or SigLIP tower (layer -2, as LLaVA-1.5) and
+    a tiny LLaMA with a ChatML template, as a training recipe's `model:` names it; returns its path."""
+    import yaml
+    from transformers import LlamaForCausalLM
+
+    tower = save_tiny_vision(root / f"{kind}-tower", kind)
+    tokenizer = tiny_tokenizer(chat_template=CHATML_TEMPLATE)
+    torch.manual_seed(1)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), tie_word_embeddings=tie)).save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    model = {
+        "name": f"tiny-{kind}",
+        "vision": {"name": kind, "image_size": 28, "patch_size": 7, "weights": None, "sha256": None},
+        "projector": projector or {"kind": "mlp2x_gelu", "in_dim": 24, "out_dim": 32},
+        "lm": {"source": str(root / "lm"), "sha256": None, "dtype": "float32"},
+        "template": "chatml",
+        "projector_weights": None,
+    }
+    model["vision"] |= {"source": str(tower), "feature_layer": -2}
+    (root / "model.yaml").write_text(yaml.safe_dump(model))
+    return root / "model.yaml"

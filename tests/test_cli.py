@@ -101,6 +101,12 @@ BAD_INPUTS = {
     "chat: bomb": ["chat", "-i", "{bad}/bomb.png"],
     "chat: unknown persona": ["chat", "--persona", "no-such-persona"],
     "chat: top_p 0": ["chat", "--top-p", "0"],
+    # placement: refused before the model loads, on any machine (cuda:99 exists nowhere; --device cpu)
+    "ask: device cuda:99": ["ask", QUESTION, "--device", "cuda:99"],
+    "chat: dtype float16 on cpu": ["chat", "--device", "cpu", "--dtype", "float16"],
+    "agent: load-in 3bit": ["agent", QUESTION, "--load-in", "3bit"],
+    "eval: device-map on cpu": ["eval", "--device", "cpu", "--device-map", "auto"],
+    "serve: load-in 8bit on cpu": ["serve", "--device", "cpu", "--load-in", "8bit", "--home", "{bad}"],
 }
 
 

@@ -9,45 +9,36 @@ Generation options are GenerationConfig fields (max_new_tokens, temperature, top
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.model.loaders import model_config
 
-DTYPES = ("auto", "float32", "bfloat16")
-
 
 def resolve_device(device: str) -> str:
-    """ "auto" | "cpu" | "cuda" | "cuda:N" -> a torch device string; VlchatError for anything else."""
-    import torch
+    """ "auto" | "cpu" | "cuda" | "cuda:N" -> a torch device string that exists here (model/placement.py)."""
+    from vlchat.model.placement import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        raise VlchatError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    index = int(device.partition(":")[2] or 0)
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise VlchatError(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA device(s))")
-    return device
+    return resolve(device)
 
 
-def load(name_or_dir: str = "default", device: str = "cpu", dtype: str | None = None) -> ChatModel:
-    """Load a model (a preset, a model directory, a `vlchat models` name) onto `device`."""
+def load(
+    name_or_dir: str = "default",
+    device: str = "cpu",
+    dtype: str | None = None,
+    load_in: str | None = None,
+    device_map: str | None = None,
+) -> ChatModel:
+    """Load a model (a preset, a model directory, a `vlchat models` name) onto `device` ("auto", "cpu",
+    "cuda", "cuda:N"); `dtype` "auto" | "float32" | "bfloat16" | "float16" (GPUs) overrides the model's;
+    `load_in` "8bit" | "4bit" (bitsandbytes, GPUs) and `device_map` "auto" (several GPUs) for large LMs."""
     from vlchat.chat.engine import Chat
+    from vlchat.model.placement import with_placement
     from vlchat.model.vlm import load_model
 
-    where = resolve_device(device)
-    if dtype is not None and dtype not in DTYPES:
-        raise VlchatError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = model_config(name_or_dir)
-    if dtype is not None:
-        config = replace(config, lm=replace(config.lm, dtype=dtype))
-    return ChatModel(Chat(load_model(config).to(where)))
+    config = with_placement(model_config(name_or_dir), device, dtype, load_in, device_map)
+    return ChatModel(Chat(load_model(config)))
 
 
 class ChatModel:

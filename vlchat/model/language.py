@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from vlchat.assets import lm_directory, resolve
 from vlchat.config import LMConfig
 from vlchat.errors import VlchatError
 from vlchat.model.lora import AdapterGate, attach_adapter
+from vlchat.model.placement import cpu_has_native_bf16, pretrained_kwargs, resolve_dtype  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -232,22 +232,9 @@ def prepends_space(tokenizer) -> bool:
     return cached
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_native_bf16() else torch.float32
-    return getattr(torch, name)
-
-
-def load_language_model(config: LMConfig) -> LanguageModel:
-    """Load the LM (frozen, eval mode) from a package GGUF, a local directory or the hub."""
+def load_language_model(config: LMConfig, device: str = "cpu") -> LanguageModel:
+    """Load the LM (frozen, eval mode) from a package GGUF, a local directory or the hub; quantized
+    or spread over GPUs as `config` asks (model/placement.py), else on the CPU for the caller to move."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -256,7 +243,9 @@ def load_language_model(config: LMConfig) -> LanguageModel:
     where = lm_directory(config.source, config.sha256)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(config.dtype))
+        dtype = resolve_dtype(config.dtype, device)
+        placed = pretrained_kwargs(dtype, device, config.load_in, config.device_map)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placed)
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
     gate = attach_adapter(model, config.adapter) if config.adapter else None

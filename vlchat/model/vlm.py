@@ -6,6 +6,8 @@ embeddings into the text embeddings where the prompt has image slots.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from PIL import Image as PILImage
 from torch import nn
@@ -88,18 +90,37 @@ class VisionLanguageModel(nn.Module):
 
 def load_model(config: ModelConfig) -> VisionLanguageModel:
     """Build the model from its config: frozen encoder and LM, trained (or fresh) projector; a
-    Hugging Face checkpoint (config.checkpoint) through its family's loader (model/loaders/)."""
+    Hugging Face checkpoint (config.checkpoint) through its family's loader (model/loaders/). The
+    placement (device, dtype, quantization, device map) is checked against the machine first."""
+    from vlchat.model.placement import check_placement
+
+    device = check_placement(config.device, config.lm.dtype, config.lm.load_in, config.lm.device_map)
+    config = replace(config, device=device)  # resolved ("auto" -> "cuda" or "cpu"): the loaders read it
     if config.checkpoint is not None:
         from vlchat.model.loaders import load_checkpoint_model
 
-        return load_checkpoint_model(config)
+        return place(load_checkpoint_model(config), config)
     weights = verified_file(config.vision.weights, config.vision.sha256) if config.vision.weights else None
     vision = load_vision_encoder(config.vision, weights)
-    lm = load_language_model(config.lm)
+    lm = load_language_model(config.lm, device)
     if config.projector.in_dim != vision.hidden_size or config.projector.out_dim != lm.hidden_size:
         raise VlchatError(
             f"projector dims {config.projector.in_dim}->{config.projector.out_dim} do not fit vision "
             f"{vision.hidden_size} -> LM {lm.hidden_size}"
         )
     projector = build_projector(config.projector, config.projector_weights)
-    return VisionLanguageModel(config, vision, projector, lm).eval()
+    return place(VisionLanguageModel(config, vision, projector, lm).eval(), config)
+
+
+def place(vlm: VisionLanguageModel, config: ModelConfig) -> VisionLanguageModel:
+    """Move the model to `config.device`; an LM that transformers placed itself (quantized, or a
+    device map) stays, and the encoder and projector go where its input embeddings are."""
+    from vlchat.model.placement import placed_by_transformers
+
+    if not placed_by_transformers(config.lm.load_in, config.lm.device_map):
+        return vlm.to(config.device)
+    first = vlm.lm.model.get_input_embeddings().weight.device
+    for part in (vlm.vision, vlm.projector):
+        if part is not None:
+            part.to(first)
+    return vlm

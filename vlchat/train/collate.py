@@ -14,9 +14,12 @@ circle?" gives away "Is there a red circle?"), which teaches the model to look a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image
 
 from vlchat.chat.messages import Message
 from vlchat.chat.prompt import encode, slot_ids
@@ -108,8 +111,12 @@ def _common_prefix(sequences: list[list]) -> int:
     return shortest - 1  # keep one token in every branch
 
 
-def collate(items: list[Encoded], image_size: int, pad_id: int) -> Batch:
-    """Right-pad a list of encoded samples into a batch; load and normalise their images."""
+def collate(items: list[Encoded], preprocess: Callable[[Image.Image], torch.Tensor] | int, pad_id: int) -> Batch:
+    """Right-pad a list of encoded samples into a batch; load their images and preprocess them with
+    the model's own preprocessing (`VisionLanguageModel.pixels`: a CLIP/SigLIP checkpoint's size, mean
+    and std; EfficientNet's otherwise), or, given an int, EfficientNet's at that image size."""
+    if isinstance(preprocess, int):
+        preprocess = functools.partial(_efficientnet_pixels, size=preprocess)
     width = max(len(item.ids) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -120,11 +127,15 @@ def collate(items: list[Encoded], image_size: int, pad_id: int) -> Batch:
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(item.ids), torch.tensor(item.labels), 1
         for image in item.images:
             image = load_image(image) if isinstance(image, str) else image
-            pixels.append(to_tensor(image, image_size))
+            pixels.append(preprocess(image))
     pixels = torch.stack(pixels) if pixels else None
     if any(item.branches for item in items):
         return Batch(ids, labels, branch_mask(items, width), pixels, branch_positions(items, width))
     return Batch(ids, labels, mask, pixels)
+
+
+def _efficientnet_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    return to_tensor(image, size)
 
 
 def branch_mask(items: list[Encoded], width: int) -> torch.Tensor:

@@ -124,7 +124,7 @@ class Probe:
 
     def score(self, encoded: list[Encoded]) -> tuple[list[float], list[bool]]:
         """(loss, exact) of every answer in `encoded`, in reading order."""
-        batch = collate(encoded, self.vlm.config.vision.image_size, self.pad_id)
+        batch = collate(encoded, self.vlm.pixels, self.pad_id)
         device = next(self.vlm.projector.parameters()).device
         images = self.vlm.projector(self.vlm.vision(batch.pixels.to(device)))  # (n, N, D)
         embeds = self.vlm.embed(batch.ids.to(device), images)  # (B, T, D)

@@ -26,6 +26,8 @@ OLD_KEYS = {
     "position_tokens": "is now projector: {position_tokens: N}",
     "projector_position_code": "is now projector: {position_code: X}",
     "projector_output_rms": "was removed (RMS-normalised projector outputs did not help); delete it",
+    "deepspeed": "was removed (the DeepSpeed ZeRO-2 path was never run: no GPU and no installable DeepSpeed "
+    "wheel where vlchat is built); delete it and use torchrun (DDP)",
     "loss_weighting": "was removed (the loss is the mean over supervised tokens; weighting by answer did not help); "
     "delete it",
 }
@@ -103,7 +105,6 @@ class TrainConfig:
     # loss and exactness in metrics.jsonl, about as costly as one training step per 16 scenes.
     probe_every: int = 0
     probe_scenes: int = 16
-    deepspeed: str | None = None  # a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)
 
     def __post_init__(self) -> None:
         checks = [

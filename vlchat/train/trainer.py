@@ -180,10 +180,8 @@ class BatchMaker:
         items = [e for e in (self.encode(i) for i in indices) if e is not None]
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
-        groups = 1 if self.config.deepspeed else self.config.length_groups  # DeepSpeed steps per backward
-        return [
-            collate(group, self.vlm.config.vision.image_size, self.pad_id) for group in length_groups(items, groups)
-        ]
+        groups = length_groups(items, self.config.length_groups)
+        return [collate(group, self.vlm.pixels, self.pad_id) for group in groups]
 
 
 def lr_lambda(config: TrainConfig):
@@ -221,8 +219,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     vlm = module.vlm
     start = restore(state, module, optimizer, scheduler, world) if state else 0
     wrapped = DistributedDataParallel(module, broadcast_buffers=False) if world.size > 1 else module
-    if config.deepspeed:  # ZeRO-2 for large LMs on GPUs: DeepSpeed owns the optimizer step
-        wrapped = deepspeed_engine(module, optimizer, config)
     metrics = MetricsLog(out / "metrics.jsonl", start) if world.main else None
     if world.main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -234,31 +230,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-def deepspeed_engine(module: nn.Module, optimizer, config: TrainConfig):
-    """Wrap the module with DeepSpeed (ZeRO config from `config.deepspeed`); untested on CPU-only hosts."""
-    try:
-        import deepspeed
-    except ImportError:
-        raise VlchatError("deepspeed is not installed; on a GPU machine: pip install deepspeed") from None
-    ds = json.loads(Path(config.deepspeed).read_text())
-    ds.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=config.grad_accum)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        config=ds,
-        model_parameters=[p for p in module.parameters() if p.requires_grad],
-    )
-    return engine
-
-
-def backward_and_step(wrapped, module, loss, optimizer, scheduler, config: TrainConfig, last_micro: bool) -> None:
+def backward_and_step(module, loss, optimizer, scheduler, config: TrainConfig, last_micro: bool) -> None:
     """Accumulate gradients; on the last micro-batch clip, step the optimizer and the schedule."""
-    if config.deepspeed:  # DeepSpeed scales, clips (gradient_clipping) and steps by itself
-        wrapped.backward(loss)
-        wrapped.step()
-        if last_micro:
-            scheduler.step()
-        return
     (loss / config.grad_accum).backward()
     if last_micro:
         torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
@@ -354,7 +327,6 @@ def train_step(
                         )
                     )
                 backward_and_step(
-                    wrapped,
                     module,
                     loss * weight,
                     optimizer,

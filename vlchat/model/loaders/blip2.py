@@ -82,7 +82,7 @@ def load(config: ModelConfig, directory: Path):
     if config.projector is None or config.projector.kind != "qformer":
         raise VlchatError(f"{directory} is a BLIP-2 checkpoint; its projector must be the Q-Former (kind 'qformer')")
     hf = _hf_config(directory)
-    dtype = resolve_dtype(config.lm.dtype)
+    dtype = resolve_dtype(config.lm.dtype, config.device)
     state = read_state_dict(directory)
     vision = build_vision(config, directory, hf.vision_config, rename_keys(state, VISION_PREFIXES), dtype)
     connector = build_frozen(  # float32, as transformers keeps the Q-Former; the projection in the LM's dtype
@@ -92,7 +92,7 @@ def load(config: ModelConfig, directory: Path):
         torch.float32,
     )
     connector.language_projection.to(dtype)
-    lm = build_lm(config.lm, directory, hf.text_config, rename_keys(state, LM_PREFIXES), dtype)
+    lm = build_lm(config.lm, directory, hf.text_config, rename_keys(state, LM_PREFIXES), dtype, config.device)
     if config.projector.out_dim != lm.hidden_size:
         raise VlchatError(f"projector out_dim {config.projector.out_dim} does not fit the LM's {lm.hidden_size}")
     del state

@@ -151,11 +151,11 @@ def build_frozen(
     return module.to(dtype).eval().requires_grad_(False)
 
 
-def pretrained_strict(cls: type, directory: Path, dtype: torch.dtype, what: str) -> nn.Module:
-    """`cls.from_pretrained(directory)` that refuses missing or mismatched weights instead of
-    initialising them randomly (transformers only warns)."""
+def pretrained_strict(cls: type, directory: Path, dtype: torch.dtype, what: str, **kwargs) -> nn.Module:
+    """`cls.from_pretrained(directory, **kwargs)` that refuses missing or mismatched weights instead of
+    initialising them randomly (transformers only warns). `kwargs`: placement (model/placement.py) etc."""
     try:
-        model, info = cls.from_pretrained(directory, dtype=dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(directory, dtype=dtype, output_loading_info=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as error:
         raise VlchatError(f"cannot load the {what} from {directory}: {str(error).splitlines()[0]}") from None
     for kind in ("missing_keys", "mismatched_keys"):

@@ -65,15 +65,17 @@ def load(config: ModelConfig, directory: Path):
 
     from transformers import LlamaForCausalLM
 
-    from vlchat.model.language import LanguageModel, merge_adapter, resolve_dtype
+    from vlchat.model.language import LanguageModel, merge_adapter
     from vlchat.model.loaders.checkpoint import pretrained_strict
     from vlchat.model.loaders.text import load_tokenizer
+    from vlchat.model.placement import lm_placement
     from vlchat.model.vlm import VisionLanguageModel
 
     if config.vision is not None:
         raise VlchatError(f"{directory} is a text-only InternLM2 model; its config cannot have a vision encoder")
     converted = converted_directory(directory)
-    model = pretrained_strict(LlamaForCausalLM, converted, resolve_dtype(config.lm.dtype), "language model")
+    dtype, placed = lm_placement(config)
+    model = pretrained_strict(LlamaForCausalLM, converted, dtype, "language model", **placed)
     if config.lm.adapter:
         model = merge_adapter(model, config.lm.adapter).eval().requires_grad_(False)
     lm = LanguageModel(model, load_tokenizer(converted), config.lm.context_window)

@@ -35,6 +35,13 @@ LM_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
 )
+# The same renaming as regular expressions for transformers' `from_pretrained(key_mapping=...)`: the
+# LM alone is loaded that way when it is quantized or spread over GPUs (model/placement.py).
+LM_KEY_MAPPING = {
+    r"^language_model\.model\.": "model.",
+    r"^model\.language_model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
 
 
 def model_config(directory: Path, raw: dict) -> ModelConfig:
@@ -98,7 +105,7 @@ def assemble(config: ModelConfig, directory: Path, vision_config, text_config, s
     from vlchat.model.projector import Projector
     from vlchat.model.vlm import VisionLanguageModel
 
-    dtype = resolve_dtype(config.lm.dtype)
+    dtype = resolve_dtype(config.lm.dtype, config.device)
     vision = build_vision(config, directory, vision_config, rename_keys(state, VISION_PREFIXES), dtype)
     if config.projector.in_dim != vision.hidden_size:
         raise VlchatError(
@@ -107,7 +114,7 @@ def assemble(config: ModelConfig, directory: Path, vision_config, text_config, s
     projector = Projector(config.projector)
     load_strict(projector, rename_keys(state, PROJECTOR_PREFIXES), "projector")
     projector = projector.to(dtype).eval().requires_grad_(False)
-    lm = build_lm(config.lm, directory, text_config, rename_keys(state, LM_PREFIXES), dtype)
+    lm = build_lm(config.lm, directory, text_config, rename_keys(state, LM_PREFIXES), dtype, config.device)
     if config.projector.out_dim != lm.hidden_size:
         raise VlchatError(f"projector out_dim {config.projector.out_dim} does not fit the LM's {lm.hidden_size}")
     del state
@@ -127,19 +134,46 @@ def build_vision(config: ModelConfig, directory: Path, vision_config, state: dic
     return HFVisionEncoder(config.vision, tower, read_preprocess(directory, config.vision)).eval()
 
 
-def build_lm(config: LMConfig, directory: Path, text_config, state: dict, dtype):
-    """The causal LM part of a VLM checkpoint, with the checkpoint's tokenizer and generation config."""
+def build_lm(config: LMConfig, directory: Path, text_config, state: dict, dtype, device: str = "cpu"):
+    """The causal LM part of a VLM checkpoint, with the checkpoint's tokenizer and generation config:
+    built from `state` (the checkpoint's LM weights, renamed), or, quantized or device-mapped, read
+    again by transformers' from_pretrained (which does both) with the keys renamed as it loads."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from vlchat.model.language import LanguageModel
     from vlchat.model.loaders.checkpoint import build_frozen
     from vlchat.model.loaders.text import load_tokenizer
     from vlchat.model.lora import attach_adapter
+    from vlchat.model.placement import placed_by_transformers, pretrained_kwargs
 
-    tied = ("lm_head.weight",) if getattr(text_config, "tie_word_embeddings", False) else ()
-    model = build_frozen(lambda: AutoModelForCausalLM.from_config(text_config), state, "language model", dtype, tied)
+    if placed_by_transformers(config.load_in, config.device_map):
+        placed = pretrained_kwargs(dtype, device, config.load_in, config.device_map)
+        model = pretrained_lm(directory, text_config, dtype, placed)
+    else:
+        tied = ("lm_head.weight",) if getattr(text_config, "tie_word_embeddings", False) else ()
+        factory = lambda: AutoModelForCausalLM.from_config(text_config)  # noqa: E731
+        model = build_frozen(factory, state, "language model", dtype, tied)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     gate = attach_adapter(model, config.adapter) if config.adapter else None  # on for image conversations
     model.eval().requires_grad_(False)
     return LanguageModel(model, load_tokenizer(directory), config.context_window, gate)
+
+
+def pretrained_lm(directory: Path, text_config, dtype, placed: dict):
+    """The checkpoint's LM through `AutoModelForCausalLM.from_pretrained` (keys renamed by
+    LM_KEY_MAPPING; the vision and projector weights are left out as unexpected keys), with the
+    placement keywords `placed` (quantization_config, device_map)."""
+    from transformers import AutoModelForCausalLM
+
+    from vlchat.model.loaders.checkpoint import pretrained_strict
+
+    return pretrained_strict(
+        AutoModelForCausalLM,
+        directory,
+        dtype,
+        "language model",
+        config=text_config,
+        key_mapping=LM_KEY_MAPPING,
+        **placed,
+    )

@@ -22,15 +22,17 @@ def model_config(directory: Path, raw: dict) -> ModelConfig:
 
 
 def load(config: ModelConfig, directory: Path):
-    from vlchat.model.language import LanguageModel, merge_adapter, resolve_dtype
+    from vlchat.model.language import LanguageModel, merge_adapter
     from vlchat.model.loaders.checkpoint import pretrained_strict
+    from vlchat.model.placement import lm_placement
     from vlchat.model.vlm import VisionLanguageModel
 
     if config.vision is not None:
         raise VlchatError(f"{directory} is a text-only model; its config cannot have a vision encoder")
     from transformers import AutoModelForCausalLM
 
-    model = pretrained_strict(AutoModelForCausalLM, directory, resolve_dtype(config.lm.dtype), "language model")
+    dtype, placed = lm_placement(config)
+    model = pretrained_strict(AutoModelForCausalLM, directory, dtype, "language model", **placed)
     if config.lm.adapter:
         model = merge_adapter(model, config.lm.adapter).eval().requires_grad_(False)
     lm = LanguageModel(model, load_tokenizer(directory), config.lm.context_window)
