@@ -124,3 +124,15 @@ def test_bad_runtime_options_are_refused():
         LMConfig(runtime="llama.cpp")
     with pytest.raises(VlchatError, match="onnx_weights must be"):
         LMConfig(onnx_weights="int2")
+
+
+def test_graphs_are_cached_per_weights_and_quantisation(tiny_lm_dir, home, onnx_fp32):
+    graphs = lambda: sorted((home / "lm").glob("onnx-*"))  # noqa: E731
+    before = graphs()
+    assert before and all((g / "model.onnx").is_file() and (g / "weights.data").is_file() for g in before)
+    onnx_lm(tiny_lm_dir, home)  # the same weights, the same quantisation: the cached graph
+    assert graphs() == before
+    four_bits = onnx_lm(tiny_lm_dir, home, weights="int4")
+    assert len(graphs()) == len(before) + 1
+    logits, _ = four_bits.prefill(embed(four_bits, [5, 6, 7]))
+    assert logits.shape == (1, len(four_bits.tokenizer)) and torch.isfinite(logits).all()

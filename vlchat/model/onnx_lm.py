@@ -282,7 +282,7 @@ class OnnxDecoder:
         if weights not in WEIGHTS:
             raise VlchatError(f"lm onnx_weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         path = ensure_graph(
-            model, WEIGHTS[weights], positions, graph_path(cache_root, {**identity, "weights": weights})
+            model, WEIGHTS[weights], positions, graph_path(cache_root, {**identity, "onnx_weights": weights})
         )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
