@@ -1,6 +1,6 @@
 """The ONNX Runtime LM runtime (vlchat.model.onnx_lm) against the torch runtime on the tiny LM: the
 float32 graph gives the same logits (prefill, follow-up prefill, decode, a left-padded batch, a gated
-adapter per row); the 8-bit graph gives the same greedy answers through the chat engine."""
+adapter per row) and beam search answers; the 8-bit graph gives the same greedy answers through the engine."""
 
 from __future__ import annotations
 
@@ -105,18 +105,23 @@ def test_gated_adapter_per_row_matches_torch(tiny_adapted_model, tiny_lm_dir, ti
     assert (out[1][0] - out[1][1]).abs().max() > 0.1  # the rows differ (the adapter does something)
 
 
-def test_int8_greedy_answers_match_torch(tiny_model, tiny_lm_dir, home):
-    """8-bit weights (blocks of 32) through the chat engine: the same greedy answers as torch."""
+@pytest.mark.parametrize(
+    "weights, generation",
+    [("int8", GenerationConfig(max_new_tokens=8)), ("float32", GenerationConfig(max_new_tokens=6, num_beams=3))],
+)
+def test_engine_answers_match_torch(tiny_model, tiny_lm_dir, home, weights, generation):
+    """Through the chat engine: 8-bit weights (blocks of 32) give the same greedy answer as torch;
+    the float32 graph the same beam search answer (LMState.repeat/select on the ONNX caches)."""
     config = tiny_config(tiny_lm_dir)
     torch.manual_seed(0)
-    fast = load_model(replace(config, lm=replace(config.lm, runtime="onnx", onnx_weights="int8")))
+    fast = load_model(replace(config, lm=replace(config.lm, runtime="onnx", onnx_weights=weights)))
     answers = []
     for model in (tiny_model, fast):
-        session = Chat(model).session(generation=GenerationConfig(max_new_tokens=8))
+        session = Chat(model).session(generation=generation)
         session.upload_img(EXAMPLES / "chelsea.jpg")
         session.ask("What is in the picture?")
         answers.append(session.answer())
-    assert answers[1] == answers[0]
+    assert answers[0] and answers[1] == answers[0]
 
 
 def test_bad_runtime_options_are_refused():
