@@ -10,9 +10,11 @@ import pytest
 import torch
 from conftest import EXAMPLES, tiny_config
 
-from vlchat.chat.engine import Chat
+from vlchat.chat.beam import beam_search
+from vlchat.chat.generate import generate
 from vlchat.config import GenerationConfig, LMConfig
 from vlchat.errors import VlchatError
+from vlchat.images import load_image
 from vlchat.model.batching import DecodeBatch
 from vlchat.model.language import LMState, load_language_model
 from vlchat.model.vlm import load_model
@@ -107,21 +109,27 @@ def test_gated_adapter_per_row_matches_torch(tiny_adapted_model, tiny_lm_dir, ti
 
 @pytest.mark.parametrize(
     "weights, generation",
-    [("int8", GenerationConfig(max_new_tokens=8)), ("float32", GenerationConfig(max_new_tokens=6, num_beams=3))],
+    [
+        ("int8", GenerationConfig(max_new_tokens=8, min_new_tokens=8)),
+        ("float32", GenerationConfig(max_new_tokens=6, min_new_tokens=6, num_beams=3)),
+    ],
 )
-def test_engine_answers_match_torch(tiny_model, tiny_lm_dir, home, weights, generation):
-    """Through the chat engine: 8-bit weights (blocks of 32) give the same greedy answer as torch;
-    the float32 graph the same beam search answer (LMState.repeat/select on the ONNX caches)."""
+def test_generated_tokens_match_torch(tiny_model, tiny_lm_dir, home, weights, generation):
+    """The engine's decoding loops (chat/generate.py, chat/beam.py) after an image prompt: 8-bit
+    weights (blocks of 32) give the same greedy tokens as torch; the float32 graph the same beam
+    search tokens (LMState.repeat/select on the ONNX caches)."""
     config = tiny_config(tiny_lm_dir)
     torch.manual_seed(0)
     fast = load_model(replace(config, lm=replace(config.lm, runtime="onnx", onnx_weights=weights)))
-    answers = []
+    tokens = []
     for model in (tiny_model, fast):
-        session = Chat(model).session(generation=generation)
-        session.upload_img(EXAMPLES / "chelsea.jpg")
-        session.ask("What is in the picture?")
-        answers.append(session.answer())
-    assert answers[0] and answers[1] == answers[0]
+        lm = model.lm
+        image = model.encode_images(model.pixels(load_image(EXAMPLES / "chelsea.jpg"))[None])[0]  # (N, D)
+        prompt = torch.cat([lm.embed(torch.tensor([5, 6, 7])), image, lm.embed(torch.tensor([8, 9]))])[None]
+        logits, state = lm.prefill(prompt)
+        decode = beam_search if generation.num_beams > 1 else generate
+        tokens.append(list(decode(lm, logits, state, generation, ()))[-1].result.token_ids)
+    assert len(tokens[0]) == generation.max_new_tokens and tokens[1] == tokens[0]
 
 
 def test_bad_runtime_options_are_refused():
