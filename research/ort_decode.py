@@ -79,7 +79,14 @@ class GraphBuilder:
         packed, scale, zp = quantise(weight, self.bits)
         ins = [x, self.const("w", packed), self.const("s", scale), self.const("z", zp)]
         return self.node(
-            "MatMulNBits", ins, domain="com.microsoft", K=k, N=n, bits=self.bits, block_size=BLOCK, accuracy_level=self.level
+            "MatMulNBits",
+            ins,
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=self.bits,
+            block_size=BLOCK,
+            accuracy_level=self.level,
         )[0]
 
     def rms(self, x: str, weight: np.ndarray, eps: float) -> str:
@@ -87,7 +94,6 @@ class GraphBuilder:
 
 
 def build(hf_dir: Path, level: int, bits: int, max_len: int = 8192):
-    import onnx
     from onnx import TensorProto, helper
     from safetensors.numpy import load_file
 
@@ -111,7 +117,9 @@ def build(hf_dir: Path, level: int, bits: int, max_len: int = 8192):
         p = f"model.layers.{i}."
         for kind in ("key", "value"):
             inputs.append(
-                helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
+                helper.make_tensor_value_info(
+                    f"past_{kind}_{i}", TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim]
+                )
             )
         h = g.rms(x, weights[p + "input_layernorm.weight"], eps)
         qkv = np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
@@ -140,11 +148,18 @@ def build(hf_dir: Path, level: int, bits: int, max_len: int = 8192):
         act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
         x = g.node("Add", [x, g.linear(act, weights[p + "mlp.down_proj.weight"])])[0]
     # logits of the last position only: (B, 1, V)
-    last = g.node("Slice", [x, g.const("st", np.array([-1], np.int64)), g.const("en", np.array([2**31], np.int64)),
-                            g.const("ax", np.array([1], np.int64))])[0]
+    last = g.node(
+        "Slice",
+        [
+            x,
+            g.const("st", np.array([-1], np.int64)),
+            g.const("en", np.array([2**31], np.int64)),
+            g.const("ax", np.array([1], np.int64)),
+        ],
+    )[0]
     h = g.rms(last, weights["model.norm.weight"], eps)
     head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = g.linear(h, head)
+    g.linear(h, head)
     g.nodes[-1].output[0] = "logits"
     outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head.shape[0]]))
     graph = helper.make_graph(g.nodes, "smollm2", inputs, outputs, g.inits)
@@ -162,7 +177,9 @@ def main() -> None:
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    parser.add_argument("--level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations; -1: float32 MatMul)")
+    parser.add_argument(
+        "--level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations; -1: float32 MatMul)"
+    )
     args = parser.parse_args()
     print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; onnxruntime {ort.__version__}")
     start = time.perf_counter()
@@ -180,7 +197,11 @@ def main() -> None:
     embed = weights["model.embed_tokens.weight"]
     hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
     prompt = [1, 504, 3458, 282, 4526, 314, 253, 1345, 30, 2]  # any ids
-    past = {f"past_{k}_{i}": np.zeros((1, kv_heads, 0, head_dim), np.float32) for i in range(layers) for k in ("key", "value")}
+    past = {
+        f"past_{k}_{i}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        for i in range(layers)
+        for k in ("key", "value")
+    }
 
     def step(ids: list[int], past: dict, length: int):
         feed = {
@@ -197,9 +218,11 @@ def main() -> None:
     logits, past = step(prompt, past, 0)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
-    print(f"prefill logits vs transformers float32: max abs diff {np.abs(logits - ref).max():.3f}, "
-          f"argmax {int(logits.argmax())} vs {int(ref.argmax())}, cosine "
-          f"{float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)):.5f}")
+    print(
+        f"prefill logits vs transformers float32: max abs diff {np.abs(logits - ref).max():.3f}, "
+        f"argmax {int(logits.argmax())} vs {int(ref.argmax())}, cosine "
+        f"{float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)):.5f}"
+    )
     length, token, generated = len(prompt), int(logits.argmax()), []
     start = time.perf_counter()
     for _ in range(args.tokens):
@@ -208,8 +231,10 @@ def main() -> None:
         token = int(logits.argmax())
         generated.append(token)
     ort_s = time.perf_counter() - start
-    print(f"onnxruntime int{args.bits} (accuracy_level {args.level}): {args.tokens} tokens in {ort_s:.2f} s = "
-          f"{args.tokens / ort_s:.1f} tokens/s")
+    print(
+        f"onnxruntime int{args.bits} (accuracy_level {args.level}): {args.tokens} tokens in {ort_s:.2f} s = "
+        f"{args.tokens / ort_s:.1f} tokens/s"
+    )
     with torch.no_grad():
         out = hf(input_ids=torch.tensor([prompt]), use_cache=True)
         cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
@@ -220,9 +245,11 @@ def main() -> None:
             cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
             hf_tokens.append(token)
         hf_s = time.perf_counter() - start
-    print(f"transformers float32: {args.tokens} tokens in {hf_s:.2f} s = {args.tokens / hf_s:.1f} tokens/s; "
-          f"speed-up {hf_s / ort_s:.2f}x; greedy tokens equal for the first "
-          f"{next((i for i, (a, b) in enumerate(zip(generated, hf_tokens, strict=True)) if a != b), args.tokens)}")
+    print(
+        f"transformers float32: {args.tokens} tokens in {hf_s:.2f} s = {args.tokens / hf_s:.1f} tokens/s; "
+        f"speed-up {hf_s / ort_s:.2f}x; greedy tokens equal for the first "
+        f"{next((i for i, (a, b) in enumerate(zip(generated, hf_tokens, strict=True)) if a != b), args.tokens)}"
+    )
 
 
 if __name__ == "__main__":

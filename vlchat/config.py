@@ -157,12 +157,24 @@ class LMConfig:
     # "package:<module>/<dir>"), attached at load and on only for sequences with an image
     # (model/lora.py); text-only checkpoints, which never see an image, merge it into the weights.
     adapter: str | None = None
+    # The runtime of prefill and decode: "torch" (transformers) or "onnx" (ONNX Runtime on the CPU,
+    # model/onnx_lm.py; opt-in while it is new). Training and embeddings always use torch.
+    runtime: str = "torch"
+    # runtime onnx: the linear layers' weights: "int8" (8-bit blocks of 32, MatMulNBits), "int4"
+    # (inaccurate on the default LM's GGUF Q4_1 weights) or "float32" (plain MatMul; for checks).
+    onnx_weights: str = "int8"
 
     def __post_init__(self) -> None:
         try:
             check_names("auto", self.dtype, self.load_in, self.device_map)
         except VlchatError as error:
             raise VlchatError(f"lm {error}") from None
+        if self.runtime not in ("torch", "onnx"):
+            raise VlchatError(f"lm runtime must be torch or onnx, got {self.runtime!r}")
+        if self.onnx_weights not in ("int8", "int4", "float32"):
+            raise VlchatError(f"lm onnx_weights must be int8, int4 or float32, got {self.onnx_weights!r}")
+        if self.runtime == "onnx" and (self.load_in or self.device_map):
+            raise VlchatError("lm runtime onnx runs on the CPU with its own quantisation: drop load_in and device_map")
 
 
 def _default_vision() -> VisionConfig:

@@ -6,6 +6,10 @@ prefills all of history again. vlchat keeps the KV cache and prefills only the n
 Both run the same 4-turn conversation with one image (greedy, a fixed number of tokens per
 turn); the 4th turn's time-to-first-token is the "follow-up after 3 turns" figure. Each mode
 runs in a fresh process so its peak RSS is its own.
+
+`python -m vlchat.bench.decode runtimes MODEL TOKENS` instead compares the LM runtimes
+(LMConfig.runtime torch and onnx, model/onnx_lm.py) on the engine's conversation, each in its own
+child process, and prints the CPU's flags and load average beside the decode speeds (issue 35).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +47,29 @@ def run_bench(model: str, tokens: int, as_json: bool, rounds: int = 2) -> None:
     best = {mode: best_of(figures) for mode, figures in runs.items()}
     report = {**best["vlchat"], "baseline": best["baseline"], "tokens_per_turn": tokens, "rounds": rounds}
     print(json.dumps(report, indent=2) if as_json else table(report))
+
+
+def compare_runtimes(model: str, tokens: int, rounds: int = 2) -> None:
+    """Decode tokens/s of the engine with the torch and the onnx LM runtime, best of `rounds` each."""
+    speeds = {"vlchat": [], "vlchat-onnx": []}
+    for _ in range(rounds):
+        for mode in speeds:
+            speeds[mode].append(measure_in_child(mode, model, tokens)["decode_tok_s"])
+    torch_speed, onnx_speed = max(speeds["vlchat"]), max(speeds["vlchat-onnx"])
+    print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; load average {load_average()}")
+    print(
+        f"decode tokens/s, best of {rounds}, {tokens} tokens per turn: torch {torch_speed:.1f}, "
+        f"onnx {onnx_speed:.1f} ({onnx_speed / torch_speed:.2f}x)"
+    )
+
+
+def cpu_flags() -> str:
+    words = set(Path("/proc/cpuinfo").read_text().split())
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in words)
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -153,10 +181,13 @@ def child(mode: str, model: str, tokens: int) -> dict:
     from vlchat.images import load_image
     from vlchat.model.vlm import load_model
 
-    chat = Chat(load_model(model_config(model)))
+    settings = model_config(model)
+    if mode == "vlchat-onnx":  # the engine with the ONNX Runtime LM (model/onnx_lm.py)
+        settings = replace(settings, lm=replace(settings.lm, runtime="onnx"))
+    chat = Chat(load_model(settings))
     config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens)
     encode = image_encode_ms(chat, load_image(EXAMPLE))
-    turns = (engine_turns if mode == "vlchat" else baseline_turns)(chat, config)
+    turns = (baseline_turns if mode == "baseline" else engine_turns)(chat, config)
     return {
         "image_encode_ms": encode,
         "ttft_first_s": turns[0][0],
@@ -170,4 +201,7 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    print(json.dumps(child(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    if sys.argv[1] == "runtimes":
+        compare_runtimes(sys.argv[2], int(sys.argv[3]))
+    else:
+        print(json.dumps(child(sys.argv[1], sys.argv[2], int(sys.argv[3]))))

@@ -89,17 +89,12 @@ class DecodeBatch:
         """One step for every row: (B,) ids -> (B, V) logits; each row's cache grows by one."""
         mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=self.mask.dtype)], dim=1)  # (B, width+1)
         positions = torch.tensor(self.lengths)[:, None]  # (B, 1): each row's own next position
-        with lm.gated(self.adapters):
-            out = lm.model.get_decoder()(
-                inputs_embeds=lm.embed(token_ids[:, None]),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self.state.cache,
-                use_cache=True,
-            )
+        logits, cache = lm.forward_cached(
+            lm.embed(token_ids[:, None]), self.state.cache, mask, positions, self.adapters
+        )
         self.mask, self.lengths = mask, [n + 1 for n in self.lengths]
-        self.state = LMState(out.past_key_values, mask.shape[1])
-        return lm.model.get_output_embeddings()(out.last_hidden_state[:, -1, :]).float()  # (B, V)
+        self.state = LMState(cache, mask.shape[1])
+        return logits  # (B, V)
 
 
 def _stack_left_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -75,6 +75,7 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.context_window = context_window or model.config.max_position_embeddings
         self.adapter_gate = adapter_gate  # set when a LoRA adapter is attached (model/lora.py)
+        self.onnx = None  # an OnnxDecoder (model/onnx_lm.py) when LMConfig.runtime is "onnx"
 
     @property
     def has_adapter(self) -> bool:
@@ -141,12 +142,37 @@ class LanguageModel(nn.Module):
     def prefill(self, embeds: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
         """Run (B, T, D) embeddings after `state`'s prefix; returns last-position logits (B, V)."""
         state = state or LMState()
+        logits, cache = self.forward_cached(embeds, state.cache, gate_rows=state.adapter)
+        return logits, LMState(cache, state.length + embeds.shape[1], state.adapter)
+
+    @torch.inference_mode()
+    def forward_cached(
+        self,
+        embeds: torch.Tensor,
+        cache: object | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        gate_rows: bool | Sequence[bool] = False,
+    ) -> tuple[torch.Tensor, object]:
+        """The runtime seam: (B, T, D) embeddings after `cache` (a DynamicCache of P positions, or
+        None) -> (last-position logits (B, V) float32, the cache grown to P + T). attention_mask
+        (B, P + T) (0 = padding) and position_ids (B, T) for left-padded batches (model/batching.py);
+        None: every position is real and positions continue from P. gate_rows: the adapter gate,
+        one flag or one per row."""
+        if self.onnx is not None:
+            return self.onnx.forward(embeds, cache, attention_mask, position_ids, gate_rows)
         # The decoder body, then the LM head on the last position only, as a 2-D (B, D) input:
         # HF's logits_to_keep slice has strides that send bf16 matmuls down a path ~20x slower.
-        with self.gated(state.adapter):
-            out = self.model.get_decoder()(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
+        with self.gated(gate_rows):
+            out = self.model.get_decoder()(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
         logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1, :])  # (B, V)
-        return logits.float(), LMState(out.past_key_values, state.length + embeds.shape[1], state.adapter)
+        return logits.float(), out.past_key_values
 
     def decode(self, token_ids: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """One step: (B,) token ids -> next logits (B, V), state advanced by one."""
@@ -243,14 +269,36 @@ def load_language_model(config: LMConfig, device: str = "cpu") -> LanguageModel:
     where = lm_directory(config.source, config.sha256)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        dtype = resolve_dtype(config.dtype, device)
+        # runtime onnx: the graph is built from float32 weights (the torch model then only embeds)
+        dtype = torch.float32 if config.runtime == "onnx" else resolve_dtype(config.dtype, device)
         placed = pretrained_kwargs(dtype, device, config.load_in, config.device_map)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placed)
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
     gate = attach_adapter(model, config.adapter) if config.adapter else None
     model.eval().requires_grad_(False)
-    return LanguageModel(model, tokenizer, config.context_window, gate)
+    lm = LanguageModel(model, tokenizer, config.context_window, gate)
+    if config.runtime == "onnx":
+        if device != "cpu":
+            raise VlchatError(f"lm runtime onnx runs on the CPU only, not {device!r}: use --device cpu or runtime torch")
+        lm.onnx = onnx_decoder(lm, config, where)
+    return lm
+
+
+def onnx_decoder(lm: LanguageModel, config: LMConfig, where: str):
+    """The ONNX Runtime decoder of `lm`, its graph cached under the LM cache (vlchat_home()/lm),
+    keyed by the weights' and the adapter's files, the quantisation and the builder version."""
+    from vlchat.assets import resolve, vlchat_home
+    from vlchat.model.onnx_lm import OnnxDecoder, files_identity
+
+    weights = Path(where) if Path(where).is_dir() else None  # a hub id: the HF cache's snapshot otherwise
+    identity = {
+        "source": config.source,
+        "weights": files_identity(weights) if weights else where,
+        "adapter": files_identity(resolve(config.adapter)) if config.adapter else None,
+        "positions": lm.context_window,
+    }
+    return OnnxDecoder(lm.model, config.onnx_weights, lm.context_window, vlchat_home() / "lm", identity)
 
 
 def merge_adapter(model: nn.Module, spec: str) -> nn.Module:
