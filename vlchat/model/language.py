@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -280,7 +281,7 @@ def load_language_model(config: LMConfig, device: str = "cpu") -> LanguageModel:
     lm = LanguageModel(model, tokenizer, config.context_window, gate)
     if config.runtime == "onnx":
         if device != "cpu":
-            raise VlchatError(f"lm runtime onnx runs on the CPU only, not {device!r}: use --device cpu or runtime torch")
+            raise VlchatError(f"lm runtime onnx runs on the CPU only, not {device!r}: use --device cpu")
         lm.onnx = onnx_decoder(lm, config, where)
     return lm
 
