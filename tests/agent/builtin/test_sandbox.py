@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +121,15 @@ def test_the_environment_is_scrubbed(monkeypatch, executor):
 def test_code_size_is_limited(executor):
     obs = executor.run("python", {"code": "#" * 200_000})
     assert not obs.ok and obs.error == "code is 200000 characters, the limit is 100000"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user the code runs as that user, who can enter its folders")
+def test_an_interpreter_nobody_cannot_reach_is_a_clear_error(tmp_path, monkeypatch):
+    """A checkout in a mode-700 folder (seen: a `mktemp -d` clone): the run says what to fix."""
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(closed / "python"))
+    run = run_python("1 + 1")
+    assert run.result is None
+    assert run.error.startswith(f"the sandbox cannot start {closed / 'python'} as user nobody"), run.error

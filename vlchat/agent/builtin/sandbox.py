@@ -153,7 +153,7 @@ def _run(code: str, config: SandboxConfig, host_dir: Path, use_namespaces: bool)
     if timed_out:
         error = f"stopped: it ran past the wall-clock limit of {config.wall_s:g} s"
     elif not outcome:
-        error = _death_reason(status, config, use_namespaces)
+        error = _cannot_start(status, stderr) or _death_reason(status, config, use_namespaces)
     isolation = "namespaces" if use_namespaces else "process"
     return SandboxRun(stdout, stderr, outcome.get("result"), error, status, elapsed, isolation)
 
@@ -239,6 +239,17 @@ def _read_capped(file: Any, limit: int) -> str:
     if size > len(text.encode("utf-8")):
         text += f"\n…[output cut: {size} bytes in all]"
     return text
+
+
+def _cannot_start(status: int, stderr: str) -> str | None:
+    """The one set-up fault a user can meet: as root, the code runs as `nobody`, who must be able to
+    enter every folder above the interpreter (setpriv exits 127: "failed to execute")."""
+    if status != 127 or "failed to execute" not in stderr:
+        return None
+    return (
+        f"the sandbox cannot start {sys.executable} as user nobody: a folder above it is closed to other "
+        "users (e.g. mode 700); install vlchat's environment in a folder others may enter"
+    )
 
 
 def _death_reason(status: int, config: SandboxConfig, use_namespaces: bool) -> str:
