@@ -37,7 +37,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: prepare browser lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: prepare
 	$(BIN)/vlchat bench
