@@ -2,7 +2,7 @@
 through ONNX Runtime with 4-bit block-quantised weights (`MatMulNBits`) and its fused
 `GroupQueryAttention`, fed input embeddings as vlchat's engine feeds its LM?
 
-    PYTHONPATH=/tmp/onnxpkg python -m research.ort_decode HF_DIR [--tokens 64] [--level 4]
+    python -m research.ort_decode HF_DIR [--tokens 64] [--level 4]
 
 Builds the graph with onnx.helper straight from the HF safetensors (no exporter), checks the
 logits of a prompt against transformers' float32 forward, then times greedy decoding at batch 1
