@@ -19,35 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BLOCK = 32
+from vlchat.model.onnx_lm import BLOCK, quantise  # the product's quantiser, so the spike measures what ships
 
 
 def cpu_flags() -> str:
     words = set(Path("/proc/cpuinfo").read_text().split())
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in words)
-
-
-def quantise(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, K) float -> MatMulNBits' B (N, K/32, 32*bits/8) uint8, scales (N*K/32,), zero points
-    uint8 (N*ceil(K/32*bits/8)): asymmetric per block of 32 along K, low nibble first for 4 bits.
-
-    Measured (`--bits 4`): the LM's weights are GGUF Q4_1 de-quantised (w = d*q + m, a float m);
-    an integer zero point moves each block by up to d/2 and the prompt's logits fall to cosine
-    0.84 against float32 (float zero points, which MatMulNBits allows, ran 20x slower)."""
-    n, k = weight.shape
-    top = 2**bits - 1
-    blocks = weight.reshape(n, k // BLOCK, BLOCK)
-    low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-    scale = np.maximum((high - low) / top, 1e-12)
-    zero = np.clip(np.round(-low / scale), 0, top)
-    q = np.clip(np.round(blocks / scale[..., None] + zero[..., None]), 0, top).astype(np.uint8)
-    zero = zero.astype(np.uint8)
-    if bits == 8:
-        return q, scale.astype(np.float32).reshape(-1), zero.reshape(-1)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # (N, K/32, 16)
-    if zero.shape[1] % 2:
-        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
-    return packed, scale.astype(np.float32).reshape(-1), (zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)
 
 
 class GraphBuilder:
