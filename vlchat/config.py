@@ -154,7 +154,7 @@ class LMConfig:
     # "auto": accelerate spreads the LM over every visible GPU (large models); None: one device.
     device_map: str | None = None
     # A LoRA adapter trained by stage 2 with `lm: lora` (a peft directory, local or
-    # "package:<module>/<dir>"), attached at load and on only for sequences with an image
+    # "package:<module>/<dir>"), attached at load and on only for sequences with an image or tools
     # (model/lora.py); text-only checkpoints, which never see an image, merge it into the weights.
     adapter: str | None = None
     # The runtime of prefill and decode: "torch" (transformers) or "onnx" (ONNX Runtime on the CPU,

@@ -9,6 +9,7 @@ from conftest import EXAMPLES, tiny_config
 
 from vlchat.chat.engine import Chat, load_session, reusable_prefix
 from vlchat.chat.messages import Image
+from vlchat.chat.tools import ToolSpec
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
 
@@ -247,3 +248,24 @@ def test_load_refuses_malformed_sessions(tiny_chat, tmp_path, data):
     path.write_text(json.dumps(data))
     with pytest.raises(VlchatError):
         load_session(tiny_chat, path)
+
+
+def test_offered_tools_switch_the_adapter_on_for_a_text_only_conversation(tiny_model, tiny_adapted_model):
+    """The adapter learned tool use: a text-only conversation offering tools runs with it on (and
+    cannot reuse a KV cache computed without it); without tools it is the base LM."""
+    tool = ToolSpec("add", "Add two numbers.", {"type": "object", "properties": {"a": {"type": "number"}}})
+    session = Chat(tiny_adapted_model).session(generation=GREEDY)
+    session.ask(TURNS[0])
+    session.answer()
+    assert not session._state.adapter
+    session.tools = (tool,)
+    session.ask(TURNS[1])
+    session.answer()
+    assert session._state.adapter and session.timings.reused_tokens == 0
+    base = Chat(tiny_model).session(generation=GREEDY)
+    base.tools = (tool,)
+    base.ask(TURNS[0])
+    adapted = Chat(tiny_adapted_model).session(generation=GREEDY)
+    adapted.tools = (tool,)
+    adapted.ask(TURNS[0])
+    assert adapted.answer() != base.answer()

@@ -103,6 +103,7 @@ def test_state_dict_and_parameters_stay_the_base_lms(tiny_model, tiny_adapted_mo
 
 def test_the_gate_of_a_sequence(tiny_model, tiny_adapted_model):
     assert tiny_adapted_model.lm.adapter_on(True) and not tiny_adapted_model.lm.adapter_on(False)
+    assert tiny_adapted_model.lm.adapter_on(False, has_tools=True)  # tool use is trained into the adapter
     assert not tiny_model.lm.adapter_on(True)  # no adapter: every cache stays shareable
 
 

@@ -253,9 +253,9 @@ class ChatSession:
 
     def _prefill(self, keys: list[PositionKey]) -> tuple[torch.Tensor, LMState]:
         """Reuse the cached prefix, prefill the rest; returns last logits (1, V) and the state.
-        The LoRA adapter is on when the conversation has an image: a cache computed with the other
-        setting (the first image arrives, or the last one is dropped) is not reused."""
-        adapter = self.chat.model.lm.adapter_on(has_images(keys))
+        The LoRA adapter is on when the conversation has an image or offers tools: a cache computed
+        with the other setting (the first image arrives, tools are switched on) is not reused."""
+        adapter = self.chat.model.lm.adapter_on(has_images(keys), bool(self.tools))
         same_gate = self._state is not None and self._state.adapter == adapter
         state = self._state if same_gate else LMState(adapter=adapter)
         common = reusable_prefix(self._cached, keys) if same_gate else 0

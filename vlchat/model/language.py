@@ -82,11 +82,11 @@ class LanguageModel(nn.Module):
     def has_adapter(self) -> bool:
         return self.adapter_gate is not None
 
-    def adapter_on(self, has_images: bool) -> bool:
-        """The gate of a sequence: the adapter (trained on image conversations) is on only when the
-        sequence has an image; without one the LM is the base LM. False when there is no adapter,
-        so KV caches of text and image sequences stay shareable then."""
-        return self.has_adapter and has_images
+    def adapter_on(self, has_images: bool, has_tools: bool = False) -> bool:
+        """The gate of a sequence: the adapter (trained on image conversations and on tool use) is
+        on only when the sequence has an image or offers tools; a plain text chat is the base LM.
+        False when there is no adapter, so KV caches of all sequences stay shareable then."""
+        return self.has_adapter and (has_images or has_tools)
 
     def gated(self, rows: bool | Sequence[bool]):
         """Context for one forward: the adapter on for `rows` (one flag, or one per batch row)."""

@@ -214,7 +214,8 @@ class Scheduler:
                 continue
             try:
                 keys = job.keys if job.keys is not None else self._keys(job)
-                adapter = self.lm.adapter_on(has_images(keys))  # LoRA on only for conversations with an image
+                # LoRA on only for conversations with an image or tools (model/language.py adapter_on)
+                adapter = self.lm.adapter_on(has_images(keys), bool(job.tools))
                 common, state = self.prefix_cache.lookup(keys, adapter)
             except VlchatError as error:
                 job.emit(Failed(str(error), 400, getattr(error, "code", None)))
