@@ -100,12 +100,11 @@ def arxiv_search_tool(config: ArxivConfig | None = None, client: ArxivClient | N
     client = client or ArxivClient(config)
 
     def arxiv_search(query: str, max_results: Annotated[int, Schema(minimum=1, maximum=20)] = 5) -> dict[str, Any]:
-        """Search arXiv for research papers. Returns the best matches with title, authors,
-        publication date and abstract (needs internet access).
+        """Search arXiv's papers (needs internet): titles, authors, dates and abstracts.
 
         Args:
-            query: search words, e.g. "visual instruction tuning".
-            max_results: how many papers to return.
+            query: search words.
+            max_results: how many papers.
         """
         papers = client.search(query, max_results)
         return {"query": query, "papers": [vars(p) for p in papers]}

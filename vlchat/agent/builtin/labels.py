@@ -86,14 +86,13 @@ def image_labels_tool(config: LabelsConfig | None = None, classifier: ImageClass
     def image_labels(
         image: str, ctx: ToolContext, top_k: Annotated[int, Schema(minimum=1, maximum=20)] = 5, box: Box | None = None
     ) -> dict[str, Any]:
-        """Name the main object in an image with ImageNet's 1000 classes (animals, objects, food,
-        vehicles; no people or text). Returns the most likely labels with probabilities.
+        """Name the main object in an image (ImageNet's 1000 classes: animals, objects, food,
+        vehicles): the likeliest labels with probabilities.
 
         Args:
-            image: name of an image in the conversation, e.g. "image_1".
-            top_k: how many labels to return, most likely first.
-            box: optional region [left, top, right, bottom] as fractions (0..1) of the image's width
-                and height to classify instead of the whole image.
+            image: an image name, e.g. "image_1".
+            top_k: how many labels.
+            box: optional region [left, top, right, bottom], fractions of the image size.
         """
         region, _ = crop(ctx.image(image), box)
         labels = classifier.top_k(region, top_k)

@@ -74,13 +74,11 @@ def read_text_tool(config: OcrConfig | None = None, reader: TextReader | None = 
     reader = reader or TextReader(config)
 
     def read_text(image: str, ctx: ToolContext, box: Box | None = None) -> dict[str, Any]:
-        """Read the printed text in an image (OCR, Chinese and English). Returns each line with its
-        box and confidence, top to bottom.
+        """Read the text in an image (OCR, Chinese and English): its lines, top to bottom.
 
         Args:
-            image: name of an image in the conversation, e.g. "image_1".
-            box: optional region [left, top, right, bottom] as fractions (0..1) of the image's width
-                and height; read only there (helps with small text). Omit for the whole image.
+            image: an image name, e.g. "image_1".
+            box: optional region [left, top, right, bottom], fractions of the image size.
         """
         picture = ctx.image(image)
         lines = reader.read(picture, box)

@@ -268,11 +268,10 @@ def python_tool(config: SandboxConfig | None = None) -> Tool:
     config = config or SandboxConfig()
 
     def python(code: str) -> dict[str, Any]:
-        """Run Python 3 code in a fresh sandbox (no network, no files kept, limited time and
-        memory) and return what it printed and the value of its last line if that is an expression.
+        """Run Python 3 code in a sandbox: returns what it printed and its last expression's value.
 
         Args:
-            code: the program; e.g. "import math\\nmath.sqrt(2) * 10" returns "14.142135623730951".
+            code: the program, e.g. "print(2 ** 10)".
         """
         run = run_python(code, config)
         report = {"stdout": run.stdout, "result": run.result}

@@ -39,13 +39,11 @@ def zoom_tool(config: ZoomConfig | None = None) -> Tool:
     config = config or ZoomConfig()
 
     def zoom(image: str, box: Box, ctx: ToolContext) -> dict[str, Any]:
-        """Crop a region of an image to look at it more closely. The crop becomes a new image of
-        the conversation (its name is returned) that other tools can use.
+        """Crop a region of an image to look closer; the crop becomes a new image.
 
         Args:
-            image: name of an image in the conversation, e.g. "image_1".
-            box: the region [left, top, right, bottom] as fractions (0..1) of the image's width and
-                height, e.g. [0, 0, 0.5, 0.5] for the top-left quarter.
+            image: an image name, e.g. "image_1".
+            box: [left, top, right, bottom], fractions of the image size; [0, 0, 0.5, 0.5] is the top-left quarter.
         """
         source = ctx.image(image)
         zoomed = zoom_image(source, box, config.min_side)
