@@ -50,15 +50,17 @@ class Batch:
 
 
 def encode_sample(sample: Sample, template: Template, system: str | None, tokenize, tokens_per_image: int) -> Encoded:
-    """Render a sample with `template` (+ system prompt) and mark what the loss sees."""
+    """Render a sample with `template` (+ system prompt, + the tools it offers) and mark what the loss sees."""
     head = [Message.text_message("system", system)] if system is not None else []
-    keys, trainable = encode(template, head + sample.messages, tokenize, tokens_per_image, add_generation_prompt=False)
+    keys, trainable = encode(
+        template, head + sample.messages, tokenize, tokens_per_image, add_generation_prompt=False, tools=sample.tools
+    )
     n_images = sum(1 for k in keys if isinstance(k, tuple) and k[1] == 0)
     if n_images != len(sample.images):
         raise VlchatError(f"{sample.source}: {n_images} image placeholder(s) but {len(sample.images)} image(s)")
     images = list(sample.images)
     packed = None
-    if sample.meta.get("independent_turns"):
+    if sample.meta.get("independent_turns") and not sample.tools:  # packing renders without tools
         packed = _independent_turns(sample.messages, images, head, template, tokenize, tokens_per_image)
     return packed or Encoded(slot_ids(keys), _labels(keys, trainable), images)
 

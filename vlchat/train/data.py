@@ -11,6 +11,8 @@ Formats (`open_dataset(spec)` picks one from the spec):
     cc_sbu_align/              MiniGPT-4 stage 2: filter_cap.json + image/{image_id}.jpg
     easy_vqa:train|test        the easy-VQA package (4,000/1,000 images of shapes)
     synth:caption|qa           generated scenes (vlchat.train.synth)
+    tools:KIND                 tool-use conversations (vlchat.train.data_tools): labels, read_text,
+                               python, functions, qa, general
 
 Every record has a location used in errors and in `Sample.source`: "data.jsonl:line 7" (lines
 count from 1), "data.json: item 12" (the list index, from 0), "shard-0001.tar: 000123" (the
@@ -53,6 +55,7 @@ from vlchat.train.samples import Record, Sample, existing_path, sample_problems
 TOKENS_PER_IMAGE = 49  # the default vision tower's 7x7 feature grid at 224 px
 DEFAULT_TEMPLATE = "chatml"  # the default language model's format, for length checks
 SYNTH_SAMPLES = 1000  # seeds 0..999 for "synth:KIND"
+TOOL_SAMPLES = 200  # seeds 0..199 for "tools:KIND"
 
 
 # --- public readers -----------------------------------------------------------------------------
@@ -132,6 +135,8 @@ def dataset_items(spec: str | os.PathLike) -> Iterator[Record]:
         return easy_vqa_records(easy_vqa_split(arg or "train"), 1)
     if kind == "synth":
         return _synth_records(arg or "caption", spec)
+    if kind == "tools":
+        return _tool_records(arg, spec)
     if SHARD_RANGE.search(spec):
         return stage1_records(shard_paths(spec))
     path = existing_path(spec)
@@ -145,7 +150,7 @@ def dataset_items(spec: str | os.PathLike) -> Iterator[Record]:
         return jsonl_records(path, None)
     raise VlchatError(
         f"unknown dataset format: {spec}; expected a .json (LLaVA), .jsonl or .tar file, a folder of "
-        f".tar shards or with filter_cap.json, easy_vqa:train|test, or synth:caption|qa"
+        f".tar shards or with filter_cap.json, easy_vqa:train|test, synth:caption|qa, or tools:KIND"
     )
 
 
@@ -156,6 +161,13 @@ def _synth_records(kind: str, spec: str) -> Iterator[Record]:
         raise VlchatError(f"{spec} needs vlchat.train.synth, which does not import ({err})") from None
     samples = synthetic_dataset(kind, range(SYNTH_SAMPLES), "en")
     return (Record(s.source or f"{spec}: sample {i}", sample=s) for i, s in enumerate(samples))
+
+
+def _tool_records(kind: str, spec: str) -> Iterator[Record]:
+    from vlchat.train.data_tools import ToolSamples, ToolSource
+
+    samples = ToolSamples(ToolSource(kind, TOOL_SAMPLES))  # raises now for an unknown kind
+    return (Record(sample.source or f"{spec}: sample {i}", sample=sample) for i, sample in enumerate(samples))
 
 
 def _checked(items: Iterable[Record]) -> Iterator[Sample]:

@@ -80,7 +80,10 @@ def _length_problems(
     tokens_per_image: int,
 ) -> list[str]:
     # the same tokenizer path as training and inference (chat/prompt.py), images as N slots each
-    count = len(encode(template, sample.messages, tokenizer_fn, tokens_per_image, add_generation_prompt=False)[0])
+    keys, _ = encode(
+        template, sample.messages, tokenizer_fn, tokens_per_image, add_generation_prompt=False, tools=sample.tools
+    )
+    count = len(keys)
     if count <= max_tokens:
         return []
     return [f"too long: {count} tokens with template {template.name} ({tokens_per_image} an image), limit {max_tokens}"]

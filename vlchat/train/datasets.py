@@ -114,6 +114,26 @@ def check_max_objects(source: DataSource) -> None:
         )
 
 
+def source_samples(source: DataSource) -> Sequence[Sample]:
+    if source.spec.startswith("synth:"):
+        return SyntheticSamples(source)
+    if source.spec.startswith("tools:"):
+        return tool_samples(source)
+    return file_samples(source)
+
+
+def tool_samples(source: DataSource) -> Sequence[Sample]:
+    """A "tools:KIND" source (train/data_tools.py): made on demand like the synthetic ones."""
+    from vlchat.train.data_tools import ToolSamples, ToolSource
+
+    if source.samples is None:
+        raise VlchatError(f"{source.spec}: tool-use data needs `samples: N`")
+    if source.independent_turns:
+        raise VlchatError(f"{source.spec}: independent_turns does not apply to tool-use data (one question each)")
+    kind = source.spec.partition(":")[2]
+    return ToolSamples(ToolSource(kind, source.samples, source.seed_offset, source.lang))
+
+
 def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
     parts: list[Sequence[Sample]] = []
     for source in sources:
@@ -122,6 +142,6 @@ def build_samples(sources: Sequence[DataSource]) -> Sequence[Sample]:
         check_yes_no_options(source)
         check_qtypes(source)
         check_max_objects(source)
-        part = SyntheticSamples(source) if source.spec.startswith("synth:") else file_samples(source)
+        part = source_samples(source)
         parts += [part] * source.repeat
     return Concatenated(parts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from vlchat.chat.messages import Image, Message, Text
+from vlchat.chat.tools import ToolSpec
 from vlchat.errors import VlchatError
 
 IMAGE_MARKER = "<image>"  # LLaVA's placeholder for an image inside a human turn
@@ -31,12 +32,15 @@ class Sample:
     `images`: the loaded RGB images, or paths to load lazily (str), in order of appearance.
     `source`: where it came from, for error messages ("data/llava.json:item 12", "shard-0001.tar:000123").
     `meta`: free-form facts for evaluation (e.g. {"qtype": "colour", "lang": "en", "answer": "red"}).
+    `tools`: the functions the prompt offers (rendered into the system prompt as at inference); an
+    assistant message may then carry `tool_calls`, each answered by a `tool` message (train/data_tools.py).
     """
 
     messages: list[Message]
     images: list[PILImage.Image | str] = field(default_factory=list)
     source: str = ""
     meta: dict = field(default_factory=dict)
+    tools: tuple[ToolSpec, ...] = ()
 
 
 @dataclass
@@ -58,21 +62,13 @@ def build_record(where: str, make: Callable[..., Sample], *args: object) -> Reco
 
 def sample_problems(sample: Sample) -> list[str]:
     """Structural problems: roles, empty answers, images in answers, image parts vs images."""
-    problems = []
-    for i, message in enumerate(sample.messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.role != expected:
-            problems.append(
-                f"roles must alternate user, assistant, ...: message {i} (from 0) is "
-                f"{message.role!r} where {expected!r} was expected"
-            )
-            break
+    problems = _role_problems(sample.messages)
     if not sample.messages:
         problems.append("no messages")
     elif not problems and sample.messages[-1].role != "assistant":
         problems.append("the last message is not an assistant answer, so there is nothing to learn")
     for i, message in enumerate(sample.messages):
-        if message.role == "assistant" and not _has_text(message):
+        if message.role == "assistant" and not _has_text(message) and not message.tool_calls:
             problems.append(f"empty answer in message {i} (from 0)")
         elif message.role == "assistant" and message.images:
             problems.append(f"an image in assistant message {i}; images belong in user messages")
@@ -80,6 +76,31 @@ def sample_problems(sample: Sample) -> list[str]:
     if parts != len(sample.images):
         problems.append(f"{parts} image placeholder(s) for {len(sample.images)} image(s)")
     return problems
+
+
+def _role_problems(messages: Sequence[Message]) -> list[str]:
+    """Roles alternate user, assistant, ...; an assistant message with tool calls is followed by one
+    `tool` message per call, then the assistant again (function calling), or ends the sample."""
+    expected = "user"
+    for i, message in enumerate(messages):
+        if message.role != expected:
+            return [
+                f"roles must alternate user, assistant, ... (tool results after a call): message {i} (from 0) "
+                f"is {message.role!r} where {expected!r} was expected"
+            ]
+        if message.role == "assistant" and message.tool_calls:
+            calls = len(message.tool_calls)
+            results = messages[i + 1 : i + 1 + calls]
+            if i + 1 == len(messages):  # the sample ends at the call (the client runs it)
+                return []
+            if len(results) < calls or any(m.role != "tool" for m in results):
+                return [f"message {i} (from 0) calls {calls} tool(s) but is not followed by {calls} tool message(s)"]
+            expected = "tool"
+        elif message.role == "tool":
+            expected = "tool" if i + 1 < len(messages) and messages[i + 1].role == "tool" else "assistant"
+        else:
+            expected = "assistant" if message.role == "user" else "user"
+    return []
 
 
 def _has_text(message: Message) -> bool:
