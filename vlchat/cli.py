@@ -465,7 +465,12 @@ def evaluate(
             f"unknown suite or language: {', '.join(sorted(unknown)) or '(none given)'}; "
             f"suites: {', '.join(VQA_SUITES + AGENT_SUITES)}"
         )
-    report = run_eval(open_model(model, loading, projector, adapter), suite, limit, scenes, lang, batch_size)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    loaded = open_model(model, loading, projector, adapter)
+    report = run_eval(loaded, suite, limit, scenes, lang, batch_size, progress=progress)
     weights = projector or "default model: projector + LoRA adapter"
     title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''}; baseline: base LM, no image)"
     write_report(report, out, title)

@@ -5,6 +5,8 @@ Suites:
 - synth: held-out synthetic scenes (seeds never used in training): accuracy per question type,
   in English and Chinese, and caption attribute recall (share of the scene's colours, shapes
   and printed word that a generated description names).
+- agent_photos, agent_signs, agent_math, tool_selection, text_only: through the agent loop
+  (train/evaluate_agent.py); none of them by default.
 The baseline is the LM with the image removed from the prompt: what can be guessed from the
 question alone (e.g. "yes" to every yes/no question). Without an image the LM runs without its
 LoRA adapter (model/lora.py: the adapter is on only for sequences with an image), so the baseline
@@ -206,6 +208,7 @@ def evaluate(
     langs: list[str],
     batch_size: int = 16,
     chat: Chat | None = None,
+    progress=None,
 ) -> dict:
     """{"model", "text_only"} for the VQA suites (easy_vqa, synth), {"agent"} for the agent suites
     (train/evaluate_agent.py), each present when one of its suites is asked for."""
@@ -226,7 +229,7 @@ def evaluate(
             "replies": scores.replies,
         }
     if any(s in AGENT_SUITES for s in suites):
-        report["agent"] = evaluate_agent(chat or Chat(model), suites, limit)
+        report["agent"] = evaluate_agent(chat or Chat(model), suites, limit, progress=progress)
     return report
 
 

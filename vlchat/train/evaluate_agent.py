@@ -192,10 +192,14 @@ def timed(run: Callable[[], dict]) -> dict:
     return {**row, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def answer_suite(runner: Runner, suite: str, cases: list[Case]) -> list[dict]:
+def answer_suite(
+    runner: Runner, suite: str, cases: list[Case], progress: Callable[[str], None] | None = None
+) -> list[dict]:
     """One row per case and side: group, question, expected, side, reply, score and the suite's extras."""
-    rows = []
-    for case in cases:
+    rows, start = [], time.perf_counter()
+    for done, case in enumerate(cases, 1):
+        if progress is not None and done > 1:
+            progress(f"{suite}: case {done}/{len(cases)} ({time.perf_counter() - start:.0f} s so far)")
         base = {"suite": suite, "group": case.group, "question": case.question, "expected": list(case.expected)}
         base.update({k: v for k, v in case.meta.items()})
         if suite == "tool_selection":
@@ -271,13 +275,20 @@ def suite_cases(suite: str, limit: int | None) -> tuple[list[Case], list[str], d
     return agent_cases.spread(cases, limit), notes, functions
 
 
-def evaluate_agent(chat, suites: list[str], limit: int | None, max_new_tokens: int = AGENT_MAX_NEW_TOKENS) -> dict:
-    """{suite: {"summary", "notes", "seconds", "seconds_per_case", "replies"}} for the agent suites asked for."""
+def evaluate_agent(
+    chat,
+    suites: list[str],
+    limit: int | None,
+    max_new_tokens: int = AGENT_MAX_NEW_TOKENS,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """{suite: {"summary", "notes", "seconds", "seconds_per_case", "replies"}} for the agent suites asked for;
+    `progress` gets a line before each case after the first (the CLI prints them on stderr)."""
     runner, report = Runner(chat, max_new_tokens), {}
     for suite in [s for s in AGENT_SUITES if s in suites]:
         cases, notes, runner.functions = suite_cases(suite, limit)
         start = time.perf_counter()
-        rows = answer_suite(runner, suite, cases)
+        rows = answer_suite(runner, suite, cases, progress)
         seconds = time.perf_counter() - start
         report[suite] = {
             "summary": summarise(rows),
