@@ -250,3 +250,12 @@ def test_the_cli_refuses_an_unknown_suite(bad):
         [sys.executable, "-m", "vlchat.cli", "eval", "--suites", bad], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and "unknown suite" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_way_of_asking_keeps_one_session_with_a_new_conversation_per_case():
+    chat = FakeChat(["A cat.", "A mug.", "A cat.", "A mug."])
+    runner, cases = Runner(chat), agent_cases.photo_cases()[0][:2]
+    replies = [runner.agent(case)["reply"] for case in cases] + [runner.plain(case)["reply"] for case in cases]
+    assert replies == ["A cat.", "A mug.", "A cat.", "A mug."] and len(chat.adapter_seen) == 2
+    session = runner.sessions["agent:" + ",".join(runner.tools)]
+    assert [m.role for m in session.messages] == ["user", "assistant"]  # the second case's conversation only

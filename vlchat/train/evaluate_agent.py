@@ -42,8 +42,8 @@ from vlchat.train.agent_cases import Case
 AGENT_SUITES = ("agent_photos", "agent_signs", "agent_math", "tool_selection", "text_only")
 WEB_UI_TOOLS = ("read_text", "image_labels", "zoom")  # serve/serving.py's agent_tools: the Tools switch
 WATCHED_TOOL = {"agent_photos": "image_labels", "agent_signs": "read_text", "agent_math": "python"}
-AGENT_MAX_NEW_TOKENS = 128  # per step: room for a call with its arguments, or a short answer
-SELECTION_MAX_NEW_TOKENS = 96
+AGENT_MAX_NEW_TOKENS = 96  # per step: room for a call with its arguments, or a short answer
+SELECTION_MAX_NEW_TOKENS = 64  # a call with three arguments is about 45 tokens
 
 # --- scoring ---------------------------------------------------------------------------------------
 
@@ -152,31 +152,47 @@ def agent_registry(names: tuple[str, ...]):
 
 
 class Runner:
-    """Answers cases the ways the suites compare, each in a new session of one `Chat`."""
+    """Answers cases the ways the suites compare. Each case is a new conversation; each way of asking
+    keeps one session of one `Chat` whose conversation is cleared between cases, so the KV cache of
+    the prompt start that cases share (system prompt and tools, about 1,100 tokens with the agent's
+    tools) is reused as within a conversation (chat/engine.py `_prefill`), not prefilled per case."""
 
     def __init__(self, chat, max_new_tokens: int = AGENT_MAX_NEW_TOKENS, tools: tuple[str, ...] = BUILTIN_TOOLS):
         self.chat, self.tools = chat, tools
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens)  # greedy
+        self.sessions: dict[str, object] = {}
+        self.functions: dict[str, dict] = {}  # tool_selection's, by name
+
+    def fresh(self, way: str, generation: GenerationConfig):
+        """`way`'s session with an empty conversation (its KV cache kept for the shared prompt start)."""
+        session = self.sessions.get(way)
+        if session is None:
+            session = self.sessions[way] = self.chat.session(generation=generation)
+        session.messages = []
+        session.tools, session.tool_choice, session.grammar_tools = (), "auto", None
+        return session
 
     def agent(self, case: Case, tools: tuple[str, ...] | None = None) -> dict:
         """The `vlchat agent` path: reply, names of the tools called, steps, whether the answer was forced."""
-        session = self.chat.session(generation=self.generation)
-        executor = ToolExecutor(agent_registry(tools or self.tools), ToolContext())
+        tools = tools or self.tools
+        session = self.fresh("agent:" + ",".join(tools), self.generation)
+        executor = ToolExecutor(agent_registry(tools), ToolContext())
         result = collect(Agent(session, executor, AgentConfig()).ask(case.question, [case.image] if case.image else []))
         calls = [s["name"] for s in result.steps if s["type"] == "tool_call"]
         return {"reply": result.answer, "called": calls, "forced": result.forced}
 
-    def plain(self, case: Case) -> dict:
+    def plain(self, case: Case, way: str = "plain") -> dict:
         """The `vlchat ask` path: the image (if any) then the question, no tools."""
-        session = self.chat.session(generation=self.generation)
+        session = self.fresh(way, self.generation)
         if case.image is not None:
             session.upload_img(case.image)
         session.ask(case.question)
         return {"reply": session.answer()}
 
-    def one_step(self, case: Case, functions: dict[str, dict]) -> dict:
+    def one_step(self, case: Case) -> dict:
         """One generation with the case's functions offered (tool_choice "auto"): its words and calls."""
-        session = self.chat.session(generation=GenerationConfig(max_new_tokens=SELECTION_MAX_NEW_TOKENS))
+        session = self.fresh("one_step", GenerationConfig(max_new_tokens=SELECTION_MAX_NEW_TOKENS))
+        functions = self.functions
         session.tools = tuple(
             ToolSpec(n, functions[n]["description"], functions[n]["parameters"]) for n in case.meta["offered"]
         )
@@ -203,7 +219,7 @@ def answer_suite(
         base = {"suite": suite, "group": case.group, "question": case.question, "expected": list(case.expected)}
         base.update({k: v for k, v in case.meta.items()})
         if suite == "tool_selection":
-            rows.append(selection_row(base, case, timed(lambda c=case: runner.one_step(c, runner.functions))))
+            rows.append(selection_row(base, case, timed(lambda c=case: runner.one_step(c))))
         elif suite == "text_only":
             rows += text_rows(runner, base, case)
         else:
@@ -253,7 +269,7 @@ def text_rows(runner: Runner, base: dict, case: Case) -> list[dict]:
 
 def run_base(runner: Runner, case: Case) -> dict:
     with base_lm(runner.chat.model.lm):
-        return runner.plain(case)
+        return runner.plain(case, way="base_lm")
 
 
 # --- the suites and their summaries ----------------------------------------------------------------
@@ -272,7 +288,10 @@ def suite_cases(suite: str, limit: int | None) -> tuple[list[Case], list[str], d
         cases, functions = agent_cases.tool_selection_cases()
     else:
         cases = agent_cases.text_cases()
-    return agent_cases.spread(cases, limit), notes, functions
+    cases = agent_cases.spread(cases, limit)
+    if suite == "tool_selection":  # the cases offering the same functions in a row: they share a prompt start
+        cases.sort(key=lambda c: c.meta["offered"])
+    return cases, notes, functions
 
 
 def evaluate_agent(
