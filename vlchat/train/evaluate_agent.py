@@ -44,6 +44,7 @@ WEB_UI_TOOLS = ("read_text", "image_labels", "zoom")  # serve/serving.py's agent
 WATCHED_TOOL = {"agent_photos": "image_labels", "agent_signs": "read_text", "agent_math": "python"}
 AGENT_MAX_NEW_TOKENS = 96  # per step: room for a call with its arguments, or a short answer
 SELECTION_MAX_NEW_TOKENS = 64  # a call with three arguments is about 45 tokens
+TEXT_MAX_NEW_TOKENS = 48  # text_only compares replies to the base LM's: their start tells (and the tools side is slow)
 
 # --- scoring ---------------------------------------------------------------------------------------
 
@@ -303,8 +304,9 @@ def evaluate_agent(
 ) -> dict:
     """{suite: {"summary", "notes", "seconds", "seconds_per_case", "replies"}} for the agent suites asked for;
     `progress` gets a line before each case after the first (the CLI prints them on stderr)."""
-    runner, report = Runner(chat, max_new_tokens), {}
+    report = {}
     for suite in [s for s in AGENT_SUITES if s in suites]:
+        runner = Runner(chat, TEXT_MAX_NEW_TOKENS if suite == "text_only" else max_new_tokens)
         cases, notes, runner.functions = suite_cases(suite, limit)
         start = time.perf_counter()
         rows = answer_suite(runner, suite, cases, progress)
