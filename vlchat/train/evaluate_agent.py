@@ -358,11 +358,13 @@ def markdown_agent(report: dict) -> list[str]:
     """The agent suites' tables (Markdown lines)."""
     if not report:
         return []
-    lines = ["", "## Agent suites", "", AGENT_NOTE, ""]
-    lines += [
-        "| suite | cases | agent (tools) | plain chat (no tools) | watched tool called | has an ImageNet class |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["", "## Agent suites", "", AGENT_NOTE]
+    if any(suite in report for suite in WATCHED_TOOL):
+        lines += [
+            "",
+            "| suite | cases | agent (tools) | plain chat (no tools) | watched tool called | has an ImageNet class |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
     for suite in ("agent_photos", "agent_signs", "agent_math"):
         for group, sides in report.get(suite, {}).get("summary", {}).items():
             agent, plain = sides.get("agent", {}), sides.get("plain", {})
