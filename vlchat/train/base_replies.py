@@ -8,7 +8,7 @@ template's default system prompt, no tools, greedy decoding. Training on them te
 which is on whenever tools are offered, to keep the base LM's behaviour there.
 
 The prompts are templates x topics (`general_prompts`), English and Chinese, never the eval's
-list. Run once and commit the file (about 3 minutes on 2 CPU cores):
+list. Run once and commit the file (37 minutes on a busy 2-core AVX2 machine: one prompt at a time):
 
     python -m vlchat.train.base_replies [--out data/tool-use/base-replies.jsonl] [--max-new-tokens 80]
 """
