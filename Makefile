@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: prepare browser lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: prepare
 	$(BIN)/vlchat bench
