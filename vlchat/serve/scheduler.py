@@ -38,6 +38,7 @@ from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slo
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
+from vlchat.model.batching import DecodeBatch
 from vlchat.model.language import LMState
 from vlchat.serve.prefix_cache import PrefixCache
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 # Prompt positions prefilled per loop while other requests decode: on 2 CPU cores a 64-position
 # chunk of the default model costs about as much as one decode step of a full batch.
 PREFILL_CHUNK = 64
+# Padded prompt positions prefilled in one forward when nothing decodes: new requests that arrive
+# together are prefilled together (one forward reads the weights once for all of them).
+PREFILL_BUDGET = 512
 
 
 @dataclass
@@ -235,45 +239,112 @@ class Scheduler:
         return keys
 
     def _prefill_step(self) -> None:
-        """Advance the oldest prefilling prompt: one chunk while others decode, else all of it."""
+        """Advance prefilling prompts together: one forward over each one's next chunk (`_prefill_plan`
+        picks them), then the prompts prefilled to their end start decoding."""
+        self._drop_stopped_prefills()
         if not self.prefilling:
             return
-        work = self.prefilling[0]
+        rows = []  # (work, chunk end, chunk embeddings (1, T_i, D))
+        for work, end in self._prefill_plan(busy=bool(self.active or self.searching)):
+            embeds = self._guarded(work, self._chunk_embeds, work, end)
+            if embeds is not None:
+                rows.append((work, end, embeds))
+        if len(rows) > 1:
+            try:
+                self._prefill_rows(rows)
+            except Exception:  # isolate a bad row: its own error then fails it alone
+                log.exception("a batched prefill failed; prefilling its prompts one by one")
+                for row in rows:
+                    self._guarded(row[0], self._prefill_rows, [row])
+        elif rows:
+            self._guarded(rows[0][0], self._prefill_rows, rows)
+        for work, _, _ in rows:
+            if work in self.prefilling and work.done == len(work.keys):
+                self.prefilling.remove(work)
+                self._started(work)
+
+    def _drop_stopped_prefills(self) -> None:
+        """Cancelled prompts leave; prompts past their deadline fail with a timeout."""
+        for work in list(self.prefilling):
+            job = work.job
+            if job.cancelled.is_set() or job.expired():
+                self.prefilling.remove(work)
+                if not job.cancelled.is_set():
+                    job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
+
+    def _prefill_plan(self, busy: bool) -> list[tuple[Prefilling, int]]:
+        """The prompts prefilled in this loop's forward and where each one's chunk ends. A prompt
+        wants its next PREFILL_CHUNK positions while others decode, else all of it. One forward
+        computes rows x width padded positions, at most the budget (PREFILL_CHUNK while others
+        decode, else PREFILL_BUDGET; more only for the oldest prompt alone): of the widths the
+        prompts want, the one that prefills the most real positions wins (ties: the wider), the
+        prompts taken oldest first, each with up to that many positions."""
+        cap = PREFILL_CHUNK if busy else None
+        wanted = [self._chunk_end(work, cap or len(work.keys)) - work.done for work in self.prefilling]
+        budget = max(wanted[0], PREFILL_CHUNK if busy else PREFILL_BUDGET)
+        best: list[tuple[Prefilling, int]] = []
+        for width in sorted(set(wanted), reverse=True):
+            plan = self._plan_at(width, budget)
+            if sum(end - work.done for work, end in plan) > sum(end - work.done for work, end in best):
+                best = plan
+        return best
+
+    def _plan_at(self, width: int, budget: int) -> list[tuple[Prefilling, int]]:
+        """Oldest first, the prompts whose chunks of up to `width` positions fit the budget (the
+        oldest always: a chunk grows past `width` rather than split an image's slots)."""
+        plan, widest = [], 0
+        for work in self.prefilling:
+            end = self._chunk_end(work, width)
+            wider = max(widest, end - work.done)
+            if not plan or (len(plan) + 1) * wider <= budget:
+                plan.append((work, end))
+                widest = wider
+        return plan
+
+    def _guarded(self, work: Prefilling, step: Callable[..., object], *args) -> object | None:
+        """`step(*args)` for one prompt; if it fails, that request fails (and leaves) alone: None."""
         job = work.job
-        if job.cancelled.is_set() or job.expired():
-            self.prefilling.pop(0)
-            if not job.cancelled.is_set():
-                job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
-            return
-        busy = bool(self.active or self.searching)
         try:
-            self._prefill_chunk(work, PREFILL_CHUNK if busy else len(work.keys))
+            return step(*args)
         except VlchatError as error:
-            self.prefilling.pop(0)
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
-            return
         except Exception:  # a bug: this request fails, the others go on
-            self.prefilling.pop(0)
             log.exception("cannot start a request")
             job.emit(Failed("internal error while reading the prompt"))
-            return
-        if work.done == len(work.keys):
-            self.prefilling.pop(0)
-            self._started(work)
+        if work in self.prefilling:
+            self.prefilling.remove(work)
+        return None
 
-    @torch.inference_mode()
-    def _prefill_chunk(self, work: Prefilling, size: int) -> None:
-        """Prefill positions done..done+size (never splitting an image's slots); only the images
-        whose first slot is in the chunk are encoded."""
+    @staticmethod
+    def _chunk_end(work: Prefilling, size: int) -> int:
+        """Where a chunk of about `size` positions from `work.done` ends: never inside an image's slots."""
         end = min(work.done + size, len(work.keys))
         while end < len(work.keys) and isinstance(work.keys[end], tuple) and work.keys[end][1] > 0:
             end += 1
+        return end
+
+    @torch.inference_mode()
+    def _chunk_embeds(self, work: Prefilling, end: int) -> torch.Tensor:
+        """(1, T, D) input embeddings of positions done..end; only the images whose first slot is
+        in the chunk are encoded."""
         chunk = work.keys[work.done : end]
-        model = self.chat.model
         images = [self.chat.image_embeddings(work.job.images[key], key)[1] for key in first_slots(chunk)]
-        embeds = model.embed(torch.tensor([slot_ids(chunk)]), torch.stack(images) if images else None)
-        work.logits, work.state = self.lm.prefill(embeds, work.state)
-        work.done = end
+        return self.chat.model.embed(torch.tensor([slot_ids(chunk)]), torch.stack(images) if images else None)
+
+    @torch.inference_mode()
+    def _prefill_rows(self, rows: list[tuple[Prefilling, int, torch.Tensor]]) -> None:
+        """One forward over the rows' chunks; each row keeps its own batch-1 state. Alone, a row
+        runs on its own state (no copy); together, the states are stacked left-padded
+        (`DecodeBatch.prefill`) and cut back apart afterwards."""
+        if len(rows) == 1:
+            work, end, embeds = rows[0]
+            work.logits, work.state = self.lm.prefill(embeds, work.state)
+            work.done = end
+            return
+        batch = DecodeBatch.of([work.state for work, _, _ in rows])
+        logits = batch.prefill(self.lm, [embeds for _, _, embeds in rows])  # (B, V)
+        for i, (work, end, _) in enumerate(rows):
+            work.logits, work.state, work.done = logits[i : i + 1], batch.row(i), end
 
     def _started(self, work: Prefilling) -> None:
         """A prompt is in the cache: start decoding it in the batch, or start its beam search."""
