@@ -258,10 +258,13 @@ class Scheduler:
                     self._guarded(row[0], self._prefill_rows, [row])
         elif rows:
             self._guarded(rows[0][0], self._prefill_rows, rows)
+        joining = []  # prompts prefilled to their end join the decode batch together (one restack)
         for work, _, _ in rows:
             if work in self.prefilling and work.done == len(work.keys):
                 self.prefilling.remove(work)
-                self._started(work)
+                joining += self._started(work)
+        self.decoding.join(joining)
+        self.peak_batch = max(self.peak_batch, len(self.active))
 
     def _drop_stopped_prefills(self) -> None:
         """Cancelled prompts leave; prompts past their deadline fail with a timeout."""
@@ -346,8 +349,8 @@ class Scheduler:
         for i, (work, end, _) in enumerate(rows):
             work.logits, work.state, work.done = logits[i : i + 1], batch.row(i), end
 
-    def _started(self, work: Prefilling) -> None:
-        """A prompt is in the cache: start decoding it in the batch, or start its beam search."""
+    def _started(self, work: Prefilling) -> list[tuple[Active, LMState]]:
+        """A prompt is in the cache: its row for the decode batch (to join), or start its beam search."""
         job = work.job
         job.usage = Usage(prompt_tokens=len(work.keys), cached_tokens=work.common)
         job.emit(Started(job.usage))
@@ -363,15 +366,14 @@ class Scheduler:
                 progress=True,
             )
             self.searching.append(Searching(job, work.keys, work.state, steps))
-            return
+            return []
         try:
             constraint = job.structure.constraint(self.lm) if job.structure is not None else None
             decoder = SequenceDecoder(self.lm, job.config, job.template.stop, constraint)
         except VlchatError as error:
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
-            return
-        self.decoding.join([(Active(job, work.keys, decoder, work.logits), work.state)])
-        self.peak_batch = max(self.peak_batch, len(self.active))
+            return []
+        return [(Active(job, work.keys, decoder, work.logits), work.state)]
 
     def _search_step(self) -> None:
         """One step of every running beam search."""
