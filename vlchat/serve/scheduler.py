@@ -1,17 +1,19 @@
 """One worker thread owns the model; requests wait in a bounded FIFO queue and decode in a batch.
 
-Each admitted request is prefilled alone (starting from the longest cached prefix), then joins
-the running `BatchDecoder` (vlchat/chat/batch.py, the loop `vlchat eval` runs too): every step
-picks each request's next token with its own `SequenceDecoder` and feeds them all in one forward
-pass, so concurrent clients share the cost of reading the weights (continuous batching, as
-vLLM and llama.cpp's server do). Requests leave the batch when they finish, are cancelled (the
-client went away) or run past their deadline. Beam search runs outside the batch, one search
+Admitted requests are prefilled together, each from its longest cached prefix (one forward over
+several prompts' next chunks, `DecodeBatch.prefill`: requests that arrive together get their
+first tokens together, not one after another), then join the running `BatchDecoder`
+(vlchat/chat/batch.py, the loop `vlchat eval` runs too): every step picks each request's next
+token with its own `SequenceDecoder` and feeds them all in one forward pass, so concurrent clients
+share the cost of reading the weights (continuous batching, as vLLM and llama.cpp's server do).
+Requests leave the batch when they finish, are cancelled (the client went away) or run past their
+deadline. Beam search runs outside the batch, one search
 step per loop.
 
 No request holds the others up for more than about a decode step: while other requests are
-decoding, a prompt is prefilled `PREFILL_CHUNK` positions per loop (chunked prefill, as vLLM
-does), its images encoded with the chunk that holds them, and a beam search advances one step
-per loop. Prompts arrive tokenized (serving.py tokenizes in the request's thread).
+decoding, prompts are prefilled at most `PREFILL_CHUNK` padded positions per loop (chunked
+prefill, as vLLM does), their images encoded with the chunk that holds them, and a beam search
+advances one step per loop. Prompts arrive tokenized (serving.py tokenizes in the request's thread).
 
 Events go back through each job's `emit` callback (called on the worker thread):
 `Started` once the prompt is prefilled, `Delta`s of text, then `Finished` or `Failed`.
