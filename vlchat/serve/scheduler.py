@@ -7,8 +7,7 @@ first tokens together, not one after another), then join the running `BatchDecod
 token with its own `SequenceDecoder` and feeds them all in one forward pass, so concurrent clients
 share the cost of reading the weights (continuous batching, as vLLM and llama.cpp's server do).
 Requests leave the batch when they finish, are cancelled (the client went away) or run past their
-deadline. Beam search runs outside the batch, one search
-step per loop.
+deadline. Beam search runs outside the batch, one search step per loop.
 
 No request holds the others up for more than about a decode step: while other requests are
 decoding, prompts are prefilled at most `PREFILL_CHUNK` padded positions per loop (chunked
