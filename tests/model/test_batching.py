@@ -79,3 +79,38 @@ def test_rows_with_and_without_the_adapter_decode_together_as_alone(tiny_adapted
     assert [row.adapter for row in batch.rows()] == [True, False, True, False]
     assert prefix_state(batch.row(0), 2).adapter and prefix_state(batch.row(0), 0).adapter
     assert DecodeBatch.of([batch.row(2), batch.row(1)]).adapters == [True, False]
+
+
+def test_batched_prefill_of_chunks_matches_solo_prefill(tiny_adapted_model):
+    """Prompts of different lengths (one with no cache yet, gates mixed) prefill their next chunks
+    of different lengths in one forward: each row's logits and its cut-back state (the padding
+    hole inside the row dropped) are what the prompt alone gives."""
+    lm = tiny_adapted_model.lm
+    cases = [([5, 6, 7], [20, 21], True), ([], [22, 23, 24, 25, 26], False), ([8, 9, 10, 11, 12], [27], False)]
+
+    def start(ids, adapter):
+        return (
+            lm.prefill(lm.embed(torch.tensor([ids])), LMState(adapter=adapter))[1] if ids else LMState(adapter=adapter)
+        )
+
+    batch = DecodeBatch.of([start(head, adapter) for head, _, adapter in cases])
+    assert batch.mask.shape == (3, 5) and batch.mask[1].sum() == 0
+    logits = batch.prefill(lm, [lm.embed(torch.tensor([chunk])) for _, chunk, _ in cases])  # (3, V)
+    assert batch.lengths == [5, 5, 6] and batch.mask.shape == (3, 10)
+    for i, (head, chunk, adapter) in enumerate(cases):
+        solo, solo_state = lm.prefill(lm.embed(torch.tensor([head + chunk])), LMState(adapter=adapter))
+        torch.testing.assert_close(logits[i : i + 1], solo, atol=1e-5, rtol=0)
+        row = batch.row(i)
+        assert row.length == len(head + chunk) and row.cache.get_seq_length() == row.length and row.adapter == adapter
+        expected, _ = lm.decode(torch.tensor([40]), solo_state)
+        got, _ = lm.decode(torch.tensor([40]), row)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_an_empty_batch_of_new_prompts_prefills_without_a_cache(tiny_model):
+    lm = tiny_model.lm
+    batch = DecodeBatch.of([LMState(), LMState()])
+    assert batch.state.cache is None and batch.mask.shape == (2, 0)
+    logits = batch.prefill(lm, [lm.embed(torch.tensor([[5, 6, 7]])), lm.embed(torch.tensor([[8]]))])
+    torch.testing.assert_close(logits[1:], prefill(lm, [8])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[:1], prefill(lm, [5, 6, 7])[0], atol=1e-5, rtol=0)

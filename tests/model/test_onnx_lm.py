@@ -1,6 +1,7 @@
 """The ONNX Runtime LM runtime (vlchat.model.onnx_lm) against the torch runtime on the tiny LM: the
 float32 graph gives the same logits (prefill, follow-up prefill, decode, a left-padded batch, a gated
-adapter per row) and beam search answers; the 8-bit graph gives the same greedy answers through the engine."""
+adapter per row, a batched prefill of left-padded chunks) and beam search answers; the 8-bit graph
+gives the same greedy answers through the engine."""
 
 from __future__ import annotations
 
@@ -90,6 +91,20 @@ def test_left_padded_batch_matches_torch(tiny_model, onnx_fp32):
         out.append(row)
     close(out[2], out[0])
     close(out[3], out[1])
+
+
+def test_batched_prefill_of_left_padded_chunks_matches_torch(tiny_model, onnx_fp32):
+    """`DecodeBatch.prefill` (the server prefilling new requests together): chunks of different
+    lengths, padded on the left, after caches of different lengths (one empty)."""
+    heads, chunks = [[5, 6, 7], [], [8, 9, 10, 11]], [[20, 21], [22, 23, 24, 25], [26]]
+    out = []
+    for lm in (tiny_model.lm, onnx_fp32):
+        batch = DecodeBatch.of([lm.prefill(embed(lm, ids))[1] if ids else LMState() for ids in heads])
+        out.append(batch.prefill(lm, [embed(lm, ids) for ids in chunks]))  # (3, V)
+        out.append(lm.decode(torch.tensor([40]), batch.row(0))[0])
+    close(out[2], out[0])
+    close(out[3], out[1])
+    close(out[2][:1], onnx_fp32.prefill(embed(onnx_fp32, heads[0] + chunks[0]))[0])
 
 
 def test_gated_adapter_per_row_matches_torch(tiny_adapted_model, tiny_lm_dir, tiny_adapter_dir, home):

@@ -2,7 +2,7 @@
 
 `generate()` drives one `SequenceDecoder` for one prefilled prompt; `BatchDecoder` drives many
 at once, one forward pass per step for all rows. Rows join after their prompt is prefilled
-alone (batch 1) and leave as soon as they are done, so the batch stays full when the caller
+(each with its own batch-1 state) and leave as soon as they are done, so the batch stays full when the caller
 keeps joining new rows (continuous batching). The server's scheduler (jobs from HTTP clients)
 and `vlchat eval` (a list of questions) both run this loop; greedy rows answer what the chat
 engine answers for the same prompt, up to floating-point rounding.

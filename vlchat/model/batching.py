@@ -1,10 +1,11 @@
 """Decode several sequences in one forward pass (continuous batching for the server).
 
-Each sequence is prefilled alone (batch 1, its own `LMState`), then joins a `DecodeBatch`:
-its KV cache is left-padded to the batch's length, with an attention mask that hides the
-padding and explicit position ids, so every row computes exactly what it would alone (up to
-floating-point rounding). Rows join and leave between steps; a leaving row is cut back to its
-own batch-1 state, so the server can keep its cache for the next turn of that conversation.
+Each sequence has its own batch-1 `LMState`; a `DecodeBatch` stacks them: every KV cache is
+left-padded to the batch's length, with an attention mask that hides the padding and explicit
+position ids, so every row computes exactly what it would alone (up to floating-point rounding).
+Rows join and leave between steps; a leaving row is cut back to its own batch-1 state, so the
+server can keep its cache for the next turn of that conversation. `prefill` runs several
+prompts' next chunks in one forward (the server prefills new requests together this way).
 Rows with the LoRA adapter on (sequences with an image) and off share the batch: the adapter
 gate is set per row (model/lora.py).
 """
@@ -59,27 +60,34 @@ class DecodeBatch:
 
     @classmethod
     def of(cls, states: list[LMState]) -> DecodeBatch:
-        """Stack batch-1 states into one left-padded batch."""
+        """Stack batch-1 states into one left-padded batch (a state may be empty: no cache yet)."""
         batch = cls([s.length for s in states], [s.adapter for s in states])
         if states:
             width = max(batch.lengths)
-            per_layer = zip(*(layer_tensors(s) for s in states))
-            layers = [
-                (_stack_left_padded([k for k, _ in pairs], width), _stack_left_padded([v for _, v in pairs], width))
-                for pairs in per_layer
-            ]
-            batch.state = make_state(layers, width)
-            batch.mask = torch.tensor([[0] * (width - n) + [1] * n for n in batch.lengths])
+            batch.mask = torch.tensor([[0] * (width - n) + [1] * n for n in batch.lengths], dtype=torch.long)
+            if width:
+                reference = layer_tensors(next(s for s in states if s.length))
+                per_layer = zip(*(layer_tensors(s) if s.length else _empty_like(reference) for s in states))
+                layers = [
+                    (_stack_left_padded([k for k, _ in pairs], width), _stack_left_padded([v for _, v in pairs], width))
+                    for pairs in per_layer
+                ]
+                batch.state = make_state(layers, width)
+            else:
+                batch.state = LMState()
         return batch
 
     def row(self, i: int) -> LMState:
-        """Row i as its own batch-1 state (a copy without the padding)."""
-        n = self.lengths[i]
+        """Row i as its own batch-1 state: a copy of its real positions only (the mask's 1s: the
+        left padding and any hole a left-padded prefill chunk left inside the row go)."""
+        if not self.lengths[i]:
+            return LMState(adapter=self.adapters[i])
+        real = self.mask[i].nonzero().squeeze(1)  # (n,) cache positions
         layers = [
-            (k[i : i + 1, :, k.shape[2] - n :].clone(), v[i : i + 1, :, v.shape[2] - n :].clone())
+            (k[i : i + 1].index_select(2, real), v[i : i + 1].index_select(2, real))
             for k, v in layer_tensors(self.state)
         ]
-        return make_state(layers, n, self.adapters[i])
+        return make_state(layers, self.lengths[i], self.adapters[i])
 
     def rows(self) -> list[LMState]:
         return [self.row(i) for i in range(self.size)]
@@ -95,6 +103,29 @@ class DecodeBatch:
         self.mask, self.lengths = mask, [n + 1 for n in self.lengths]
         self.state = LMState(cache, mask.shape[1])
         return logits  # (B, V)
+
+    @torch.inference_mode()
+    def prefill(self, lm: LanguageModel, chunks: list[torch.Tensor]) -> torch.Tensor:
+        """Every row's next chunk in one forward: (1, T_i, D) embeddings per row -> the logits
+        (B, V) at each row's last chunk position. Shorter chunks are padded on the LEFT (mask 0)
+        so that every row's last real token is the last position; positions continue each row's
+        own length. A row's cache then has a hole of T - T_i positions; `row` drops it."""
+        width = max(chunk.shape[1] for chunk in chunks)
+        sizes = [chunk.shape[1] for chunk in chunks]
+        embeds = torch.cat([F.pad(chunk, (0, 0, width - t, 0)) for chunk, t in zip(chunks, sizes)])  # (B, T, D)
+        chunk_mask = torch.tensor([[0] * (width - t) + [1] * t for t in sizes], dtype=self.mask.dtype)  # (B, T)
+        mask = torch.cat([self.mask, chunk_mask], dim=1)  # (B, P + T)
+        # (B, T): padding gets the row's next position too (masked, it only has to be in range)
+        positions = torch.tensor([[n] * (width - t) + list(range(n, n + t)) for n, t in zip(self.lengths, sizes)])
+        logits, cache = lm.forward_cached(embeds, self.state.cache, mask, positions, self.adapters)
+        self.mask, self.lengths = mask, [n + t for n, t in zip(self.lengths, sizes)]
+        self.state = LMState(cache, mask.shape[1])
+        return logits  # (B, V)
+
+
+def _empty_like(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero-length (1, H, 0, hd) keys and values shaped like `layers`, for a row with no cache yet."""
+    return [(k[:1, :, :0], v[:1, :, :0]) for k, v in layers]
 
 
 def _stack_left_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:

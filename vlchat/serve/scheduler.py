@@ -1,17 +1,18 @@
 """One worker thread owns the model; requests wait in a bounded FIFO queue and decode in a batch.
 
-Each admitted request is prefilled alone (starting from the longest cached prefix), then joins
-the running `BatchDecoder` (vlchat/chat/batch.py, the loop `vlchat eval` runs too): every step
-picks each request's next token with its own `SequenceDecoder` and feeds them all in one forward
-pass, so concurrent clients share the cost of reading the weights (continuous batching, as
-vLLM and llama.cpp's server do). Requests leave the batch when they finish, are cancelled (the
-client went away) or run past their deadline. Beam search runs outside the batch, one search
-step per loop.
+Admitted requests are prefilled together, each from its longest cached prefix (one forward over
+several prompts' next chunks, `DecodeBatch.prefill`: requests that arrive together get their
+first tokens together, not one after another), then join the running `BatchDecoder`
+(vlchat/chat/batch.py, the loop `vlchat eval` runs too): every step picks each request's next
+token with its own `SequenceDecoder` and feeds them all in one forward pass, so concurrent clients
+share the cost of reading the weights (continuous batching, as vLLM and llama.cpp's server do).
+Requests leave the batch when they finish, are cancelled (the client went away) or run past their
+deadline. Beam search runs outside the batch, one search step per loop.
 
 No request holds the others up for more than about a decode step: while other requests are
-decoding, a prompt is prefilled `PREFILL_CHUNK` positions per loop (chunked prefill, as vLLM
-does), its images encoded with the chunk that holds them, and a beam search advances one step
-per loop. Prompts arrive tokenized (serving.py tokenizes in the request's thread).
+decoding, prompts are prefilled at most `PREFILL_CHUNK` padded positions per loop (chunked
+prefill, as vLLM does), their images encoded with the chunk that holds them, and a beam search
+advances one step per loop. Prompts arrive tokenized (serving.py tokenizes in the request's thread).
 
 Events go back through each job's `emit` callback (called on the worker thread):
 `Started` once the prompt is prefilled, `Delta`s of text, then `Finished` or `Failed`.
@@ -38,6 +39,7 @@ from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slo
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
+from vlchat.model.batching import DecodeBatch
 from vlchat.model.language import LMState
 from vlchat.serve.prefix_cache import PrefixCache
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 # Prompt positions prefilled per loop while other requests decode: on 2 CPU cores a 64-position
 # chunk of the default model costs about as much as one decode step of a full batch.
 PREFILL_CHUNK = 64
+# Padded prompt positions prefilled in one forward when nothing decodes: new requests that arrive
+# together are prefilled together (one forward reads the weights once for all of them).
+PREFILL_BUDGET = 512
 
 
 @dataclass
@@ -235,48 +240,118 @@ class Scheduler:
         return keys
 
     def _prefill_step(self) -> None:
-        """Advance the oldest prefilling prompt: one chunk while others decode, else all of it."""
+        """Advance prefilling prompts together: one forward over each one's next chunk (`_prefill_plan`
+        picks them), then the prompts prefilled to their end start decoding."""
+        self._drop_stopped_prefills()
         if not self.prefilling:
             return
-        work = self.prefilling[0]
+        rows = []  # (work, chunk end, chunk embeddings (1, T_i, D))
+        for work, end in self._prefill_plan(busy=bool(self.active or self.searching)):
+            embeds = self._guarded(work, self._chunk_embeds, work, end)
+            if embeds is not None:
+                rows.append((work, end, embeds))
+        if len(rows) > 1:
+            try:
+                self._prefill_rows(rows)
+            except Exception:  # isolate a bad row: its own error then fails it alone
+                log.exception("a batched prefill failed; prefilling its prompts one by one")
+                for row in rows:
+                    self._guarded(row[0], self._prefill_rows, [row])
+        elif rows:
+            self._guarded(rows[0][0], self._prefill_rows, rows)
+        joining = []  # prompts prefilled to their end join the decode batch together (one restack)
+        for work, _, _ in rows:
+            if work in self.prefilling and work.done == len(work.keys):
+                self.prefilling.remove(work)
+                joining += self._started(work)
+        self.decoding.join(joining)
+        self.peak_batch = max(self.peak_batch, len(self.active))
+
+    def _drop_stopped_prefills(self) -> None:
+        """Cancelled prompts leave; prompts past their deadline fail with a timeout."""
+        for work in list(self.prefilling):
+            job = work.job
+            if job.cancelled.is_set() or job.expired():
+                self.prefilling.remove(work)
+                if not job.cancelled.is_set():
+                    job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
+
+    def _prefill_plan(self, busy: bool) -> list[tuple[Prefilling, int]]:
+        """The prompts prefilled in this loop's forward and where each one's chunk ends. A prompt
+        wants its next PREFILL_CHUNK positions while others decode, else all of it. One forward
+        computes rows x width padded positions, at most the budget (PREFILL_CHUNK while others
+        decode, else PREFILL_BUDGET; more only for the oldest prompt alone): of the widths the
+        prompts want, the one that prefills the most real positions wins (ties: the wider), the
+        prompts taken oldest first, each with up to that many positions."""
+        cap = PREFILL_CHUNK if busy else None
+        wanted = [self._chunk_end(work, cap or len(work.keys)) - work.done for work in self.prefilling]
+        budget = max(wanted[0], PREFILL_CHUNK if busy else PREFILL_BUDGET)
+        best: list[tuple[Prefilling, int]] = []
+        for width in sorted(set(wanted), reverse=True):
+            plan = self._plan_at(width, budget)
+            if sum(end - work.done for work, end in plan) > sum(end - work.done for work, end in best):
+                best = plan
+        return best
+
+    def _plan_at(self, width: int, budget: int) -> list[tuple[Prefilling, int]]:
+        """Oldest first, the prompts whose chunks of up to `width` positions fit the budget (the
+        oldest always: a chunk grows past `width` rather than split an image's slots)."""
+        plan, widest = [], 0
+        for work in self.prefilling:
+            end = self._chunk_end(work, width)
+            wider = max(widest, end - work.done)
+            if not plan or (len(plan) + 1) * wider <= budget:
+                plan.append((work, end))
+                widest = wider
+        return plan
+
+    def _guarded(self, work: Prefilling, step: Callable[..., object], *args) -> object | None:
+        """`step(*args)` for one prompt; if it fails, that request fails (and leaves) alone: None."""
         job = work.job
-        if job.cancelled.is_set() or job.expired():
-            self.prefilling.pop(0)
-            if not job.cancelled.is_set():
-                job.emit(Failed(f"generation timed out after {job.timeout_s:g} s", 504, "timeout"))
-            return
-        busy = bool(self.active or self.searching)
         try:
-            self._prefill_chunk(work, PREFILL_CHUNK if busy else len(work.keys))
+            return step(*args)
         except VlchatError as error:
-            self.prefilling.pop(0)
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
-            return
         except Exception:  # a bug: this request fails, the others go on
-            self.prefilling.pop(0)
             log.exception("cannot start a request")
             job.emit(Failed("internal error while reading the prompt"))
-            return
-        if work.done == len(work.keys):
-            self.prefilling.pop(0)
-            self._started(work)
+        if work in self.prefilling:
+            self.prefilling.remove(work)
+        return None
 
-    @torch.inference_mode()
-    def _prefill_chunk(self, work: Prefilling, size: int) -> None:
-        """Prefill positions done..done+size (never splitting an image's slots); only the images
-        whose first slot is in the chunk are encoded."""
+    @staticmethod
+    def _chunk_end(work: Prefilling, size: int) -> int:
+        """Where a chunk of about `size` positions from `work.done` ends: never inside an image's slots."""
         end = min(work.done + size, len(work.keys))
         while end < len(work.keys) and isinstance(work.keys[end], tuple) and work.keys[end][1] > 0:
             end += 1
-        chunk = work.keys[work.done : end]
-        model = self.chat.model
-        images = [self.chat.image_embeddings(work.job.images[key], key)[1] for key in first_slots(chunk)]
-        embeds = model.embed(torch.tensor([slot_ids(chunk)]), torch.stack(images) if images else None)
-        work.logits, work.state = self.lm.prefill(embeds, work.state)
-        work.done = end
+        return end
 
-    def _started(self, work: Prefilling) -> None:
-        """A prompt is in the cache: start decoding it in the batch, or start its beam search."""
+    @torch.inference_mode()
+    def _chunk_embeds(self, work: Prefilling, end: int) -> torch.Tensor:
+        """(1, T, D) input embeddings of positions done..end; only the images whose first slot is
+        in the chunk are encoded."""
+        chunk = work.keys[work.done : end]
+        images = [self.chat.image_embeddings(work.job.images[key], key)[1] for key in first_slots(chunk)]
+        return self.chat.model.embed(torch.tensor([slot_ids(chunk)]), torch.stack(images) if images else None)
+
+    @torch.inference_mode()
+    def _prefill_rows(self, rows: list[tuple[Prefilling, int, torch.Tensor]]) -> None:
+        """One forward over the rows' chunks; each row keeps its own batch-1 state. Alone, a row
+        runs on its own state (no copy); together, the states are stacked left-padded
+        (`DecodeBatch.prefill`) and cut back apart afterwards."""
+        if len(rows) == 1:
+            work, end, embeds = rows[0]
+            work.logits, work.state = self.lm.prefill(embeds, work.state)
+            work.done = end
+            return
+        batch = DecodeBatch.of([work.state for work, _, _ in rows])
+        logits = batch.prefill(self.lm, [embeds for _, _, embeds in rows])  # (B, V)
+        for i, (work, end, _) in enumerate(rows):
+            work.logits, work.state, work.done = logits[i : i + 1], batch.row(i), end
+
+    def _started(self, work: Prefilling) -> list[tuple[Active, LMState]]:
+        """A prompt is in the cache: its row for the decode batch (to join), or start its beam search."""
         job = work.job
         job.usage = Usage(prompt_tokens=len(work.keys), cached_tokens=work.common)
         job.emit(Started(job.usage))
@@ -292,15 +367,14 @@ class Scheduler:
                 progress=True,
             )
             self.searching.append(Searching(job, work.keys, work.state, steps))
-            return
+            return []
         try:
             constraint = job.structure.constraint(self.lm) if job.structure is not None else None
             decoder = SequenceDecoder(self.lm, job.config, job.template.stop, constraint)
         except VlchatError as error:
             job.emit(Failed(str(error), 400, getattr(error, "code", None)))
-            return
-        self.decoding.join([(Active(job, work.keys, decoder, work.logits), work.state)])
-        self.peak_batch = max(self.peak_batch, len(self.active))
+            return []
+        return [(Active(job, work.keys, decoder, work.logits), work.state)]
 
     def _search_step(self) -> None:
         """One step of every running beam search."""
