@@ -242,10 +242,17 @@ def _read_capped(file: Any, limit: int) -> str:
 
 
 def _cannot_start(status: int, stderr: str) -> str | None:
-    """The one set-up fault a user can meet: as root, the code runs as `nobody`, who must be able to
-    enter every folder above the interpreter (setpriv exits 127: "failed to execute")."""
+    """The set-up faults a user can meet: as root, the code runs as `nobody`, who must be able to
+    enter every folder above the interpreter, and with namespaces /tmp (PRIVATE_DIRS) is a fresh
+    mount that hides an interpreter installed there (setpriv exits 127: "failed to execute")."""
     if status != 127 or "failed to execute" not in stderr:
         return None
+    hidden = next((d for d in PRIVATE_DIRS if sys.executable.startswith(d + "/")), None)
+    if hidden is not None and "No such file" in stderr:
+        return (
+            f"the sandbox cannot start {sys.executable}: it gives the code a private, empty {hidden}, "
+            f"which hides that interpreter; install vlchat's environment outside {hidden}"
+        )
     return (
         f"the sandbox cannot start {sys.executable} as user nobody: a folder above it is closed to other "
         "users (e.g. mode 700); install vlchat's environment in a folder others may enter"
