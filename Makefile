@@ -39,8 +39,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two processes (pytest-xdist), each test file whole in one of them (its servers start once); the
+# processes share the cores (tests/conftest.py). `pytest -n 0` runs it in one process.
 test: prepare browser lint
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q --durations=30 -n 2 --dist loadfile
 
 bench: prepare
 	$(BIN)/vlchat bench

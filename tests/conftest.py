@@ -6,6 +6,7 @@ tokenizer, so hub-style `from_pretrained(dir)` code paths are exercised without 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ from vlchat.config import LMConfig, ModelConfig, ProjectorConfig, VisionConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "vlchat" / "examples"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs the suite in parallel processes (pytest -n)
+    # Share the cores: each worker (and the servers and CLIs it starts, through the environment)
+    # gets cores / workers threads, else the workers' OpenMP threads spin-wait against each other.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
