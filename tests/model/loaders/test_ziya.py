@@ -309,3 +309,36 @@ def test_a_config_that_does_not_fit_the_weights_is_refused(release, tmp_path):
     path = write_yaml(tmp_path / "ziya.yaml", str(tmp_path / "visual"), str(release[0] / "Ziya-LLaMA-13B-v1"))
     with pytest.raises(VlchatError, match=r"vision tower weight 'encoder.layers.0.mlp.fc1.bias' is \(48,\) in the"):
         load_model(float32(model_config(str(path))))
+
+
+class Stop(Exception):
+    """Raised by the fake from_pretrained once it has seen its arguments."""
+
+
+def test_quantization_and_device_map_reach_the_lms_from_pretrained(release, monkeypatch):
+    """With a GPU and bitsandbytes faked present (nothing runs on them): Ziya-LLaMA's from_pretrained gets
+    the quantization config and the device placement (the visual parts load first, on the CPU)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from vlchat.model import placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a)
+    )
+    seen: dict = {}
+
+    def fake(cls, *args, **kwargs):
+        seen.update(kwargs, args=args)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(fake))
+    config = placement.with_placement(model_config(str(release[0] / "ziya.yaml")), "cuda", "float16", "8bit", None)
+    with pytest.raises(Stop):
+        load_model(config)
+    assert seen["args"] == (release[0].resolve() / "Ziya-LLaMA-13B-v1",) and seen["dtype"] == torch.float16
+    assert seen["quantization_config"].load_in_8bit and seen["device_map"] == {"": "cuda"}
