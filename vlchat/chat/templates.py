@@ -286,6 +286,8 @@ TEMPLATES: dict[str, Template] = {
     # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:",
     # tokenized with LLaMA's BOS in front (the cards call `tokenizer(inputs)`, which adds it);
     # no default system; a given one goes first as "S\n". The model also stops on "</s>".
+    # Ziya-Visual's image (BLIP-2's query embeddings) goes first, before the BOS, as BLIP-2 generates:
+    # an assumption, its `chat()` code being on the model hub only (model/loaders/ziya.py).
     "ziya": Template(
         name="ziya",
         default_system="",
@@ -296,6 +298,7 @@ TEMPLATES: dict[str, Template] = {
         user_suffix="\n",
         assistant_prefix="<bot>:",
         assistant_end="\n",
+        images_first=True,
     ),
     # MiniGPT-4's own demo prompts (conversation.py), for its release files (model/loaders/minigpt4.py):
     # CONV_VISION_Vicuna0 "S###Human: U###Assistant: " after the BOS its tokenizer adds to the first

@@ -348,3 +348,90 @@ def test_wrong_files_fail_in_one_line_through_the_cli(release, tmp_path, monkeyp
     assert err.count("\n") == 1 and err.startswith("error: ")
     for word in words:
         assert word in err
+
+
+# --- placement: the device/dtype/load-in/device-map options reach every part ---------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_dtype_option_reaches_every_part(release, dtype):
+    """vlchat.load(..., dtype=...) as the CLI's --dtype: ViT, projection and LM in it; ln_vision and the
+    Q-Former in float32 (LAVIS computes that LayerNorm in float32, BLIP-2 keeps the Q-Former so); a turn runs."""
+    import vlchat
+
+    chat = vlchat.load(str(release[0] / "minigpt4_eval.yaml"), device="cpu", dtype=dtype)
+    model, want = chat.model, getattr(torch, dtype)
+    assert model.lm.model.dtype == want
+    assert {p.dtype for p in model.vision.vit.parameters()} == {want}
+    assert model.vision.ln_vision.weight.dtype == torch.float32
+    assert model.projector.language_projection.weight.dtype == want
+    assert model.projector.query_tokens.dtype == torch.float32
+    chat.upload_img(photo())
+    chat.ask(QUESTION)
+    assert chat.answer(max_new_tokens=3)
+
+
+def test_auto_dtype_follows_the_requested_device_not_the_gpu(release, monkeypatch):
+    """`auto` on `--device cpu` is the CPU's choice (float32 without native bfloat16) even where a GPU is
+    present: the dtype is resolved for the model's device, as the other loaders do."""
+    from vlchat.model import placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda: False)
+    config = placement.with_placement(model_config(str(release[0] / "minigpt4_eval.yaml")), "cpu", "auto", None, None)
+    model = load_model(config)
+    assert model.lm.model.dtype == torch.float32 and next(model.vision.parameters()).dtype == torch.float32
+
+
+class Stop(Exception):
+    """Raised by the fake from_pretrained once it has seen its arguments."""
+
+
+def test_quantization_and_device_map_reach_the_lms_from_pretrained(release, monkeypatch):
+    """With a GPU and bitsandbytes faked present (nothing runs on them): the LM's from_pretrained gets
+    the quantization config and the device placement, as for the other families."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from vlchat.model import placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a)
+    )
+    seen: dict = {}
+
+    def fake(cls, *args, **kwargs):
+        seen.update(kwargs, args=args)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(fake))
+    yaml_path = str(release[0] / "minigpt4_eval.yaml")
+    with pytest.raises(Stop):
+        load_model(placement.with_placement(model_config(yaml_path), "cuda", "float16", "8bit", None))
+    assert seen["args"] == (release[0].resolve() / "vicuna",) and seen["dtype"] == torch.float16
+    assert seen["quantization_config"].load_in_8bit and seen["device_map"] == {"": "cuda"}
+    with pytest.raises(Stop):
+        load_model(placement.with_placement(model_config(yaml_path), "auto", "bfloat16", "4bit", "auto"))
+    assert seen["device_map"] == "auto" and seen["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--device", "cuda"], "device 'cuda' is not available here (0 CUDA device(s)); use --device cpu"),
+        (["--dtype", "float16"], "dtype float16 runs on GPUs only"),
+        (["--device-map", "auto"], "--device-map auto spreads a model over GPUs; no CUDA GPU here"),
+    ],
+)
+def test_device_options_without_a_gpu_are_refused_in_one_line(release, monkeypatch, capsys, tmp_path, options, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    photo().save(tmp_path / "p.png")
+    args = ["ask", "--model", str(release[0] / "minigpt4_eval.yaml"), *options, "-i", str(tmp_path / "p.png"), "Hi?"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and words in err

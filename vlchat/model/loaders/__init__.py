@@ -42,9 +42,15 @@ def family_module(directory: Path):
     architectures = raw.get("architectures") or []
     if any(a.endswith("ForCausalLM") for a in architectures) or (model_type and not architectures):
         return importlib.import_module("vlchat.model.loaders.text")
+    ziya = any("ziya" in str(a).lower() for a in architectures)  # its visual part: named with its LM in a YAML
     raise VlchatError(
         f"{directory} holds a {model_type or 'unknown'} model ({', '.join(architectures) or 'no architectures'}); "
-        f"vlchat loads LLaVA, BLIP-2, InternLM2 and causal LM checkpoints"
+        + (
+            "for Ziya-Visual's visual part write a YAML `ziya_visual: {visual_model: DIR, language_model: LM_DIR}`"
+            " and give that as --model"
+            if ziya
+            else "vlchat loads LLaVA, BLIP-2, InternLM2 and causal LM checkpoints"
+        )
     )
 
 
@@ -53,21 +59,27 @@ def model_config_from_checkpoint(directory: Path) -> ModelConfig:
 
 
 def load_checkpoint_model(config: ModelConfig):
-    """The VisionLanguageModel for a ModelConfig whose `checkpoint` names a directory (or a MiniGPT-4
-    eval YAML, which names its release files)."""
+    """The VisionLanguageModel for a ModelConfig whose `checkpoint` names a directory (or a YAML that
+    names a model's separate files: MiniGPT-4's eval YAML, a ziya_visual YAML)."""
     directory = Path(config.checkpoint).expanduser()
     if directory.suffix in (".yaml", ".yml") and directory.is_file():
-        return _minigpt4().load(config, directory)
+        return yaml_module(directory).load(config, directory)
     if not (directory / "config.json").is_file():
         raise VlchatError(f"model checkpoint {directory} not found (expected a directory with config.json)")
     return family_module(directory).load(config, directory)
 
 
-def _minigpt4():
-    """MiniGPT-4's loader (eval YAMLs naming its release files), imported on use as the families are."""
+def yaml_module(path: Path):
+    """The loader of a YAML that names a model's separate files (imported on use, as the families are):
+    MiniGPT-4's eval YAML (`model: {arch: minigpt4, ...}`) or a `ziya_visual:` one; None for others
+    (vlchat's own model config files)."""
     import importlib
 
-    return importlib.import_module("vlchat.model.loaders.minigpt4")
+    for name, claims in (("minigpt4", "is_minigpt4_yaml"), ("ziya", "is_ziya_yaml")):
+        module = importlib.import_module(f"vlchat.model.loaders.{name}")
+        if getattr(module, claims)(path):
+            return module
+    return None
 
 
 def find_checkpoint(name: str) -> Path | None:
@@ -87,11 +99,12 @@ def find_checkpoint(name: str) -> Path | None:
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """A preset by name, a model config file (JSON or YAML) by path, a MiniGPT-4 eval YAML, or a Hugging
-    Face checkpoint directory (a path, a folder name under $VLCHAT_HOME/models, or an org/name in the HF cache)."""
+    """A preset by name, a model config file (JSON or YAML) by path, a MiniGPT-4 eval YAML or ziya_visual
+    YAML, or a Hugging Face checkpoint directory (a path, a folder name under $VLCHAT_HOME/models, or an
+    org/name in the HF cache)."""
     if name not in PRESETS and name.endswith((".yaml", ".yml")):
-        if _minigpt4().is_minigpt4_yaml(Path(name).expanduser()):
-            return replace(_minigpt4().model_config(Path(name).expanduser()), **overrides)
+        if (module := yaml_module(Path(name).expanduser())) is not None:
+            return replace(module.model_config(Path(name).expanduser()), **overrides)
     if name not in PRESETS and not name.endswith((".json", ".yaml", ".yml")):
         if (directory := find_checkpoint(name)) is not None:
             return replace(model_config_from_checkpoint(directory), **overrides)

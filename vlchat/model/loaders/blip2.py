@@ -31,6 +31,7 @@ CONNECTOR_PREFIXES = (
 def model_config(directory: Path, raw: dict) -> ModelConfig:
     """The ModelConfig of a BLIP-2 checkpoint, from its config.json (transformers fills defaults)."""
     hf = _hf_config(directory)
+    refuse_visual_only(directory)
     vision = hf.vision_config
     return ModelConfig(
         name=directory.name,
@@ -50,6 +51,18 @@ def model_config(directory: Path, raw: dict) -> ModelConfig:
         projector_weights=None,
         checkpoint=str(directory),
     )
+
+
+def refuse_visual_only(directory: Path) -> None:
+    """A BLIP-2 layout without `language_model.*` weights is a visual part released apart from its LM
+    (Ziya-BLIP2-14B-Visual-v1): say how to name both instead of failing on the first missing LM key."""
+    from vlchat.model.loaders.checkpoint import checkpoint_shapes
+
+    if not any(key.startswith(("language_model.", "model.language_model.")) for key in checkpoint_shapes(directory)):
+        raise VlchatError(
+            f"{directory} holds BLIP-2's visual parts without a language model (Ziya-Visual's layout): name it "
+            "with its LM in a YAML `ziya_visual: {visual_model: DIR, language_model: LM_DIR}` and give that as --model"
+        )
 
 
 def _hf_config(directory: Path):
@@ -74,9 +87,8 @@ def load(config: ModelConfig, directory: Path):
     import torch
 
     from vlchat.model.language import resolve_dtype
-    from vlchat.model.loaders.checkpoint import build_frozen, read_state_dict, rename_keys
+    from vlchat.model.loaders.checkpoint import read_state_dict, rename_keys
     from vlchat.model.loaders.llava import build_lm, build_vision
-    from vlchat.model.qformer import QFormerProjector
     from vlchat.model.vlm import VisionLanguageModel
 
     if config.projector is None or config.projector.kind != "qformer":
@@ -85,16 +97,29 @@ def load(config: ModelConfig, directory: Path):
     dtype = resolve_dtype(config.lm.dtype, config.device)
     state = read_state_dict(directory)
     vision = build_vision(config, directory, hf.vision_config, rename_keys(state, VISION_PREFIXES), dtype)
-    connector = build_frozen(  # float32, as transformers keeps the Q-Former; the projection in the LM's dtype
-        lambda: QFormerProjector(hf.qformer_config, hf.num_query_tokens, hf.text_config.hidden_size),
-        rename_keys(state, CONNECTOR_PREFIXES),
-        "Q-Former",
-        torch.float32,
-    )
-    connector.language_projection.to(dtype)
+    connector = build_connector(hf, state, hf.text_config.hidden_size, dtype)
     lm = build_lm(config.lm, directory, hf.text_config, rename_keys(state, LM_PREFIXES), dtype, config.device)
     if config.projector.out_dim != lm.hidden_size:
         raise VlchatError(f"projector out_dim {config.projector.out_dim} does not fit the LM's {lm.hidden_size}")
     del state
     with torch.no_grad():
         return VisionLanguageModel(config, vision, connector, lm).eval()
+
+
+def build_connector(hf, state: dict, out_dim: int, dtype):
+    """BLIP-2's `query_tokens`, `qformer.*` and `language_projection.*` from a checkpoint's state dict as
+    vlchat's QFormerProjector: float32, as transformers keeps the Q-Former; the projection in `dtype`.
+    Shared with Ziya-Visual (model/loaders/ziya.py), whose visual repository holds the same parts."""
+    import torch
+
+    from vlchat.model.loaders.checkpoint import build_frozen, rename_keys
+    from vlchat.model.qformer import QFormerProjector
+
+    connector = build_frozen(
+        lambda: QFormerProjector(hf.qformer_config, hf.num_query_tokens, out_dim),
+        rename_keys(state, CONNECTOR_PREFIXES),
+        "Q-Former",
+        torch.float32,
+    )
+    connector.language_projection.to(dtype)
+    return connector

@@ -60,6 +60,25 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every weight's name and shape, read from the files' headers (safetensors) or memory-mapped
+    (`.bin`): cheap enough to check a checkpoint's layout before anything loads."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(directory):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt") as f:
+                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+            else:
+                shapes.update({key: tuple(value.shape) for key, value in _load_weights_only(path).items()})
+        except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise VlchatError(f"cannot read weights {path}: {reason} (corrupt or incomplete file?)") from None
+    return shapes
+
+
 def torch_load_tensors(path: Path, what: str) -> dict:
     """A `.pth`/`.bin` file read with `torch.load(weights_only=True)`: tensors and plain containers
     only. A file that pickles other Python objects (which could run code) is refused in one line."""

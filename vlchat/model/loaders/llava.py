@@ -122,16 +122,17 @@ def assemble(config: ModelConfig, directory: Path, vision_config, text_config, s
         return VisionLanguageModel(config, vision, projector, lm).eval()
 
 
-def build_vision(config: ModelConfig, directory: Path, vision_config, state: dict, dtype):
+def build_vision(config: ModelConfig, directory: Path, vision_config, state: dict, dtype, preprocess=None):
     """The HF vision tower of a VLM checkpoint (its weights already renamed to the tower's keys),
-    frozen, with the checkpoint's image preprocessing."""
+    frozen, with the checkpoint's image preprocessing (or `preprocess`, an ImagePreprocess, if given)."""
     from vlchat.model.hf_vision import HFVisionEncoder, check_family, check_geometry, read_preprocess, tower_class
     from vlchat.model.loaders.checkpoint import build_frozen
 
     check_family(config.vision)
     check_geometry(vision_config, config.vision, directory)
     tower = build_frozen(lambda: tower_class(config.vision.name)(vision_config), state, "vision tower", dtype)
-    return HFVisionEncoder(config.vision, tower, read_preprocess(directory, config.vision)).eval()
+    preprocess = preprocess if preprocess is not None else read_preprocess(directory, config.vision)
+    return HFVisionEncoder(config.vision, tower, preprocess).eval()
 
 
 def build_lm(config: LMConfig, directory: Path, text_config, state: dict, dtype, device: str = "cpu"):

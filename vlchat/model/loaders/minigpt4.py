@@ -212,18 +212,21 @@ def check_projection(files: MiniGPT4Files, state: dict[str, torch.Tensor]) -> in
 
 
 def load(config: ModelConfig, path: Path):
-    """vlchat's EVA encoder, connector and LM with MiniGPT-4's weights, frozen."""
+    """vlchat's EVA encoder, connector and LM with MiniGPT-4's weights, frozen; the parts in the config's
+    dtype on its device, the LM also quantized or device-mapped as asked (model/placement.py)."""
     from vlchat.model.eva_vit import EvaVisionEncoder, EvaVit, EvaVitConfig
     from vlchat.model.hf_vision import ImagePreprocess
-    from vlchat.model.language import LanguageModel, resolve_dtype
-    from vlchat.model.loaders.checkpoint import build_frozen, pretrained_strict, rename_keys
-    from vlchat.model.loaders.text import load_tokenizer
+    from vlchat.model.loaders.checkpoint import build_frozen, rename_keys
+    from vlchat.model.loaders.text import load_causal_lm
+    from vlchat.model.placement import lm_placement
     from vlchat.model.vlm import VisionLanguageModel
 
+    if config.lm.adapter:
+        raise VlchatError("a LoRA adapter on a MiniGPT-4 model is not supported")
     files = read_eval_config(path)
     state = merged_state(files)
     check_projection(files, state)
-    dtype = resolve_dtype(config.lm.dtype)
+    dtype, _ = lm_placement(config)  # the model's dtype on its (resolved) device, as the other loaders
     vit_state = rename_keys(state, (("visual_encoder.", ""),))
     vit_config = EvaVitConfig.from_state(vit_state, str(files.eva))
     if vit_config.image_size != files.image_size:
@@ -249,12 +252,7 @@ def load(config: ModelConfig, path: Path):
         _load_into(vision.ln_vision, ln_state, "ln_vision", files)
     vision = vision.eval().requires_grad_(False)
     connector = build_connector(files, state, vit_config, dtype)
-    if config.lm.adapter:
-        raise VlchatError("a LoRA adapter on a MiniGPT-4 model is not supported")
-    from transformers import AutoModelForCausalLM
-
-    model = pretrained_strict(AutoModelForCausalLM, files.llama_model, dtype, "language model")
-    lm = LanguageModel(model, load_tokenizer(files.llama_model), config.lm.context_window)
+    lm = load_causal_lm(config, files.llama_model)  # quantized or device-mapped as the options ask
     del state
     with torch.no_grad():
         return VisionLanguageModel(config, vision, connector, lm).eval()

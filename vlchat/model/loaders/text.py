@@ -46,3 +46,18 @@ def load_tokenizer(directory: Path):
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:
         raise VlchatError(f"cannot load the tokenizer of {directory}: {str(error).splitlines()[0]}") from None
+
+
+def load_causal_lm(config: ModelConfig, directory: Path):
+    """The causal LM of a model whose LM is released apart from its vision side (MiniGPT-4's
+    `llama_model`, Ziya-Visual's Ziya-LLaMA) as a LanguageModel: `from_pretrained` with the config's
+    placement (dtype on its device, 8-/4-bit, device map: model/placement.py), and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from vlchat.model.language import LanguageModel
+    from vlchat.model.loaders.checkpoint import pretrained_strict
+    from vlchat.model.placement import lm_placement
+
+    dtype, placed = lm_placement(config)
+    model = pretrained_strict(AutoModelForCausalLM, directory, dtype, "language model", **placed)
+    return LanguageModel(model, load_tokenizer(directory), config.lm.context_window)
