@@ -18,7 +18,7 @@ from vlchat.config import PRESETS, ModelConfig
 from vlchat.errors import VlchatError
 
 # config.json model_type -> loader module in this package (imported on use)
-FAMILIES = {"llava": "llava", "blip-2": "blip2", "internlm2": "internlm2"}
+FAMILIES = {"llava": "llava", "blip-2": "blip2", "instructblip": "instructblip", "internlm2": "internlm2"}
 
 
 def read_config_json(directory: Path) -> dict:
@@ -44,7 +44,7 @@ def family_module(directory: Path):
         return importlib.import_module("vlchat.model.loaders.text")
     raise VlchatError(
         f"{directory} holds a {model_type or 'unknown'} model ({', '.join(architectures) or 'no architectures'}); "
-        f"vlchat loads LLaVA, BLIP-2, InternLM2 and causal LM checkpoints"
+        f"vlchat loads LLaVA, BLIP-2, InstructBLIP, InternLM2 and causal LM checkpoints"
     )
 
 
