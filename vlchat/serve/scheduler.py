@@ -243,7 +243,9 @@ class Scheduler:
         """Tokenize a job that came without keys (serving.py tokenizes before submitting)."""
         model = self.chat.model
         instructed = model.reads_instructions
-        keys = encode(job.template, job.messages, self.lm.tokenize, model.tokens_per_image, job.tools, instructed)[0]
+        keys = encode(
+            job.template, job.messages, self.lm.tokenize, model.tokens_per_image, tools=job.tools, instructed=instructed
+        )[0]
         check_window(len(keys), job.config.max_new_tokens, self.lm.context_window, len(job.tools))
         return keys
 

@@ -296,7 +296,9 @@ class ChatService:
         self.check_size(prompt, generation)
         model = self.chat.model
         instructed = model.reads_instructions  # InstructBLIP: an image's key names its text too
-        keys = encode(chosen, prompt.messages, model.lm.tokenize, model.tokens_per_image, tools, instructed)[0]
+        keys = encode(
+            chosen, prompt.messages, model.lm.tokenize, model.tokens_per_image, tools=tools, instructed=instructed
+        )[0]
         try:
             check_window(len(keys), generation.max_new_tokens, model.lm.context_window, len(tools))
         except ContextTooLong as error:

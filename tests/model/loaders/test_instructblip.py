@@ -184,6 +184,46 @@ def test_the_same_image_with_another_question_is_another_encoding(vlchat_model):
     assert len(chat.images) == 2
 
 
+def served(scheduler, question: str, config: GenerationConfig) -> tuple[str, int]:
+    """(answer text, prompt tokens that came from the prefix cache) of one request for the photo."""
+    import threading
+
+    from vlchat.chat.messages import Image, Message, Text
+    from vlchat.chat.template_lookup import get_template
+    from vlchat.images import image_key
+    from vlchat.serve.scheduler import Delta, Failed, Finished, Job, Started
+
+    events, done, image = [], threading.Event(), photo()
+
+    def emit(event) -> None:
+        events.append(event)
+        if isinstance(event, (Finished, Failed)):
+            done.set()
+
+    message = Message("user", [Image(image_key(image)), Text(question)])
+    scheduler.submit(Job([message], {image_key(image): image}, get_template("instructblip"), config, emit))
+    assert done.wait(60) and isinstance(events[-1], Finished), events
+    started = next(e for e in events if isinstance(e, Started))
+    return "".join(e.text for e in events if isinstance(e, Delta)), started.usage.cached_tokens
+
+
+def test_the_server_answers_as_a_session_and_keeps_two_questions_apart(vlchat_model):
+    """Same image, two questions, one server: each answer is the session's; the second question does
+    not continue the first one's KV cache (its image was encoded with the other question), the first
+    question asked again does."""
+    from vlchat.serve.scheduler import Scheduler
+
+    config, other = GenerationConfig(max_new_tokens=6), "Describe the image in detail."
+    scheduler = Scheduler(Chat(vlchat_model), max_batch=2, max_queue=4)
+    try:
+        answers = [served(scheduler, question, config) for question in (QUESTION, other, QUESTION)]
+    finally:
+        scheduler.close()
+    for (text, _), question in zip(answers, (QUESTION, other, QUESTION)):
+        assert text == "".join(chunk.text for chunk in asked_session(vlchat_model, question, 6).stream())
+    assert [cached for _, cached in answers][:2] == [0, 0] and answers[2][1] > QUERIES
+
+
 def test_ask_answers_through_the_cli(checkpoint, processor, monkeypatch, capsys, tmp_path):
     photo().save(tmp_path / "p.png")
     args = ["ask", "--model", str(checkpoint[0]), "-i", str(tmp_path / "p.png"), "--json"]
