@@ -184,6 +184,22 @@ def test_the_same_image_with_another_question_is_another_encoding(vlchat_model):
     assert len(chat.images) == 2
 
 
+def test_a_saved_session_reloads_and_encodes_its_image_with_the_same_question(vlchat_model, tmp_path):
+    from vlchat.chat.engine import load_session
+
+    photo().save(tmp_path / "p.png")
+    session = Chat(vlchat_model).session(generation=GenerationConfig(max_new_tokens=4))
+    session.upload_img(tmp_path / "p.png")
+    session.ask(QUESTION)
+    session.answer()
+    session.ask("And its colour?")
+    session.save(tmp_path / "s.json")
+    expected = session.answer()
+    restored = load_session(Chat(vlchat_model), tmp_path / "s.json")  # a fresh cache: encoded again
+    assert restored.answer() == expected
+    assert restored._images.keys() == session._images.keys()
+
+
 def served(scheduler, question: str, config: GenerationConfig) -> tuple[str, int]:
     """(answer text, prompt tokens that came from the prefix cache) of one request for the photo."""
     import threading
