@@ -338,3 +338,92 @@ def save_tiny_vision_model(root: Path, kind: str, tie: bool = False, projector: 
     model["vision"] |= {"source": str(tower), "feature_layer": -2}
     (root / "model.yaml").write_text(yaml.safe_dump(model))
     return root / "model.yaml"
+
+
+def tiny_bert_tokenizer(vocab_size: int = 120):
+    """A BERT-style WordPiece tokenizer (lower-cased; [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4) that
+    writes "[CLS] text [SEP]", as InstructBLIP's `qformer_tokenizer` (bert-base-uncased) does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def tiny_instructblip_config(vocab_size: int, qformer_vocab_size: int, image_token: int, num_query_tokens: int = 8):
+    """InstructBLIP with a tiny ViT (28 px, 7 px patches: 16 patches + CLS), a 2-layer Q-Former that
+    reads text, and a tiny LLaMA (Vicuna's architecture)."""
+    from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+
+    vision = InstructBlipVisionConfig(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7
+    )
+    qformer = InstructBlipQFormerConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        cross_attention_frequency=1,
+        vocab_size=qformer_vocab_size,
+        max_position_embeddings=64,
+    )
+    # random weights far from uniform logits: greedy decoding then varies its tokens
+    text = tiny_llama_config(vocab_size, initializer_range=0.3)
+    return InstructBlipConfig(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token,
+    )
+
+
+def save_tiny_instructblip(out: Path, seed: int = 0, num_query_tokens: int = 8):
+    """A tiny random InstructBlipForConditionalGeneration (LLaMA decoder) with its processor files as
+    Salesforce/instructblip-vicuna-* publish them: the LM tokenizer (with "<image>") at the top,
+    `qformer_tokenizer/`, preprocessor_config.json (BlipImageProcessor: 224 -> here 28 px square) and
+    processor_config.json."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    tokenizer, qformer_tokenizer = tiny_tokenizer(("<image>",)), tiny_bert_tokenizer()
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = tiny_instructblip_config(len(tokenizer), len(qformer_tokenizer), image_token, num_query_tokens)
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random query tokens (the init leaves them at zero: every query the same)
+        model.query_tokens.normal_(std=0.5)
+        for weight in model.qformer.parameters():  # larger Q-Former weights: the question then matters
+            if weight.dim() > 1:
+                weight.normal_(std=0.3)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+    preprocess = {
+        "image_processor_type": "BlipImageProcessor",
+        "do_resize": True,
+        "size": {"height": 28, "width": 28},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2))
+    processor = {"processor_class": "InstructBlipProcessor", "num_query_tokens": num_query_tokens}
+    (out / "processor_config.json").write_text(json.dumps(processor))
+    return model, tokenizer

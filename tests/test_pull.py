@@ -276,4 +276,5 @@ def test_file_names_outside_the_folder_are_refused(name):
 
 def test_known_names_resolve_per_source():
     assert resolve_name("blip2-opt-2.7b", "huggingface") == "Salesforce/blip2-opt-2.7b"
+    assert resolve_name("instructblip-vicuna-7b", "huggingface") == "Salesforce/instructblip-vicuna-7b"
     assert resolve_name("Org/Some.Model-1_0", "modelscope") == "Org/Some.Model-1_0"

@@ -34,6 +34,7 @@ SOURCES = ("huggingface", "modelscope")
 KNOWN_MODELS: dict[str, dict[str, str]] = {
     "llava-1.5-7b": {"huggingface": "llava-hf/llava-1.5-7b-hf"},
     "blip2-opt-2.7b": {"huggingface": "Salesforce/blip2-opt-2.7b"},
+    "instructblip-vicuna-7b": {"huggingface": "Salesforce/instructblip-vicuna-7b"},
     "internlm2-chat-1.8b": {
         "huggingface": "internlm/internlm2-chat-1_8b",
         "modelscope": "Shanghai_AI_Laboratory/internlm2-chat-1_8b",

@@ -106,6 +106,15 @@ GOLDEN: dict[str, dict[str, str]] = {
         "empty_system": f"</s>Question: {Q} Answer:",
         "persona": f"</s>{ZBJ}\nQuestion: {Q} Answer:",
     },
+    "instructblip": {
+        "single": f"<s>{Q}",
+        "multi": f"<s>{Q}A cat.</s>And its colour?",
+        "two_images": f"<s>{IMG} {IMG} Compare them.",
+        "images_in_two_turns": f"<s>{Q}A cat.</s>{IMG} And this one?",
+        "custom_system": f"<s>Be brief.\n{Q}",
+        "empty_system": f"<s>{Q}",
+        "persona": f"<s>{ZBJ}\n{Q}",
+    },
     "ziya": {
         "single": f"<s><human>:{Q}\n<bot>:",
         "multi": f"<s><human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:",
@@ -145,6 +154,7 @@ GOLDEN_TRAINING = {
         "<|im_start|>assistant\nOrange.<|im_end|>\n"
     ),
     "blip2": f"</s>Question: {Q} Answer:A cat.</s>Question: And its colour? Answer:Orange.</s>",
+    "instructblip": f"<s>{Q}A cat.</s>And its colour?Orange.</s>",
     "ziya": f"<s><human>:{Q}\n<bot>:A cat.\n<human>:And its colour?\n<bot>:Orange.\n",
     "minigpt4_vicuna0": (f"<s>{MS}###Human: {Q}###Assistant: A cat.###Human: And its colour?###Assistant: Orange.###"),
     "minigpt4_llama2": f"<s>{MS}<s>[INST] {Q} [/INST] A cat.<s>[INST] And its colour? [/INST] Orange.",
@@ -155,6 +165,7 @@ GOLDEN_TRAINABLE = {
     "chatml": "A cat.<|im_end|>Orange.<|im_end|>",
     "internlm2": "A cat.<|im_end|>Orange.<|im_end|>",
     "blip2": "A cat.</s>Orange.</s>",
+    "instructblip": "A cat.</s>Orange.</s>",
     "ziya": "A cat.\nOrange.\n",
     "minigpt4_vicuna0": "A cat.###Orange.###",
     "minigpt4_llama2": "A cat.Orange.",
@@ -168,6 +179,7 @@ def test_registry_names_and_stops() -> None:
         "chatml",
         "internlm2",
         "blip2",
+        "instructblip",
         "ziya",
         "minigpt4_vicuna0",
         "minigpt4_llama2",
@@ -180,6 +192,7 @@ def test_registry_names_and_stops() -> None:
         "chatml": ("<|im_end|>",),
         "internlm2": ("<|im_end|>",),
         "blip2": ("</s>",),
+        "instructblip": ("</s>",),
         "ziya": ("<human>:", "</s>"),
     }
     for name, template in TEMPLATES.items():

@@ -27,7 +27,16 @@ import torch
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, generate
 from vlchat.chat.messages import Image, Message, Text
-from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slot_ids
+from vlchat.chat.prompt import (
+    PositionKey,
+    encode,
+    first_slots,
+    has_images,
+    image_instructions,
+    image_of,
+    instructed_key,
+    slot_ids,
+)
 from vlchat.chat.template_lookup import get_template
 from vlchat.chat.templates import Template
 from vlchat.chat.tools import ToolSpec, answer_message, get_format
@@ -56,19 +65,23 @@ class Chat:
         )
 
     @torch.inference_mode()
-    def image_embeddings(self, image, key: str | None = None) -> tuple[str, torch.Tensor]:
-        """A loaded RGB image -> (content key, (N, D) embeddings), encoded once per content.
+    def image_embeddings(self, image, key: str | None = None, instruction: str = "") -> tuple[str, torch.Tensor]:
+        """A loaded RGB image -> (content key, (N, D) embeddings), encoded once per content (and, for a
+        model that reads instructions, per instruction text: `prompt.image_instructions`).
 
         A caller that knows the key already passes it (hashing a large image costs); it may then
         give a path instead of the image, read only if the embeddings are not cached."""
         key = key or image_key(image)
-        if key not in self.images:
+        instructed = self.model.reads_instructions
+        stored = instructed_key(key, instruction) if instructed else key
+        if stored not in self.images:
             image = image if hasattr(image, "mode") else load_image(image)
-            self.images[key] = self.model.encode_images(self.model.pixels(image)[None])[0]
+            texts = [instruction] if instructed else None
+            self.images[stored] = self.model.encode_images(self.model.pixels(image)[None], texts)[0]
             if len(self.images) > self.max_cached_images:
                 self.images.popitem(last=False)
-        self.images.move_to_end(key)
-        return key, self.images[key]
+        self.images.move_to_end(stored)
+        return key, self.images[stored]
 
 
 @dataclass
@@ -95,6 +108,9 @@ class ChatSession:
     _cached: list[PositionKey] = field(default_factory=list)
     _pending_encode_ms: float = 0.0
     _images: dict[str, torch.Tensor] = field(default_factory=dict)  # this session's embeddings
+    # A model that reads instructions encodes an image once its message's text is known (at the
+    # prefill); until then the image waits here, by content key.
+    _sources: dict[str, object] = field(default_factory=dict)
     # Function calling and structured output (chat/tools.py, chat/grammar.py): the tools offered,
     # "auto" | "required" | "none" | a function name, and a JSON Schema every answer must follow.
     tools: tuple[ToolSpec, ...] = ()
@@ -115,11 +131,15 @@ class ChatSession:
         """Encode an image (path, bytes or PIL image) for this session's prompts and return its part,
         for the caller to put in a message (upload_img: the coming user message; the agent: a tool result)."""
         image = source if hasattr(source, "mode") else load_image(source)
+        path = str(Path(source).resolve()) if isinstance(source, (str, Path)) else None
+        if self.chat.model.reads_instructions:
+            key = image_key(image)
+            self._sources[key] = image
+            return Image(key, path)
         start = time.perf_counter()
         key, embeds = self.chat.image_embeddings(image)
         self._images[key] = embeds
         self._pending_encode_ms += (time.perf_counter() - start) * 1000
-        path = str(Path(source).resolve()) if isinstance(source, (str, Path)) else None
         return Image(key, path)
 
     def ask(self, text: str) -> None:
@@ -227,7 +247,10 @@ class ChatSession:
     def position_keys(self, messages: list[Message]) -> list[PositionKey]:
         """Render and tokenize segment by segment (a stable prefix as the conversation grows)."""
         model = self.chat.model
-        return encode(self.template, messages, model.lm.tokenize, model.tokens_per_image, tools=self.tools)[0]
+        instructed = model.reads_instructions
+        return encode(
+            self.template, messages, model.lm.tokenize, model.tokens_per_image, tools=self.tools, instructed=instructed
+        )[0]
 
     def _fit_context(self, max_new_tokens: int) -> tuple[list[PositionKey], int]:
         """Position keys of the conversation, dropping the oldest whole turns until it fits."""
@@ -248,8 +271,18 @@ class ChatSession:
 
     def embed_keys(self, keys: list[PositionKey]) -> torch.Tensor:
         """Position keys -> (1, T, D) input embeddings (this session's images at their slots)."""
-        images = [self._images[key] for key in first_slots(keys)]
+        images = [self._embeddings(key) for key in first_slots(keys)]
         return self.chat.model.embed(torch.tensor([slot_ids(keys)]), torch.stack(images) if images else None)
+
+    def _embeddings(self, key: str) -> torch.Tensor:
+        """(N, D) embeddings of the image at position key `key`; an instructed key (the model reads
+        instructions) is encoded here the first time, with the text of the message that holds it."""
+        if key not in self._images:
+            start, image = time.perf_counter(), image_of(key)
+            instruction = image_instructions(self.template, self.conversation())[image]
+            self._images[key] = self.chat.image_embeddings(self._sources[image], image, instruction)[1]
+            self._pending_encode_ms += (time.perf_counter() - start) * 1000
+        return self._images[key]
 
     def _prefill(self, keys: list[PositionKey]) -> tuple[torch.Tensor, LMState]:
         """Reuse the cached prefix, prefill the rest; returns last logits (1, V) and the state.
@@ -336,6 +369,14 @@ def _session_from_dict(chat: Chat, data: dict) -> ChatSession:
 
 def _restore_image(session: ChatSession, part: dict) -> Image:
     key, path = part["key"], part.get("path")
+    if session.chat.model.reads_instructions:  # encoded at the next prefill, with its message's text
+        if not path:
+            raise VlchatError(f"image {key[:12]}… has no path; cannot restore it")
+        image = load_image(path)
+        if image_key(image) != key:
+            raise VlchatError(f"image {path} changed since the session was saved (its hash differs)")
+        session._sources[key] = image
+        return Image(key, path)
     if key in session.chat.images:
         session._images[key] = session.chat.images[key]
     elif not path:

@@ -8,6 +8,7 @@ prefix; assistant messages with recorded `token_ids` use them as they are.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 from vlchat.chat.messages import Message, Text
@@ -26,8 +27,12 @@ def encode(
     tokens_per_image: int,
     add_generation_prompt: bool = True,
     tools: Sequence[ToolSpec] = (),
+    instructed: bool = False,
 ) -> tuple[list[PositionKey], list[bool]]:
-    """(position keys, trainable flags) for the rendered conversation (offering `tools`).
+    """(position keys, trainable flags) for the rendered conversation (offering `tools`). With
+    `instructed` (a model whose image embeddings depend on text: `VisionLanguageModel.reads_instructions`)
+    each image's key also names the text it is encoded with (`instructed_key`), so KV caches keyed
+    by position keys never mix two encodings of one image.
 
     Tokenized piece by piece, the prompt must still get the tokens that tokenizing it whole would
     (what the reference implementations feed): spaces that end a piece are carried into the next
@@ -53,7 +58,34 @@ def encode(
         trainable += [segment.trainable] * len(piece)
     tail = pieces.flush()
     front = leading_image_keys(messages, tokens_per_image) if template.images_first else []
-    return front + keys + tail, [False] * len(front) + trainable + [False] * len(tail)
+    keys = front + keys + tail
+    if instructed:
+        texts = image_instructions(template, messages)
+        keys = [(instructed_key(k[0], texts[k[0]]), k[1]) if isinstance(k, tuple) else k for k in keys]
+    return keys, [False] * len(front) + trainable + [False] * len(tail)
+
+
+def image_instructions(template: Template, messages: Sequence[Message]) -> dict[str, str]:
+    """Image key -> the text an instruction-reading connector (InstructBLIP's Q-Former) reads with it:
+    the text parts of the first message that holds the image, joined as the template joins them. A
+    conversation encodes each image once, so follow-up turns keep its first encoding and KV cache
+    (transformers' InstructBLIP `generate` has no turns: one prompt, read by both the Q-Former and the LM)."""
+    texts: dict[str, str] = {}
+    for message in messages:
+        text = template.part_separator.join(p.text for p in message.parts if isinstance(p, Text))
+        for image in message.images:
+            texts.setdefault(image.key, text)
+    return texts
+
+
+def instructed_key(key: str, instruction: str) -> str:
+    """An image key that also names the text its embeddings were computed with."""
+    return f"{key}|{hashlib.sha256(instruction.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+
+
+def image_of(key: str) -> str:
+    """The image's own key inside an `instructed_key`."""
+    return key.rsplit("|", 1)[0]
 
 
 def leading_image_keys(messages: Sequence[Message], tokens_per_image: int) -> list[PositionKey]:

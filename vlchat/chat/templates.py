@@ -283,6 +283,19 @@ TEMPLATES: dict[str, Template] = {
         bos="</s>",
         images_first=True,
     ),
+    # InstructBLIP (Vicuna): the instruction as it is, as in the Salesforce/instructblip-vicuna-* model
+    # cards; InstructBlipProcessor puts the query embeddings first, then the text with LLaMA's BOS. It
+    # was tuned on single instructions: a finished answer ends with "</s>" and a follow-up question
+    # comes right after it ("<s>U A</s>U2"); a given system prompt goes first as "S\n".
+    "instructblip": Template(
+        name="instructblip",
+        default_system="",
+        stop=("</s>",),
+        system_suffix="\n",
+        assistant_end="</s>",
+        bos="<s>",
+        images_first=True,
+    ),
     # Ziya-LLaMA / Ziya-Visual (IDEA-CCNL model cards): "<human>:U\n<bot>:A\n<human>:U2\n<bot>:",
     # tokenized with LLaMA's BOS in front (the cards call `tokenizer(inputs)`, which adds it);
     # no default system; a given one goes first as "S\n". The model also stops on "</s>".

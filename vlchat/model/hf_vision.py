@@ -1,5 +1,5 @@
-"""Vision towers from transformers (CLIP, SigLIP, BLIP-2's ViT) behind the same seam as the EfficientNet encoder:
-pixels (B, 3, S, S) -> tokens (B, N, D), plus the checkpoint's own image preprocessing.
+"""Vision towers from transformers (CLIP, SigLIP, BLIP-2's and InstructBLIP's ViT) behind the same seam as
+the EfficientNet encoder: pixels (B, 3, S, S) -> tokens (B, N, D), plus the checkpoint's own image preprocessing.
 
 The output is one hidden state of the ViT (`VisionConfig.feature_layer`; LLaVA-1.5 takes -2, the
 penultimate layer's output, as `LlavaModel.get_image_features` does) with CLIP's CLS token dropped
@@ -26,11 +26,12 @@ from torch import nn
 from vlchat.config import VisionConfig
 from vlchat.errors import VlchatError
 
-HF_VISION_FAMILIES = ("clip", "siglip", "blip2")
-HAS_CLS = {"clip": True, "siglip": False, "blip2": True}
-# Families whose feature_layer -1 is the tower's final output after its post-layernorm (BLIP-2's Q-Former
-# attends to `Blip2VisionModel(...).last_hidden_state`), not the last encoder layer's raw hidden state.
-POST_NORM_OUTPUT = ("blip2",)
+HF_VISION_FAMILIES = ("clip", "siglip", "blip2", "instructblip")
+HAS_CLS = {"clip": True, "siglip": False, "blip2": True, "instructblip": True}
+# Families whose feature_layer -1 is the tower's final output after its post-layernorm (BLIP-2's and
+# InstructBLIP's Q-Formers attend to `Blip2VisionModel(...).last_hidden_state`), not the last encoder
+# layer's raw hidden state.
+POST_NORM_OUTPUT = ("blip2", "instructblip")
 # model_type of a standalone vision checkpoint's config.json -> family
 VISION_MODEL_TYPES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
 
@@ -142,9 +143,10 @@ class HFVisionEncoder(nn.Module):
 
 
 def tower_class(family: str) -> type[nn.Module]:
-    from transformers import Blip2VisionModel, CLIPVisionModel, SiglipVisionModel
+    from transformers import Blip2VisionModel, CLIPVisionModel, InstructBlipVisionModel, SiglipVisionModel
 
-    return {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "blip2": Blip2VisionModel}[family]
+    classes = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "blip2": Blip2VisionModel}
+    return {**classes, "instructblip": InstructBlipVisionModel}[family]
 
 
 def check_family(config: VisionConfig) -> None:

@@ -68,11 +68,20 @@ class VisionLanguageModel(nn.Module):
             return self.vision.preprocess(image)
         return to_tensor(image, self.config.vision.image_size)
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, D) image embeddings in the LM's input space."""
+    @property
+    def reads_instructions(self) -> bool:
+        """Whether an image's embeddings depend on the text asked about it (InstructBLIP's Q-Former)."""
+        return bool(getattr(self.projector, "reads_instructions", False))
+
+    def encode_images(self, pixels: torch.Tensor, instructions: list[str] | None = None) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, D) image embeddings in the LM's input space. A connector that reads
+        instructions gets one text per image (`instructions`; none given: empty texts)."""
         self._refuse_text_only()
         device = next(self.vision.parameters()).device
-        return self.projector(self.vision(pixels.to(device)))
+        features = self.vision(pixels.to(device))
+        if self.reads_instructions:
+            return self.projector(features, instructions or [""] * pixels.shape[0])
+        return self.projector(features)
 
     def _refuse_text_only(self) -> None:
         if self.vision is None:

@@ -35,7 +35,15 @@ from vlchat.chat.batch import BatchDecoder
 from vlchat.chat.beam import beam_search
 from vlchat.chat.generate import Chunk, SequenceDecoder, TokenLogprob
 from vlchat.chat.messages import Message
-from vlchat.chat.prompt import PositionKey, encode, first_slots, has_images, slot_ids
+from vlchat.chat.prompt import (
+    PositionKey,
+    encode,
+    first_slots,
+    has_images,
+    image_instructions,
+    image_of,
+    slot_ids,
+)
 from vlchat.chat.templates import Template
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
@@ -233,9 +241,11 @@ class Scheduler:
 
     def _keys(self, job: Job) -> list[PositionKey]:
         """Tokenize a job that came without keys (serving.py tokenizes before submitting)."""
-        keys = encode(job.template, job.messages, self.lm.tokenize, self.chat.model.tokens_per_image, tools=job.tools)[
-            0
-        ]
+        model = self.chat.model
+        instructed = model.reads_instructions
+        keys = encode(
+            job.template, job.messages, self.lm.tokenize, model.tokens_per_image, tools=job.tools, instructed=instructed
+        )[0]
         check_window(len(keys), job.config.max_new_tokens, self.lm.context_window, len(job.tools))
         return keys
 
@@ -330,9 +340,16 @@ class Scheduler:
     @torch.inference_mode()
     def _chunk_embeds(self, work: Prefilling, end: int) -> torch.Tensor:
         """(1, T, D) input embeddings of positions done..end; only the images whose first slot is
-        in the chunk are encoded."""
+        in the chunk are encoded (for a model that reads instructions, with their message's text)."""
         chunk = work.keys[work.done : end]
-        images = [self.chat.image_embeddings(work.job.images[key], key)[1] for key in first_slots(chunk)]
+        job, images = work.job, []
+        for key in first_slots(chunk):
+            if self.chat.model.reads_instructions:  # an instructed key (prompt.instructed_key)
+                image = image_of(key)
+                text = image_instructions(job.template, job.messages)[image]
+                images.append(self.chat.image_embeddings(job.images[image], image, text)[1])
+            else:
+                images.append(self.chat.image_embeddings(job.images[key], key)[1])
         return self.chat.model.embed(torch.tensor([slot_ids(chunk)]), torch.stack(images) if images else None)
 
     @torch.inference_mode()

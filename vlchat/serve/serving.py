@@ -295,7 +295,10 @@ class ChatService:
         self.require_ready()
         self.check_size(prompt, generation)
         model = self.chat.model
-        keys = encode(chosen, prompt.messages, model.lm.tokenize, model.tokens_per_image, tools=tools)[0]
+        instructed = model.reads_instructions  # InstructBLIP: an image's key names its text too
+        keys = encode(
+            chosen, prompt.messages, model.lm.tokenize, model.tokens_per_image, tools=tools, instructed=instructed
+        )[0]
         try:
             check_window(len(keys), generation.max_new_tokens, model.lm.context_window, len(tools))
         except ContextTooLong as error:

@@ -162,7 +162,7 @@ class Answerer:
         images = []
         if self.with_image:
             image = item.image if hasattr(item.image, "mode") else load_image(item.image)  # as upload_img
-            key, embeddings = self.chat.image_embeddings(image)
+            key, embeddings = self.chat.image_embeddings(image, instruction=item.question)  # read by InstructBLIP
             parts, images = [Image(key), *parts], [embeddings]
         keys, _ = encode(self.template, [Message("user", parts)], self.model.lm.tokenize, self.model.tokens_per_image)
         return self.model.embed(torch.tensor([slot_ids(keys)]), torch.stack(images) if images else None)

@@ -18,7 +18,7 @@ from vlchat.config import PRESETS, ModelConfig
 from vlchat.errors import VlchatError
 
 # config.json model_type -> loader module in this package (imported on use)
-FAMILIES = {"llava": "llava", "blip-2": "blip2", "internlm2": "internlm2"}
+FAMILIES = {"llava": "llava", "blip-2": "blip2", "instructblip": "instructblip", "internlm2": "internlm2"}
 
 
 def read_config_json(directory: Path) -> dict:
@@ -49,7 +49,7 @@ def family_module(directory: Path):
             "for Ziya-Visual's visual part write a YAML `ziya_visual: {visual_model: DIR, language_model: LM_DIR}`"
             " and give that as --model"
             if ziya
-            else "vlchat loads LLaVA, BLIP-2, InternLM2 and causal LM checkpoints"
+            else "vlchat loads LLaVA, BLIP-2, InstructBLIP, InternLM2 and causal LM checkpoints"
         )
     )
 

@@ -32,11 +32,17 @@ def model_config(directory: Path, raw: dict) -> ModelConfig:
     """The ModelConfig of a BLIP-2 checkpoint, from its config.json (transformers fills defaults)."""
     hf = _hf_config(directory)
     refuse_visual_only(directory)
+    return qformer_model_config(directory, hf, "blip2")
+
+
+def qformer_model_config(directory: Path, hf, family: str) -> ModelConfig:
+    """BLIP-2 and InstructBLIP (`family`, also the template's name): the ViT's final output, CLS kept,
+    read by the Q-Former connector."""
     vision = hf.vision_config
     return ModelConfig(
         name=directory.name,
         vision=VisionConfig(
-            name="blip2",
+            name=family,
             image_size=vision.image_size,
             weights=None,
             sha256=None,
@@ -47,7 +53,7 @@ def model_config(directory: Path, raw: dict) -> ModelConfig:
         ),
         projector=ProjectorConfig(kind="qformer", in_dim=vision.hidden_size, out_dim=hf.text_config.hidden_size),
         lm=LMConfig(source=str(directory), sha256=None),
-        template="blip2",
+        template=family,
         projector_weights=None,
         checkpoint=str(directory),
     )
