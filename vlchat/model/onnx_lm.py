@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from vlchat.errors import VlchatError
-from vlchat.model.onnx_quant import BLOCK, quantise
+from vlchat.model.onnx_quant import BLOCK, q4_1_blocks, quantise, symmetric8
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 3  # bump when the graph changes: cached graphs are keyed by it
-# LMConfig.onnx_weights: 8 or 4 bits with integer zero points (int4 is inaccurate on GGUF Q4_1 weights), float32
-WEIGHTS = ("int8", "int4", "float32")
+BUILDER_VERSION = 5  # bump when the graph changes: cached graphs are keyed by it
+# LMConfig.onnx_weights: 8 or 4 bits with integer zero points (int4 is inaccurate on GGUF Q4_1
+# weights), q4_1 (4 bits plus a float residual per block, exact on them; 8-bit LM head), float32
+WEIGHTS = ("int8", "int4", "q4_1", "float32")
 STATIC_ROPE = {"default", "linear", "llama3"}  # rotary types whose cos/sin tables do not depend on the length
 
 
@@ -77,10 +78,22 @@ class GraphBuilder:
         return self.node(op, list(inputs), **attrs)[0]
 
     def matmul(self, x: str, weight: np.ndarray, head: bool = False) -> str:
-        """x (.., K) @ weight (N, K).T -> (.., N) in `weights`' format."""
+        """x (.., K) @ weight (N, K).T -> (.., N) in `weights`' format; q4_1: the LM head (Q8_0 in
+        GGUF files) in symmetric 8 bits, the rest 4 bits plus the residual matmul (model/onnx_quant.py)."""
+        k = weight.shape[1]
         if self.weights == "float32":
             return self.op("MatMul", x, self.const("wt", weight.T.astype(np.float32)))
-        return self.nbits(x, quantise(weight, 8 if self.weights == "int8" else 4), weight.shape)
+        if self.weights != "q4_1":
+            return self.nbits(x, quantise(weight, 8 if self.weights == "int8" else 4), weight.shape)
+        if head or k % BLOCK:
+            return self.nbits(x, symmetric8(weight), weight.shape)
+        packed, scale, zero, residual = q4_1_blocks(weight)
+        main = self.nbits(x, (packed, scale, zero), weight.shape)
+        # blocksum(x) as x @ S, S (K, K/32) one where row k is in block column k // 32: one node, not a
+        # Reshape and a ReduceSum (the per-node cost shows on a loaded 2-core machine)
+        ones = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
+        sums = self.op("MatMul", x, self.const("blocks", ones))  # (.., K/32)
+        return self.op("Add", main, self.op("MatMul", sums, self.const("r", residual.T)))  # + R blocksum(x)
 
     def nbits(self, x: str, parts: tuple[np.ndarray, np.ndarray, np.ndarray], shape: tuple[int, int]) -> str:
         """MatMulNBits of x with the (B, scales, zero points) of an (N, K) weight; int8 activations."""
