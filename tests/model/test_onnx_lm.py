@@ -210,3 +210,17 @@ def test_graphs_are_cached_per_weights_and_quantisation(tiny_lm_dir, home, onnx_
     assert len(graphs()) == len(before) + 1
     logits, _ = four_bits.prefill(embed(four_bits, [5, 6, 7]))
     assert logits.shape == (1, len(four_bits.tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_batched_first_prefill_of_left_padded_prompts_matches_torch(tiny_model, onnx_fp32):
+    """Rows with no cache yet, prompts of different lengths padded on the left: the rotary must use
+    each row's own positions (GroupQueryAttention's first-prompt path included)."""
+    prompts = [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
+    out = []
+    for lm in (tiny_model.lm, onnx_fp32):
+        batch = DecodeBatch.of([LMState() for _ in prompts])
+        out.append(batch.prefill(lm, [embed(lm, ids) for ids in prompts]))  # (3, V)
+        out.append(batch.decode(lm, torch.tensor([20, 21, 22])))
+    close(out[2], out[0])
+    close(out[3], out[1])
+    close(out[2][:1], onnx_fp32.prefill(embed(onnx_fp32, prompts[0]))[0])

@@ -35,7 +35,7 @@ from vlchat.model.onnx_quant import BLOCK, q4_1_blocks, quantise, symmetric8
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 5  # bump when the graph changes: cached graphs are keyed by it
+BUILDER_VERSION = 6  # bump when the graph changes: cached graphs are keyed by it
 # LMConfig.onnx_weights: 8 or 4 bits with integer zero points (int4 is inaccurate on GGUF Q4_1
 # weights), q4_1 (4 bits plus a float residual per block, exact on them; 8-bit LM head), float32
 WEIGHTS = ("int8", "int4", "q4_1", "float32")
@@ -235,21 +235,28 @@ def attention_inputs(g: GraphBuilder, model: nn.Module, positions: int) -> dict[
 
 
 def attention(g: GraphBuilder, qkv: str, layer: int, shared: dict[str, str], config) -> str:
-    """ORT's fused GroupQueryAttention on the packed (B, T, (H + 2 kvH) hd) projections -> (B, T, H hd):
-    rotary at the given positions, the new keys and values appended to the past (present_*_i), and
-    softmax(q k^T / sqrt(hd) + attention_bias) v, each key/value head serving H / kvH query heads.
-    The bias carries the left padding; GroupQueryAttention's own causal mask (query t sees keys up
-    to P + t) is the same as the bias's."""
+    """ORT's fused GroupQueryAttention on the (B, T, (H + 2 kvH) hd) projections -> (B, T, H hd): the
+    new keys and values appended to the past (present_*_i), and softmax(q k^T / sqrt(hd) +
+    attention_bias) v, each key/value head serving H / kvH query heads. The bias carries the left
+    padding; GroupQueryAttention's own causal mask (query t sees keys up to P + t) is the bias's.
+    The rotary is a RotaryEmbedding node per q and k at the caller's position ids: the attention's
+    own rotary ignores them on a first prompt, which a left-padded batch shifts."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    sizes = g.ints(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    q, k, v = g.node("Split", [qkv, sizes], outputs=3, axis=-1)
+    q, k = (
+        g.op("RotaryEmbedding", x, "position_ids", shared["cos"], shared["sin"], domain="com.microsoft", num_heads=n)
+        for x, n in ((q, heads), (k, kv_heads))
+    )
     out = g.node(
         "GroupQueryAttention",
-        [qkv, "", "", f"past_key_{layer}", f"past_value_{layer}", shared["seqlens"], shared["total"]]
-        + [shared["cos"], shared["sin"], "position_ids", "attention_bias"],
+        [q, k, v, f"past_key_{layer}", f"past_value_{layer}", shared["seqlens"], shared["total"]]
+        + ["", "", "", "attention_bias"],
         outputs=3,
         domain="com.microsoft",
-        num_heads=config.num_attention_heads,
-        kv_num_heads=config.num_key_value_heads,
-        do_rotary=1,
-        rotary_interleaved=0,
+        num_heads=heads,
+        kv_num_heads=kv_heads,
     )
     g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key_{layer}", f"present_value_{layer}"
     return out[0]
