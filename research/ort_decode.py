@@ -1,25 +1,33 @@
-"""Spike for issue 35: how fast can the default LM (SmolLM2-135M, Llama layout) decode on this CPU
-through ONNX Runtime with 4-bit block-quantised weights (`MatMulNBits`) and its fused
-`GroupQueryAttention`, fed input embeddings as vlchat's engine feeds its LM?
+"""Issue 35: the LM runtimes side by side at batch 1, in one process, on the default LM (or another
+model config): torch float32 and the ONNX Runtime graphs of model/onnx_lm.py per weight format.
 
-    python -m research.ort_decode HF_DIR [--tokens 64] [--level 4]
+    python -m research.ort_decode [--weights int8 q4_1] [--steps 48] [--model default] [--threads 1] [--profile]
 
-Builds the graph with onnx.helper straight from the HF safetensors (no exporter), checks the
-logits of a prompt against transformers' float32 forward, then times greedy decoding at batch 1
-beside transformers' own float32 step (both in this run). Prints the CPU flags.
+For each variant: the cosine and the largest difference of a text prompt's logits against torch
+float32, and how many greedy tokens equal torch's. Then the decode steps are timed interleaved:
+each variant keeps its own state and the variants take turns every 8 steps (A B C A B C ...), so
+a shared, loaded machine slows them alike; the median and the 10th percentile of the step times
+are printed with the load average before and after. --profile adds ORT's per-op profile of each
+graph's decode steps (ms per step by op type, MatMulNBits by layer kind).
+
+(The first version of this file was the spike that built a GroupQueryAttention graph straight from
+safetensors; model/onnx_lm.py grew out of it.)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vlchat.model.onnx_lm import BLOCK, quantise  # the product's quantiser, so the spike measures what ships
+PROMPT = "Write a short poem about the sea and the sky, in four lines."
 
 
 def cpu_flags() -> str:
@@ -27,206 +35,151 @@ def cpu_flags() -> str:
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in words)
 
 
-class GraphBuilder:
-    def __init__(self, level: int, bits: int) -> None:
-        self.nodes, self.inits, self.level, self.bits, self.count = [], [], level, bits, 0
-
-    def name(self, stem: str) -> str:
-        self.count += 1
-        return f"{stem}_{self.count}"
-
-    def const(self, stem: str, value: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        name = self.name(stem)
-        self.inits.append(numpy_helper.from_array(value, name))
-        return name
-
-    def node(self, op: str, inputs: list[str], outputs: int = 1, domain: str = "", **attrs) -> list[str]:
-        from onnx import helper
-
-        names = [self.name(op.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, domain=domain, **attrs))
-        return names
-
-    def linear(self, x: str, weight: np.ndarray) -> str:  # weight (N, K) as nn.Linear's
-        n, k = weight.shape
-        if self.level < 0:  # float32 reference graph: plain MatMul
-            return self.node("MatMul", [x, self.const("wt", np.ascontiguousarray(weight.T))])[0]
-        packed, scale, zp = quantise(weight, self.bits)
-        ins = [x, self.const("w", packed), self.const("s", scale), self.const("z", zp)]
-        return self.node(
-            "MatMulNBits",
-            ins,
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=self.bits,
-            block_size=BLOCK,
-            accuracy_level=self.level,
-        )[0]
-
-    def rms(self, x: str, weight: np.ndarray, eps: float) -> str:
-        return self.node("SimplifiedLayerNormalization", [x, self.const("g", weight)], axis=-1, epsilon=eps)[0]
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def build(hf_dir: Path, level: int, bits: int, max_len: int = 8192):
-    from onnx import TensorProto, helper
-    from safetensors.numpy import load_file
+def load_variants(model: str, weights: list[str], threads: list[int] | None = None) -> dict:
+    """{"torch": the float32 LM, "onnx-<w>": an LM whose forward runs the <w> graph with as many
+    intra-op threads as torch, "onnx-<w>@<t>": the same graph with t threads}."""
+    from vlchat.model.language import load_language_model
+    from vlchat.model.loaders import model_config
 
-    config = json.loads((hf_dir / "config.json").read_text())
-    weights = load_file(str(hf_dir / "model.safetensors"))
-    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim, eps, layers = hidden // heads, config["rms_norm_eps"], config["num_hidden_layers"]
-    theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
-    g = GraphBuilder(level, bits)
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.outer(np.arange(max_len), inv)
-    cos, sin = g.const("cos", np.cos(angles).astype(np.float32)), g.const("sin", np.sin(angles).astype(np.float32))
-    inputs = [
-        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hidden]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-    ]
-    outputs = []
-    x = "inputs_embeds"
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(
-                    f"past_{kind}_{i}", TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim]
-                )
-            )
-        h = g.rms(x, weights[p + "input_layernorm.weight"], eps)
-        qkv = np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
-        packed_qkv = g.linear(h, qkv)
-        attn, pk, pv = g.node(
-            "GroupQueryAttention",
-            [packed_qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin],
-            outputs=3,
-            domain="com.microsoft",
-            num_heads=heads,
-            kv_num_heads=kv_heads,
-            do_rotary=1,
-            rotary_interleaved=0,
+    config = replace(model_config(model).lm, adapter=None, dtype="float32")
+    variants = {"torch": load_language_model(replace(config, runtime="torch"))}
+    for w in weights:
+        lm = variants[f"onnx-{w}"] = load_language_model(replace(config, runtime="onnx", onnx_weights=w))
+        for count in threads or []:
+            if count != torch.get_num_threads():
+                variants[f"onnx-{w}@{count}"] = with_threads(lm, count)
+    return variants
+
+
+def with_threads(lm, count: int):
+    """A shallow copy of an onnx-runtime LM whose session runs `count` intra-op threads."""
+    import copy
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = count
+    twin, twin.onnx = copy.copy(lm), copy.copy(lm.onnx)
+    twin.onnx.session = ort.InferenceSession(lm.onnx.session._model_path, options, providers=["CPUExecutionProvider"])
+    return twin
+
+
+def accuracy(variants: dict, ids: torch.Tensor, steps: int) -> None:
+    reference, tokens = None, {}
+    for name, lm in variants.items():
+        with torch.inference_mode():
+            logits, state = lm.prefill(lm.embed(ids[None]))
+            out, token = [], int(logits.argmax())
+            for _ in range(steps):
+                out.append(token)
+                step, state = lm.decode(torch.tensor([token]), state)
+                token = int(step.argmax())
+        tokens[name] = out
+        if reference is None:
+            reference = logits
+            continue
+        cosine = float(torch.nn.functional.cosine_similarity(logits, reference).item())
+        same = next((i for i, (a, b) in enumerate(zip(out, tokens["torch"])) if a != b), steps)
+        print(
+            f"{name}: prompt logits cosine {cosine:.5f} vs torch float32, max abs difference "
+            f"{float((logits - reference).abs().max()):.3f}; greedy tokens equal torch's for {same} of {steps}"
         )
-        g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key_{i}", f"present_value_{i}"
-        for kind in ("key", "value"):
-            outputs.append(
-                helper.make_tensor_value_info(
-                    f"present_{kind}_{i}", TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim]
-                )
-            )
-        x = g.node("Add", [x, g.linear(attn, weights[p + "self_attn.o_proj.weight"])])[0]
-        h = g.rms(x, weights[p + "post_attention_layernorm.weight"], eps)
-        gate_up = g.linear(h, np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]))
-        gate, up = g.node("Split", [gate_up, g.const("split", np.array([1536, 1536], np.int64))], outputs=2, axis=-1)
-        act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
-        x = g.node("Add", [x, g.linear(act, weights[p + "mlp.down_proj.weight"])])[0]
-    # logits of the last position only: (B, 1, V)
-    last = g.node(
-        "Slice",
-        [
-            x,
-            g.const("st", np.array([-1], np.int64)),
-            g.const("en", np.array([2**31], np.int64)),
-            g.const("ax", np.array([1], np.int64)),
-        ],
-    )[0]
-    h = g.rms(last, weights["model.norm.weight"], eps)
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    g.linear(h, head)
-    g.nodes[-1].output[0] = "logits"
-    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, head.shape[0]]))
-    graph = helper.make_graph(g.nodes, "smollm2", inputs, outputs, g.inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10
-    )
-    return model, config, weights
+
+
+def timed_steps(variants: dict, ids: torch.Tensor, steps: int, block: int = 8) -> dict[str, list[float]]:
+    """Seconds per decode step of each variant, the variants taking turns every `block` steps. The
+    first step of each turn is not counted: the previous variant's threads may still be spinning."""
+    states, tokens, times = {}, {}, {name: [] for name in variants}
+    with torch.inference_mode():
+        for name, lm in variants.items():
+            logits, states[name] = lm.prefill(lm.embed(ids[None]))
+            tokens[name] = int(logits.argmax())
+        for _ in range(max(1, steps // block)):
+            for name, lm in variants.items():
+                for step in range(block + 1):
+                    start = time.perf_counter()
+                    logits, states[name] = lm.decode(torch.tensor([tokens[name]]), states[name])
+                    if step:
+                        times[name].append(time.perf_counter() - start)
+                    tokens[name] = int(logits.argmax())
+    return times
+
+
+def profile(lm, ids: torch.Tensor, steps: int) -> None:
+    """ORT's own profile of `steps` decode steps of this LM's graph: ms per step by op type and
+    MatMulNBits by layer kind (told apart by their weight shapes)."""
+    import onnxruntime as ort
+
+    decoder = lm.onnx
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.enable_profiling = True
+    options.profile_file_prefix = f"/tmp/ort-profile-{os.getpid()}"
+    plain, decoder.session = decoder.session, ort.InferenceSession(decoder.session._model_path, options)
+    config = lm.model.config
+    kinds = {
+        config.hidden_size + 2 * config.num_key_value_heads * config.head_dim: "qkv",
+        2 * config.intermediate_size: "gate_up",
+        config.vocab_size: "head",
+    }
+    with torch.inference_mode():
+        _, state = lm.prefill(lm.embed(ids[None]))
+        for token in range(steps):
+            _, state = lm.decode(torch.tensor([token + 100]), state)
+    path = decoder.session.end_profiling()
+    decoder.session = plain
+    ops, matmuls = collections.Counter(), collections.Counter()
+    for event in json.loads(Path(path).read_text()):
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        op = event["args"]["op_name"]
+        ops[op] += event["dur"]
+        if op == "MatMulNBits":
+            n = int(event["args"]["output_type_shape"][0]["float"][-1])
+            k = int(event["args"]["input_type_shape"][0]["float"][-1])
+            matmuls[kinds.get(n, "o" if k == n else "down")] += event["dur"]
+    Path(path).unlink()
+    runs = steps + 1  # the prefill is profiled too
+    print(f"  kernels per step: {sum(ops.values()) / runs / 1e3:.2f} ms (prefill included once in {runs} runs)")
+    for op, us in ops.most_common(8):
+        print(f"    {op:34} {us / runs / 1e3:7.3f} ms")
+    for kind, us in matmuls.most_common():
+        print(f"    MatMulNBits {kind:22} {us / runs / 1e3:7.3f} ms")
 
 
 def main() -> None:
     import onnxruntime as ort
-    from transformers import AutoModelForCausalLM
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("hf_dir", type=Path)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    parser.add_argument(
-        "--level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations; -1: float32 MatMul)"
-    )
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--weights", nargs="+", default=["int8", "q4_1"])
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--threads", type=int, nargs="*", help="also time each graph with these intra-op thread counts")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; onnxruntime {ort.__version__}")
-    start = time.perf_counter()
-    model, config, weights = build(args.hf_dir, args.level, args.bits)
-    path = Path("/tmp/ort_smollm2.onnx")
-    import onnx
-
-    onnx.save(model, str(path), save_as_external_data=True, location="ort_smollm2.data")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    print(f"build + quantise + session: {time.perf_counter() - start:.1f} s")
-    layers, kv_heads = config["num_hidden_layers"], config["num_key_value_heads"]
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    embed = weights["model.embed_tokens.weight"]
-    hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
-    prompt = [1, 504, 3458, 282, 4526, 314, 253, 1345, 30, 2]  # any ids
-    past = {
-        f"past_{k}_{i}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
-        for i in range(layers)
-        for k in ("key", "value")
-    }
-
-    def step(ids: list[int], past: dict, length: int):
-        feed = {
-            "inputs_embeds": embed[ids][None].astype(np.float32),
-            "seqlens_k": np.array([length + len(ids) - 1], np.int32),
-            "total_sequence_length": np.array(length + len(ids), np.int32),
-            **past,
-        }
-        out = session.run(None, feed)
-        names = [o.name for o in session.get_outputs()]
-        present = {n.replace("present", "past"): v for n, v in zip(names[1:], out[1:], strict=True)}
-        return out[0][0, -1], present
-
-    logits, past = step(prompt, past, 0)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
-    print(
-        f"prefill logits vs transformers float32: max abs diff {np.abs(logits - ref).max():.3f}, "
-        f"argmax {int(logits.argmax())} vs {int(ref.argmax())}, cosine "
-        f"{float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)):.5f}"
-    )
-    length, token, generated = len(prompt), int(logits.argmax()), []
-    start = time.perf_counter()
-    for _ in range(args.tokens):
-        logits, past = step([token], past, length)
-        length += 1
-        token = int(logits.argmax())
-        generated.append(token)
-    ort_s = time.perf_counter() - start
-    print(
-        f"onnxruntime int{args.bits} (accuracy_level {args.level}): {args.tokens} tokens in {ort_s:.2f} s = "
-        f"{args.tokens / ort_s:.1f} tokens/s"
-    )
-    with torch.no_grad():
-        out = hf(input_ids=torch.tensor([prompt]), use_cache=True)
-        cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
-        hf_tokens = []
-        start = time.perf_counter()
-        for _ in range(args.tokens):
-            out = hf(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
-            hf_tokens.append(token)
-        hf_s = time.perf_counter() - start
-    print(
-        f"transformers float32: {args.tokens} tokens in {hf_s:.2f} s = {args.tokens / hf_s:.1f} tokens/s; "
-        f"speed-up {hf_s / ort_s:.2f}x; greedy tokens equal for the first "
-        f"{next((i for i, (a, b) in enumerate(zip(generated, hf_tokens, strict=True)) if a != b), args.tokens)}"
-    )
+    variants = load_variants(args.model, args.weights, args.threads)
+    ids = torch.tensor(variants["torch"].tokenizer(PROMPT)["input_ids"])
+    accuracy(variants, ids, args.steps)
+    print(f"load average before: {load_average()}")
+    times = timed_steps(variants, ids, args.steps)
+    print(f"load average after:  {load_average()}")
+    base = np.median(times["torch"])
+    for name, seconds in times.items():
+        ms = np.array(seconds) * 1e3
+        print(
+            f"{name:12} step median {np.median(ms):6.2f} ms, p10 {np.percentile(ms, 10):6.2f} ms -> "
+            f"{1e3 / np.median(ms):5.1f} tokens/s ({base / np.median(seconds):.2f}x torch)"
+        )
+    if args.profile:
+        for name, lm in variants.items():
+            if lm.onnx is not None:
+                print(f"{name}: ORT profile of {args.steps} decode steps")
+                profile(lm, ids, args.steps)
 
 
 if __name__ == "__main__":

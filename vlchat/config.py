@@ -161,7 +161,8 @@ class LMConfig:
     # model/onnx_lm.py; opt-in while it is new). Training and embeddings always use torch.
     runtime: str = "torch"
     # runtime onnx: the linear layers' weights: "int8" (8-bit blocks of 32, MatMulNBits), "int4"
-    # (inaccurate on the default LM's GGUF Q4_1 weights) or "float32" (plain MatMul; for checks).
+    # (inaccurate on the default LM's GGUF Q4_1 weights), "q4_1" (4-bit blocks with a float minimum,
+    # exact on them; model/onnx_quant.py) or "float32" (plain MatMul; for checks).
     onnx_weights: str = "int8"
 
     def __post_init__(self) -> None:
@@ -171,8 +172,8 @@ class LMConfig:
             raise VlchatError(f"lm {error}") from None
         if self.runtime not in ("torch", "onnx"):
             raise VlchatError(f"lm runtime must be torch or onnx, got {self.runtime!r}")
-        if self.onnx_weights not in ("int8", "int4", "float32"):
-            raise VlchatError(f"lm onnx_weights must be int8, int4 or float32, got {self.onnx_weights!r}")
+        if self.onnx_weights not in ("int8", "int4", "q4_1", "float32"):
+            raise VlchatError(f"lm onnx_weights must be int8, int4, q4_1 or float32, got {self.onnx_weights!r}")
         if self.runtime == "onnx" and (self.load_in or self.device_map):
             raise VlchatError("lm runtime onnx runs on the CPU with its own quantisation: drop load_in and device_map")
 

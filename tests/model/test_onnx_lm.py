@@ -147,6 +147,52 @@ def test_generated_tokens_match_torch(tiny_model, tiny_lm_dir, home, weights, ge
     assert len(tokens[0]) == generation.max_new_tokens and tokens[1] == tokens[0]
 
 
+@pytest.fixture(scope="module")
+def q4_1_lm_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny LM with weights as the default LM's GGUF file holds them: each decoder linear layer
+    de-quantised from Q4_1 blocks (d*q + m, a float minimum), the tied embeddings from Q8_0 blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlchat.model.onnx_quant import q4_1_blocks, q4_1_weight, symmetric8
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(q4_1_weight(*q4_1_blocks(module.weight.numpy()))))
+        embed = model.get_input_embeddings().weight
+        q, scale, zero = symmetric8(embed.numpy())
+        embed.copy_(torch.from_numpy((q.astype("float32") - 128) * scale.reshape(*q.shape[:2], 1)).reshape(embed.shape))
+    out = tmp_path_factory.mktemp("tiny-q4_1")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(out)
+    return out
+
+
+def test_q4_1_graph_keeps_q4_1_weights_where_int4_moves_them(q4_1_lm_dir, home):
+    """On Q4_1-like weights the q4_1 graph differs from the float32 graph by the int8 activations
+    only; the int4 graph (integer zero points) moves every block and errs several times more."""
+    errors = {}
+    for weights in ("float32", "q4_1", "int4"):
+        lm = onnx_lm(q4_1_lm_dir, home, weights)
+        first, state = lm.prefill(embed(lm, [5, 6, 7, 8, 9, 10]))
+        step, _ = lm.decode(torch.tensor([20]), state)
+        errors[weights] = torch.cat([first, step])
+    reference = errors.pop("float32")
+    errors = {w: float((logits - reference).abs().max()) for w, logits in errors.items()}
+    assert errors["q4_1"] < 0.05 and errors["q4_1"] * 8 < errors["int4"], errors
+
+
+def test_q4_1_graph_generates_torch_tokens_on_q4_1_weights(q4_1_lm_dir, home):
+    config = LMConfig(source=str(q4_1_lm_dir), sha256=None, dtype="float32")
+    tokens = []
+    for lm in (load_language_model(config), onnx_lm(q4_1_lm_dir, home, "q4_1")):
+        logits, state = lm.prefill(embed(lm, [5, 6, 7, 8]))
+        generation = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
+        tokens.append(list(generate(lm, logits, state, generation, ()))[-1].result.token_ids)
+    assert len(tokens[0]) == 12 and tokens[1] == tokens[0]
+
+
 def test_bad_runtime_options_are_refused():
     with pytest.raises(VlchatError, match="runtime must be torch or onnx"):
         LMConfig(runtime="llama.cpp")
@@ -164,3 +210,17 @@ def test_graphs_are_cached_per_weights_and_quantisation(tiny_lm_dir, home, onnx_
     assert len(graphs()) == len(before) + 1
     logits, _ = four_bits.prefill(embed(four_bits, [5, 6, 7]))
     assert logits.shape == (1, len(four_bits.tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_batched_first_prefill_of_left_padded_prompts_matches_torch(tiny_model, onnx_fp32):
+    """Rows with no cache yet, prompts of different lengths padded on the left: the rotary must use
+    each row's own positions (GroupQueryAttention's first-prompt path included)."""
+    prompts = [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
+    out = []
+    for lm in (tiny_model.lm, onnx_fp32):
+        batch = DecodeBatch.of([LMState() for _ in prompts])
+        out.append(batch.prefill(lm, [embed(lm, ids) for ids in prompts]))  # (3, V)
+        out.append(batch.decode(lm, torch.tensor([20, 21, 22])))
+    close(out[2], out[0])
+    close(out[3], out[1])
+    close(out[2][:1], onnx_fp32.prefill(embed(onnx_fp32, prompts[0]))[0])

@@ -8,8 +8,10 @@ turn); the 4th turn's time-to-first-token is the "follow-up after 3 turns" figur
 runs in a fresh process so its peak RSS is its own.
 
 `python -m vlchat.bench.decode runtimes MODEL TOKENS` instead compares the LM runtimes
-(LMConfig.runtime torch and onnx, model/onnx_lm.py) on the engine's conversation, each in its own
-child process, and prints the CPU's flags and load average beside the decode speeds (issue 35).
+(LMConfig.runtime torch, and onnx with onnx_weights int8 and q4_1, model/onnx_lm.py) on the
+engine's conversation, each in its own child process, and prints the CPU's flags and load
+average beside the decode speeds (issue 35). research/ort_decode.py compares them in one process,
+steps interleaved, with each one's logits against torch float32.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ QUESTIONS = [
     "Is it indoors or outdoors?",
     "Summarise our conversation in one sentence.",
 ]
+# compare_runtimes' child modes: the engine with LMConfig.runtime torch, and onnx per onnx_weights
+RUNTIMES = {"vlchat": "torch", "vlchat-onnx": "onnx int8", "vlchat-onnx-q4_1": "onnx q4_1"}
 KEYS = ("image_encode_ms", "ttft_first_s", "ttft_followup_s", "decode_tok_s", "peak_rss_mb")
 
 
@@ -50,16 +54,19 @@ def run_bench(model: str, tokens: int, as_json: bool, rounds: int = 2) -> None:
 
 
 def compare_runtimes(model: str, tokens: int, rounds: int = 2) -> None:
-    """Decode tokens/s of the engine with the torch and the onnx LM runtime, best of `rounds` each."""
-    speeds = {"vlchat": [], "vlchat-onnx": []}
+    """Decode tokens/s of the engine with the torch runtime and the onnx runtime per weight format
+    (int8, q4_1), best of `rounds` each, the modes alternating."""
+    speeds = {mode: [] for mode in RUNTIMES}
     for _ in range(rounds):
         for mode in speeds:
             speeds[mode].append(measure_in_child(mode, model, tokens)["decode_tok_s"])
-    torch_speed, onnx_speed = max(speeds["vlchat"]), max(speeds["vlchat-onnx"])
+    best = {mode: max(figures) for mode, figures in speeds.items()}
     print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; load average {load_average()}")
     print(
-        f"decode tokens/s, best of {rounds}, {tokens} tokens per turn: torch {torch_speed:.1f}, "
-        f"onnx {onnx_speed:.1f} ({onnx_speed / torch_speed:.2f}x)"
+        f"decode tokens/s, best of {rounds}, {tokens} tokens per turn: "
+        + ", ".join(
+            f"{label} {best[mode]:.1f} ({best[mode] / best['vlchat']:.2f}x)" for mode, label in RUNTIMES.items()
+        )
     )
 
 
@@ -182,8 +189,9 @@ def child(mode: str, model: str, tokens: int) -> dict:
     from vlchat.model.vlm import load_model
 
     settings = model_config(model)
-    if mode == "vlchat-onnx":  # the engine with the ONNX Runtime LM (model/onnx_lm.py)
-        settings = replace(settings, lm=replace(settings.lm, runtime="onnx"))
+    if mode.startswith("vlchat-onnx"):  # the engine with the ONNX Runtime LM (model/onnx_lm.py)
+        weights = mode.removeprefix("vlchat-onnx").removeprefix("-") or "int8"
+        settings = replace(settings, lm=replace(settings.lm, runtime="onnx", onnx_weights=weights))
     chat = Chat(load_model(settings))
     config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens)
     encode = image_encode_ms(chat, load_image(EXAMPLE))

@@ -31,46 +31,34 @@ import torch
 from torch import nn
 
 from vlchat.errors import VlchatError
+from vlchat.model.onnx_quant import BLOCK, q4_1_blocks, quantise, symmetric8
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 2  # bump when the graph changes: cached graphs are keyed by it
-BLOCK = 32  # MatMulNBits block size along K
-WEIGHTS = {"int8": 8, "int4": 4, "float32": None}  # LMConfig.onnx_weights -> MatMulNBits bits
+BUILDER_VERSION = 6  # bump when the graph changes: cached graphs are keyed by it
+# LMConfig.onnx_weights: 8 or 4 bits with integer zero points (int4 is inaccurate on GGUF Q4_1
+# weights), q4_1 (4 bits plus a float residual per block, exact on them; 8-bit LM head), float32
+WEIGHTS = ("int8", "int4", "q4_1", "float32")
 STATIC_ROPE = {"default", "linear", "llama3"}  # rotary types whose cos/sin tables do not depend on the length
-
-
-def quantise(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, K) float -> MatMulNBits' B (N, K/32, 32*bits/8) uint8, scales (N*K/32,) float32 and zero
-    points uint8: asymmetric per block of 32 along K (K zero-padded to whole blocks), two 4-bit
-    values per byte low nibble first. 4 bits are inaccurate on GGUF Q4_1 weights (research/ort_decode.py)."""
-    n, k = weight.shape
-    if k % BLOCK:
-        weight = np.pad(weight, ((0, 0), (0, BLOCK - k % BLOCK)))
-    top = 2**bits - 1
-    blocks = weight.reshape(n, -1, BLOCK).astype(np.float32)
-    low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-    scale = np.maximum((high - low) / top, 1e-12)
-    zero = np.clip(np.round(-low / scale), 0, top)
-    q = np.clip(np.round(blocks / scale[..., None] + zero[..., None]), 0, top).astype(np.uint8)
-    zero = zero.astype(np.uint8)
-    if bits == 8:
-        return q, scale.astype(np.float32).reshape(-1), zero.reshape(-1)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # (N, K/32, 16)
-    if zero.shape[1] % 2:
-        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
-    return packed, scale.astype(np.float32).reshape(-1), (zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)
 
 
 def numpy_of(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float32).contiguous().numpy()
 
 
-class GraphBuilder:
-    """Nodes and initialisers of one graph, with fresh names; `bits` None = float32 MatMul."""
+def array_of(tensor: torch.Tensor) -> np.ndarray:
+    """numpy_of without its three no-op calls for the usual case, a float32 contiguous cache
+    tensor (60 of them a step for the default LM)."""
+    if tensor.dtype == torch.float32 and not tensor.requires_grad and tensor.is_contiguous():
+        return tensor.numpy()
+    return numpy_of(tensor)
 
-    def __init__(self, bits: int | None) -> None:
-        self.nodes, self.inits, self.bits, self.count = [], [], bits, 0
+
+class GraphBuilder:
+    """Nodes and initialisers of one graph, with fresh names; `weights` one of WEIGHTS."""
+
+    def __init__(self, weights: str) -> None:
+        self.nodes, self.inits, self.weights, self.count = [], [], weights, 0
 
     def name(self, stem: str) -> str:
         self.count += 1
@@ -91,83 +79,111 @@ class GraphBuilder:
         from onnx import helper
 
         names = [self.name(op.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, names, name=names[0], domain=domain, **attrs))
         return names
 
     def op(self, op: str, *inputs: str, **attrs) -> str:
         return self.node(op, list(inputs), **attrs)[0]
 
-    def matmul(self, x: str, weight: np.ndarray) -> str:
-        """x (.., K) @ weight (N, K).T -> (.., N), quantised unless bits is None."""
-        n, k = weight.shape
-        if self.bits is None:
+    def matmul(self, x: str, weight: np.ndarray, head: bool = False) -> str:
+        """x (.., K) @ weight (N, K).T -> (.., N) in `weights`' format; q4_1: the LM head (Q8_0 in
+        GGUF files) in symmetric 8 bits, the rest 4 bits plus the residual matmul (model/onnx_quant.py)."""
+        k = weight.shape[1]
+        if self.weights == "float32":
             return self.op("MatMul", x, self.const("wt", weight.T.astype(np.float32)))
-        packed, scale, zero = quantise(weight, self.bits)
-        ins = [x, self.const("w", packed), self.const("s", scale), self.const("z", zero)]
-        return self.node(
-            "MatMulNBits", ins, domain="com.microsoft", K=k, N=n, bits=self.bits, block_size=BLOCK, accuracy_level=4
-        )[0]
+        if self.weights != "q4_1":
+            return self.nbits(x, quantise(weight, 8 if self.weights == "int8" else 4), weight.shape)
+        if head or k % BLOCK:
+            return self.nbits(x, symmetric8(weight), weight.shape)
+        packed, scale, zero, residual = q4_1_blocks(weight)
+        main = self.nbits(x, (packed, scale, zero), weight.shape)
+        # blocksum(x) as x @ S, S (K, K/32) one where row k is in block column k // 32: one node, not a
+        # Reshape and a ReduceSum (the per-node cost shows on a loaded 2-core machine)
+        ones = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
+        sums = self.op("MatMul", x, self.const("blocks", ones))  # (.., K/32)
+        return self.op("Add", main, self.op("MatMul", sums, self.const("r", residual.T)))  # + R blocksum(x)
 
-    def linears(self, x: str, modules: list[nn.Linear], gate: str | None) -> list[str]:
-        """Several linear layers on one input as one fused matmul, split back; each with its bias
-        and, where it is a gated LoRA layer, its update B·A·x times the per-row gate."""
-        weight = np.concatenate([numpy_of(m.weight) for m in modules])
-        fused = self.matmul(x, weight)
-        sizes = [m.out_features for m in modules]
-        outs = (
-            self.node("Split", [fused, self.ints(*sizes)], outputs=len(modules), axis=-1) if len(sizes) > 1 else [fused]
-        )
-        result = []
-        for out, module in zip(outs, modules):
-            if module.bias is not None:
-                out = self.op("Add", out, self.const("b", numpy_of(module.bias)))
-            if hasattr(module, "lora_down"):  # GatedLoRALinear: (r, in) and (out, r) with the scale folded in
-                down = self.op("MatMul", x, self.const("la", numpy_of(module.lora_down).T))
-                update = self.op("MatMul", down, self.const("lb", numpy_of(module.lora_up).T))
-                out = self.op("Add", out, self.op("Mul", update, gate))
-            result.append(out)
-        return result
+    def nbits(self, x: str, parts: tuple[np.ndarray, np.ndarray, np.ndarray], shape: tuple[int, int]) -> str:
+        """MatMulNBits of x with the (B, scales, zero points) of an (N, K) weight; int8 activations."""
+        packed, scale, zero = parts
+        ins = [x, self.const("w", packed), self.const("s", scale), self.const("z", zero)]
+        bits = 8 if packed.shape[-1] == BLOCK else 4
+        n, k = shape
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": BLOCK, "accuracy_level": 4}
+        return self.node("MatMulNBits", ins, domain="com.microsoft", **attrs)[0]
+
+    def linears(self, x: str, modules: list[nn.Linear], gate: str | None, head: bool = False) -> str:
+        """Several linear layers on one input as one fused matmul (their outputs side by side),
+        with their biases and, where some are gated LoRA layers, their updates B·A·x times the
+        per-row gate as one more pair of matmuls: the A's stacked, the B's block-diagonal."""
+        fused = self.matmul(x, np.concatenate([numpy_of(m.weight) for m in modules]), head)
+        if any(m.bias is not None for m in modules):
+            biases = [numpy_of(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32) for m in modules]
+            fused = self.op("Add", fused, self.const("b", np.concatenate(biases)))
+        adapted = [m for m in modules if hasattr(m, "lora_down")]  # GatedLoRALinear: (r, in), (out, r) scaled
+        if not adapted:
+            return fused
+        downs = np.concatenate([numpy_of(m.lora_down) for m in adapted])  # (R, in)
+        ups = np.zeros((sum(m.out_features for m in modules), len(downs)), np.float32)  # (out, R)
+        row, col = 0, 0
+        for m in modules:
+            if hasattr(m, "lora_down"):
+                rank = m.lora_down.shape[0]
+                ups[row : row + m.out_features, col : col + rank] = numpy_of(m.lora_up)
+                col += rank
+            row += m.out_features
+        update = self.op("MatMul", self.op("MatMul", x, self.const("la", downs.T)), self.const("lb", ups.T))
+        return self.op("Add", fused, self.op("Mul", update, gate))
 
     def rms(self, x: str, norm: nn.Module) -> str:
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        return self.op("SimplifiedLayerNormalization", x, self.const("g", numpy_of(norm.weight)), axis=-1, epsilon=eps)
+        return self.op(
+            "SimplifiedLayerNormalization", x, self.const("g", numpy_of(norm.weight)), axis=-1, epsilon=eps_of(norm)
+        )
+
+    def add_rms(self, x: str, residual: str, norm: nn.Module) -> tuple[str, str]:
+        """(RMSNorm(x + residual), x + residual) as one node."""
+        out = self.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, self.const("g", numpy_of(norm.weight))],
+            outputs=4,
+            domain="com.microsoft",
+            epsilon=eps_of(norm),
+        )
+        return out[0], out[3]
 
 
-def rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
-    """HF Llama rotary embedding: x * cos + rotate_half(x) * sin; x (B, T, heads, hd), cos/sin (B, T, 1, hd)."""
-    first, second = g.node("Split", [x, g.ints(half, half)], outputs=2, axis=-1)
-    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+def eps_of(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
 
 def rotary_tables(model: nn.Module, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, head_dim) cos and sin as the model's own rotary embedding computes them."""
+    """(positions, head_dim / 2) cos and sin as the model's own rotary embedding computes them
+    (HF Llama's rotate_half layout, GroupQueryAttention's cos_cache and sin_cache)."""
     rotary = model.get_decoder().rotary_emb
     rope_type = getattr(rotary, "rope_type", "default")
     if rope_type not in STATIC_ROPE:
         raise VlchatError(f"lm runtime onnx supports rotary types {sorted(STATIC_ROPE)}, not {rope_type!r}")
     inv = rotary.inv_freq.detach().double().cpu().numpy()
     angles = np.outer(np.arange(positions, dtype=np.float64), inv)
-    angles = np.concatenate([angles, angles], axis=-1)
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     return (np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32)
 
 
-def build_graph(model: nn.Module, bits: int | None, positions: int):
+def check_layout(config) -> None:
+    if config.model_type not in ("llama", "mistral", "qwen2") or getattr(config, "sliding_window", None):
+        raise VlchatError(f"lm runtime onnx supports Llama-layout models, not {config.model_type!r}")
+
+
+def build_graph(model: nn.Module, weights: str, positions: int):
     """The ONNX model of `model`'s (a HF Llama-layout causal LM) cached forward; see the module doc."""
     from onnx import TensorProto, helper
 
     config = model.config
-    if config.model_type not in ("llama", "mistral", "qwen2") or getattr(config, "sliding_window", None):
-        raise VlchatError(f"lm runtime onnx supports Llama-layout models, not {config.model_type!r}")
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    check_layout(config)
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     decoder = model.get_decoder()
-    adapted = any(hasattr(m, "lora_down") for m in model.modules())
-    g = GraphBuilder(bits)
-    cos_table, sin_table = rotary_tables(model, positions)
-    cos = g.op("Unsqueeze", g.op("Gather", g.const("cos", cos_table), "position_ids"), g.ints(2))  # (B, T, 1, hd)
-    sin = g.op("Unsqueeze", g.op("Gather", g.const("sin", sin_table), "position_ids"), g.ints(2))
+    g = GraphBuilder(weights)
     floats = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("inputs_embeds", floats, ["batch", "seq", config.hidden_size]),
@@ -175,59 +191,75 @@ def build_graph(model: nn.Module, bits: int | None, positions: int):
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
     ]
     gate = None
-    if adapted:
+    if any(hasattr(m, "lora_down") for m in model.modules()):
         gate = "adapter_gate"
         inputs.append(helper.make_tensor_value_info(gate, floats, ["batch", 1, 1]))
     outputs = [helper.make_tensor_value_info("logits", floats, ["batch", config.vocab_size])]
-    x = "inputs_embeds"
-    scale = g.const("scale", np.array(head_dim**-0.5, np.float32))
-    for i, layer in enumerate(decoder.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+    for i in range(len(decoder.layers)):
         for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(f"past_{kind}_{i}", floats, ["batch", kv_heads, "past", head_dim])
-            )
+            shape = ["batch", kv_heads, "past", head_dim]
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", floats, shape))
             outputs.append(
-                helper.make_tensor_value_info(f"present_{kind}_{i}", floats, ["batch", kv_heads, "total", head_dim])
+                helper.make_tensor_value_info(f"present_{kind}_{i}", floats, [*shape[:2], "total", head_dim])
             )
-        h = g.rms(x, layer.input_layernorm)
-        q, k, v = g.linears(h, [attn.q_proj, attn.k_proj, attn.v_proj], gate)
-        q = rotate(g, g.op("Reshape", q, g.ints(0, 0, heads, head_dim)), cos, sin, head_dim // 2)  # (B, T, H, hd)
-        k = rotate(g, g.op("Reshape", k, g.ints(0, 0, kv_heads, head_dim)), cos, sin, head_dim // 2)
-        v = g.op("Reshape", v, g.ints(0, 0, kv_heads, head_dim))
-        q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # (B, H, T, hd)
-        k = g.op("Transpose", k, perm=[0, 2, 1, 3])  # (B, kvH, T, hd)
-        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-        g.nodes.append(helper.make_node("Concat", [f"past_key_{i}", k], [f"present_key_{i}"], axis=2))
-        g.nodes.append(helper.make_node("Concat", [f"past_value_{i}", v], [f"present_value_{i}"], axis=2))
-        context = attention(g, q, f"present_key_{i}", f"present_value_{i}", scale, heads, kv_heads, head_dim)
-        (o,) = g.linears(context, [attn.o_proj], gate)
-        x = g.op("Add", x, o)
-        h = g.rms(x, layer.post_attention_layernorm)
-        gate_proj, up = g.linears(h, [mlp.gate_proj, mlp.up_proj], gate)
-        (down,) = g.linears(g.op("Mul", g.op("Mul", gate_proj, g.op("Sigmoid", gate_proj)), up), [mlp.down_proj], gate)
-        x = g.op("Add", x, down)
-    last = g.op("Gather", x, g.const("last", np.array(-1, np.int64)), axis=1)  # (B, D)
-    (logits,) = g.linears(g.rms(last, decoder.norm), [model.get_output_embeddings()], gate)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    shared = attention_inputs(g, model, positions)
+    residual, h = "inputs_embeds", g.rms("inputs_embeds", decoder.layers[0].input_layernorm)
+    norms = [layer.input_layernorm for layer in decoder.layers[1:]] + [decoder.norm]
+    for i, (layer, next_norm) in enumerate(zip(decoder.layers, norms)):
+        attn, mlp = layer.self_attn, layer.mlp
+        context = attention(g, g.linears(h, [attn.q_proj, attn.k_proj, attn.v_proj], gate), i, shared, config)
+        h, residual = g.add_rms(g.linears(context, [attn.o_proj], gate), residual, layer.post_attention_layernorm)
+        gate_proj, up = g.node(
+            "Split", [g.linears(h, [mlp.gate_proj, mlp.up_proj], gate)], outputs=2, axis=-1, num_outputs=2
+        )
+        hidden = g.op("Mul", g.op("Mul", gate_proj, g.op("Sigmoid", gate_proj)), up)
+        h, residual = g.add_rms(g.linears(hidden, [mlp.down_proj], gate), residual, next_norm)
+    last = g.op("Gather", h, g.const("last", np.array(-1, np.int64)), axis=1)  # (B, D), normed by decoder.norm
+    g.nodes.append(
+        helper.make_node("Identity", [g.linears(last, [model.get_output_embeddings()], gate, head=True)], ["logits"])
+    )
     graph = helper.make_graph(g.nodes, "vlchat_lm", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
-def attention(g: GraphBuilder, q: str, k: str, v: str, scale: str, heads: int, kv_heads: int, head_dim: int) -> str:
-    """softmax(q k^T * scale + attention_bias) v with grouped heads -> (B, T, H * hd). q (B, H, T, hd),
-    k and v (B, kvH, S, hd). Each key/value head serves H / kvH query heads: the query heads are
-    grouped as (B, kvH, H / kvH, T, hd) and the matmuls broadcast over the group, so keys and values
-    are never copied per query head (an Expand of them cost ~2x the step at 400 positions)."""
-    group = heads // kv_heads
-    q = g.op("Reshape", q, g.ints(0, kv_heads, group, -1, head_dim))  # (B, kvH, G, T, hd)
-    k = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.ints(2))  # (B, kvH, 1, hd, S)
-    scores = g.op("Mul", g.op("MatMul", q, k), scale)  # (B, kvH, G, T, S)
-    scores = g.op("Add", scores, g.op("Unsqueeze", "attention_bias", g.ints(2)))  # bias (B, 1, 1, T, S)
-    context = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", v, g.ints(2)))  # (B, kvH, G, T, hd)
-    context = g.op("Reshape", context, g.ints(0, heads, -1, head_dim))  # (B, H, T, hd)
-    return g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]), g.ints(0, 0, heads * head_dim))
+def attention_inputs(g: GraphBuilder, model: nn.Module, positions: int) -> dict[str, str]:
+    """What every layer's GroupQueryAttention shares: the rotary tables and, from the bias's shape,
+    the total length (P + T) as a scalar and, per row, the index of its last key (P + T - 1)."""
+    cos, sin = rotary_tables(model, positions)
+    shape = g.op("Shape", "attention_bias")  # (B, 1, T, P + T)
+    total = g.op("Cast", g.op("Gather", shape, g.const("axis", np.array(3, np.int64)), axis=0), to=6)  # int32
+    last = g.op("Sub", total, g.const("one", np.array(1, np.int32)))
+    rows = g.op("Expand", g.op("Unsqueeze", last, g.ints(0)), g.op("Slice", shape, g.ints(0), g.ints(1)))  # (B,)
+    return {"cos": g.const("cos", cos), "sin": g.const("sin", sin), "total": total, "seqlens": rows}
+
+
+def attention(g: GraphBuilder, qkv: str, layer: int, shared: dict[str, str], config) -> str:
+    """ORT's fused GroupQueryAttention on the (B, T, (H + 2 kvH) hd) projections -> (B, T, H hd): the
+    new keys and values appended to the past (present_*_i), and softmax(q k^T / sqrt(hd) +
+    attention_bias) v, each key/value head serving H / kvH query heads. The bias carries the left
+    padding; GroupQueryAttention's own causal mask (query t sees keys up to P + t) is the bias's.
+    The rotary is a RotaryEmbedding node per q and k at the caller's position ids: the attention's
+    own rotary ignores them on a first prompt, which a left-padded batch shifts."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    sizes = g.ints(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    q, k, v = g.node("Split", [qkv, sizes], outputs=3, axis=-1)
+    q, k = (
+        g.op("RotaryEmbedding", x, "position_ids", shared["cos"], shared["sin"], domain="com.microsoft", num_heads=n)
+        for x, n in ((q, heads), (k, kv_heads))
+    )
+    out = g.node(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key_{layer}", f"past_value_{layer}", shared["seqlens"], shared["total"]]
+        + ["", "", "", "attention_bias"],
+        outputs=3,
+        domain="com.microsoft",
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+    )
+    g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key_{layer}", f"present_value_{layer}"
+    return out[0]
 
 
 def graph_path(cache_root: Path, identity: dict) -> Path:
@@ -245,7 +277,7 @@ def files_identity(path: str | Path | None) -> list:
     return [str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def ensure_graph(model: nn.Module, bits: int | None, positions: int, path: Path) -> Path:
+def ensure_graph(model: nn.Module, weights: str, positions: int, path: Path) -> Path:
     """Build and save the graph (weights as external data beside it) unless already cached."""
     import onnx
 
@@ -257,7 +289,7 @@ def ensure_graph(model: nn.Module, bits: int | None, positions: int, path: Path)
     tmp.mkdir(parents=True)
     try:
         onnx.save(
-            build_graph(model, bits, positions),
+            build_graph(model, weights, positions),
             str(tmp / path.name),
             save_as_external_data=True,
             location="weights.data",
@@ -281,9 +313,7 @@ class OnnxDecoder:
 
         if weights not in WEIGHTS:
             raise VlchatError(f"lm onnx_weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-        path = ensure_graph(
-            model, WEIGHTS[weights], positions, graph_path(cache_root, {**identity, "onnx_weights": weights})
-        )
+        path = ensure_graph(model, weights, positions, graph_path(cache_root, {**identity, "onnx_weights": weights}))
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -314,25 +344,40 @@ class OnnxDecoder:
         for i in range(self.layers):
             for kind, j in (("key", 0), ("value", 1)):
                 tensor = past[i][j] if past else torch.zeros(batch, self.kv_heads, 0, self.head_dim)
-                feed[f"past_{kind}_{i}"] = numpy_of(tensor)
+                feed[f"past_{kind}_{i}"] = array_of(tensor)
         if "adapter_gate" in self.input_names:
             feed["adapter_gate"] = gate_column(gate_rows, batch)
-        out = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        out = dict(zip(self.output_names, self.run(feed, batch > 1 and length > 1 and done > 0)))
         layers = [
             (torch.from_numpy(out[f"present_key_{i}"]), torch.from_numpy(out[f"present_value_{i}"]))
             for i in range(self.layers)
         ]
         return torch.from_numpy(out["logits"]), dynamic_cache(layers)
 
+    def run(self, feed: dict[str, np.ndarray], by_row: bool) -> list[np.ndarray]:
+        """The session's outputs; `by_row`: one row at a time, stacked, as GroupQueryAttention on
+        the CPU takes several new positions after a past only at batch 1 (a batched prefill)."""
+        if not by_row:
+            return self.session.run(self.output_names, feed)
+        batch = len(feed["inputs_embeds"])
+        rows = [self.session.run(self.output_names, {k: v[r : r + 1] for k, v in feed.items()}) for r in range(batch)]
+        return [np.concatenate(parts) for parts in zip(*rows)]
+
 
 def dynamic_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
     """A transformers DynamicCache holding these (B, kvH, S, hd) tensors themselves: its constructor
-    would copy each one (torch.cat onto an empty tensor), the whole KV cache again every step."""
+    would copy each one (torch.cat onto an empty tensor), the whole KV cache again every step, and
+    its layers' lazy initialisation cost ~2 ms a step in Python; the layers are filled in directly."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in layers])
-    for layer, (keys, values) in zip(cache.layers, layers):
-        layer.keys, layer.values = keys, values
+    cache = DynamicCache()
+    cache.layers = []
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.keys, layer.values, layer.dtype, layer.device = keys, values, keys.dtype, keys.device
+        layer.is_initialized = True
+        cache.layers.append(layer)
     return cache
 
 
@@ -340,6 +385,8 @@ def attention_bias(mask: torch.Tensor | None, batch: int, done: int, length: int
     """(B, 1, T, P+T) additive bias: 0 where query t may see key j (a real position, j <= P + t),
     float32's lowest value elsewhere (as HF's eager masks)."""
     total = done + length
+    if mask is None and length == 1:  # one new position, every key real: nothing is masked
+        return np.zeros((batch, 1, 1, total), np.float32)
     causal = np.arange(total)[None, :] <= (done + np.arange(length))[:, None]  # (T, P+T)
     real = np.ones((batch, total), bool) if mask is None else mask.bool().numpy()  # (B, P+T)
     allowed = causal[None, None] & real[:, None, None, :]
