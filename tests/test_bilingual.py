@@ -53,3 +53,20 @@ def test_an_image_is_refused_in_one_line(bilingual):
     session = bilingual.session()
     with pytest.raises(VlchatError, match="'qwen2.5-coder-0.5b' is text-only: it cannot take images"):
         session.upload_img(Image.new("RGB", (32, 32)))
+
+
+def test_the_qwen_template_renders_as_the_models_own(bilingual):
+    """vlchat's `qwen2.5` template against the chat template inside the GGUF (no tools: vlchat writes its
+    own Hermes tool text)."""
+    from vlchat.chat.messages import Message
+    from vlchat.chat.template_lookup import get_template
+
+    tokenizer = bilingual.model.lm.tokenizer
+    turns = [("user", "你好"), ("assistant", "你好！有什么可以帮你？"), ("user", "1+1=?")]
+    for system in (None, "Be brief."):
+        dicts = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": r, "content": c} for r, c in turns
+        ]
+        messages = [Message.text_message(d["role"], d["content"]) for d in dicts]
+        expected = tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
+        assert get_template("qwen2.5").render(messages) == expected
