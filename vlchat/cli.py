@@ -416,11 +416,9 @@ def prepare(model: Model = "default", loading: Loading | None = None) -> None:
     import time
 
     start = time.perf_counter()
-    chat_ = open_chat(model, loading)
-    print(
-        f"model {model!r} ready in {time.perf_counter() - start:.1f} s "
-        f"(vision {chat_.model.config.vision.name}, LM {chat_.model.config.lm.source})"
-    )
+    config = open_chat(model, loading).model.config
+    vision = config.vision.name if config.vision is not None else "none: text only"
+    print(f"model {model!r} ready in {time.perf_counter() - start:.1f} s (vision {vision}, LM {config.lm.source})")
 
 
 @app.command("eval")

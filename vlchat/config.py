@@ -141,9 +141,10 @@ def _whole(value: Any) -> int | float:
 
 @dataclass(frozen=True)
 class LMConfig:
-    # "package:<module>/<file>.gguf" | a local HF model directory | "hub:<org>/<name>"
+    # "package:<module>/<file>.gguf" | a local HF model directory | "hub:<org>/<name>" |
+    # "split:<name>.gguf" (a GGUF shipped in parts over several packages: split_files.py)
     source: str = SMOLLM2_GGUF
-    sha256: str | None = SMOLLM2_SHA256  # checked for GGUF files before conversion
+    sha256: str | None = SMOLLM2_SHA256  # checked for GGUF files before conversion (split files pin their own)
     context_window: int | None = None  # None: the model's max_position_embeddings
     # "auto": bfloat16 where the CPU computes it natively (AVX512-BF16/AMX; ~2x faster decoding
     # here) or on a GPU, else float32. "float32" | "bfloat16" | "float16" (GPUs only) force one.
@@ -258,7 +259,19 @@ def check_keys(kind: type, data: Any, what: str, also: tuple[str, ...] = ()) -> 
         raise VlchatError(f"unknown {what} keys: {', '.join(sorted(map(str, unknown)))}")
 
 
-PRESETS: dict[str, ModelConfig] = {"default": ModelConfig()}
+# The bilingual (Chinese/English) LM, text only: Qwen2.5-Coder-0.5B-Instruct's Q4_K_M GGUF, shipped in six
+# optional packages (`make bilingual`) and joined, verified (its hashes: split_files.py) and converted once.
+BILINGUAL_GGUF = "split:qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+BILINGUAL = ModelConfig(
+    name="qwen2.5-coder-0.5b",
+    vision=None,
+    projector=None,
+    lm=LMConfig(source=BILINGUAL_GGUF, sha256=None),
+    template="qwen2.5",
+    projector_weights=None,
+)
+
+PRESETS: dict[str, ModelConfig] = {"default": ModelConfig(), BILINGUAL.name: BILINGUAL}
 
 
 MAX_BEAMS = 16  # each beam holds a KV cache; more would let one request exhaust memory

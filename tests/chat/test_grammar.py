@@ -128,6 +128,26 @@ def test_parallel_tool_calls_false_allows_one_call_only(lm):
     assert bool(torch.isfinite(many.mask(logits))[0, newline])  # "\n" opens another call
 
 
+def test_tags_that_are_added_tokens_are_matched_as_those_tokens(lm):
+    """Qwen2.5's tokenizer has `<tool_call>` and `</tool_call>` as added tokens (not marked special):
+    the forced call must still be the model's own tokens for them, accepted to the end."""
+    import copy
+
+    from llguidance import LLMatcher
+
+    from vlchat.chat.grammar import grammar_tokenizer
+
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])  # special=False, as Qwen's
+    opened, closed = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    structure = tool_structure([WEATHER], HERMES, tokenizer, "required", False)
+    matcher = LLMatcher(grammar_tokenizer(tokenizer), structure.grammar, log_level=0)
+    call = '<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Boston", "unit": "celsius"}}'
+    ids = tokenizer(call + "\n</tool_call>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == opened and ids[-1] == closed
+    assert matcher.consume_tokens(ids) and matcher.is_accepting()
+
+
 @pytest.mark.parametrize(
     "schema,message",
     [

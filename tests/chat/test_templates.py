@@ -20,6 +20,7 @@ MS = (
 )
 CS = "You are a helpful assistant. You can see images the user shares with you and answer questions about them."
 IS = "You are an AI assistant whose name is InternLM (书生·浦语)."
+QS = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's chat_template
 ZBJ = get_persona("zhubajie")
 
 
@@ -95,6 +96,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "persona": f"<s>[INST] <<SYS>>\n{ZBJ}\n<</SYS>>\n\n{Q} [/INST] ",
     },
     "chatml": _chatml(CS),
+    "qwen2.5": _chatml(QS),
     "internlm2": {k: "<s>" + v for k, v in _chatml(IS).items()},
     # The rendered text keeps images where they were given; the position keys put them first (below).
     "blip2": {
@@ -163,6 +165,7 @@ GOLDEN_TRAINABLE = {
     "vicuna_v0": "A cat.###Orange.###",
     "llama2": "A cat. </s>Orange. </s>",
     "chatml": "A cat.<|im_end|>Orange.<|im_end|>",
+    "qwen2.5": "A cat.<|im_end|>Orange.<|im_end|>",
     "internlm2": "A cat.<|im_end|>Orange.<|im_end|>",
     "blip2": "A cat.</s>Orange.</s>",
     "instructblip": "A cat.</s>Orange.</s>",
@@ -177,6 +180,7 @@ def test_registry_names_and_stops() -> None:
         "vicuna_v0",
         "llama2",
         "chatml",
+        "qwen2.5",
         "internlm2",
         "blip2",
         "instructblip",
@@ -190,6 +194,7 @@ def test_registry_names_and_stops() -> None:
         "minigpt4_vicuna0": ("###",),
         "minigpt4_llama2": ("</s>",),
         "chatml": ("<|im_end|>",),
+        "qwen2.5": ("<|im_end|>", "<|endoftext|>"),
         "internlm2": ("<|im_end|>",),
         "blip2": ("</s>",),
         "instructblip": ("</s>",),

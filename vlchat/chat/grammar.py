@@ -146,8 +146,14 @@ def compile_grammar(lark: str, tokenizer, param: str) -> str:
 
 
 def special_tokens(tokenizer) -> set[str]:
+    """Tokens a grammar must name as tokens, not text: the special ones and every added token llguidance
+    treats as special. Qwen2.5's `<tool_call>` and `</tool_call>` are added tokens not marked special:
+    as quoted text, the forced tag tokenized to that token, whose bytes the text then did not match, and
+    the constraint gave up after the tag (the model wrote no call)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ll = grammar_tokenizer(tokenizer) if added else None
     return {t for t in getattr(tokenizer, "all_special_tokens", []) if t.startswith("<|")} | {
-        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)
+        t.content for i, t in added.items() if getattr(t, "special", False) or ll.is_special_token(i)
     }
 
 

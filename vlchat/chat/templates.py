@@ -259,6 +259,15 @@ TEMPLATES: dict[str, Template] = {
         assistant_end=" </s>",
     ),
     "chatml": _CHATML,
+    # Qwen2.5 (-Coder) Instruct: ChatML with Qwen's default system prompt (its tokenizer_config.json
+    # chat_template); tools in the Hermes format its template writes. It also ends on <|endoftext|>
+    # (generation_config.json's second EOS; seen after a call here).
+    "qwen2.5": replace(
+        _CHATML,
+        name="qwen2.5",
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        stop=("<|im_end|>", "<|endoftext|>"),
+    ),
     # InternLM2-chat: ChatML after a BOS "<s>" (internlm2-chat-7b tokenizer_config.json; the
     # default system is the first sentence of its meta_instruction).
     "internlm2": replace(

@@ -109,6 +109,8 @@ def load_model(config: ModelConfig) -> VisionLanguageModel:
         from vlchat.model.loaders import load_checkpoint_model
 
         return place(load_checkpoint_model(config), config)
+    if config.vision is None:  # a text-only preset: the LM alone (images refused)
+        return place(VisionLanguageModel(config, None, None, load_language_model(config.lm, device)).eval(), config)
     weights = verified_file(config.vision.weights, config.vision.sha256) if config.vision.weights else None
     vision = load_vision_encoder(config.vision, weights)
     lm = load_language_model(config.lm, device)

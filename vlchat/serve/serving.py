@@ -239,6 +239,8 @@ class ChatService:
             if isinstance(part, p.TextPart):
                 out.append(Text(valid_text(self.fitting(part.text, f"{param}[{j}].text"), f"{param}[{j}].text")))
                 continue
+            if self.chat is not None and self.chat.model.vision is None:  # else it would be dropped unseen
+                raise ApiError(400, f"{self.model_id} is text-only: it cannot take images", f"{param}[{j}]")
             image = self.image(part.image_url.url, f"{param}[{j}].image_url")
             key = image_key(image)
             images[key] = image
