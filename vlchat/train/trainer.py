@@ -30,6 +30,7 @@ from vlchat.train.checkpoint import save_checkpoint, trainable_state
 from vlchat.train.collate import Batch, collate, encode_sample, length_groups, supervised_tokens
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
+from vlchat.train.packing import pack_shared_prefixes
 from vlchat.train.probe import Probe
 from vlchat.train.recipe import TrainConfig
 from vlchat.train.resume import restore, resumable_state
@@ -180,6 +181,8 @@ class BatchMaker:
         items = [e for e in (self.encode(i) for i in indices) if e is not None]
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
+        if self.config.pack_shared_prefix:
+            items = pack_shared_prefixes(items, self.config.pack_min_prefix, self.config.pack_max_tokens)
         groups = length_groups(items, self.config.length_groups)
         return [collate(group, self.vlm.pixels, self.pad_id) for group in groups]
 
@@ -335,7 +338,7 @@ def train_step(
                     last_group and micro == config.grad_accum - 1,
                 )
             loss_sum += loss.item() * weight / config.grad_accum
-            seen += batch.ids.shape[0] * world.size
+            seen += batch.samples * world.size
     return loss_sum, seen
 
 
