@@ -97,7 +97,10 @@ class TrainConfig:
     # same loss and gradients; fewer tokens through the LM.
     pack_shared_prefix: bool = False
     pack_min_prefix: int = 64  # tokens a sample must share to join a row
-    pack_max_tokens: int = 4096  # longest packed row (attention memory grows with it)
+    # The longest packed row. A row with branches takes a 4D mask, with which sdpa on CPU keeps
+    # (heads, T, T) scores per layer for backward: a row of 3,801 tokens of the default model
+    # peaked at 11.3 GB (1 step of configs/train/tool-use.yaml), rows of at most 1,100 at 3.2 GB.
+    pack_max_tokens: int = 2048
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
