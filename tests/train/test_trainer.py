@@ -390,6 +390,42 @@ def test_resume_refuses_another_recipe_and_a_finished_run_resumes_to_itself(tiny
         assert torch.equal(value, trained[name]), name
 
 
+# --- shared-prefix packing ------------------------------------------------------------------------
+
+
+def test_an_unpacked_run_resumed_packed_trains_the_same_steps(tiny_model_file, tmp_path):
+    """Tool-use samples (the same system prompt in front of each) packed by shared prefix train the
+    same run: a run resumed packed after step 2 gets the same losses at steps 3 and 4 (each after
+    the previous steps' updates) and the same projector as the run unpacked throughout, through
+    fewer LM tokens. Switching packing on is no other recipe for --resume."""
+    tools = [{"spec": "tools:labels", "samples": 8}, {"spec": "tools:python", "samples": 8}]
+    fields = dict(lm="lora", batch_size=4, max_tokens=1600, length_groups=4, max_steps=4, save_every=2)
+    recipe = write_recipe(tmp_path, tiny_model_file, data=tools, pack_min_prefix=32, **fields)
+    assert_ok(vlchat("train", "stage2", "--config", str(recipe)))
+    out = tmp_path / "out"
+    plain, plain_weights = metrics(out), projector_weights(out)
+
+    checkpoints(out)[-1].unlink()  # as if the run had stopped after step 2
+    result = vlchat("train", "stage2", "--config", str(recipe), "--resume", "pack_shared_prefix=true")
+    assert_ok(result)
+    assert "resuming from step 2" in result.stderr
+    packed = metrics(out)
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
+    assert all(p["tokens"] < r["tokens"] for p, r in zip(packed[2:], plain[2:]))
+    assert [p["tokens"] for p in packed[:2]] == [r["tokens"] for r in plain[:2]]
+    for name, value in projector_weights(out).items():
+        assert torch.allclose(value, plain_weights[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_packing_settings_are_checked():
+    data = (DataSource("synth:qa", samples=4),)
+    with pytest.raises(VlchatError, match="pack_shared_prefix must be true or false"):
+        TrainConfig(data=data, pack_shared_prefix="yes")
+    with pytest.raises(VlchatError, match=r"pack_max_tokens \(1000\) must be >= max_tokens \(1600\)"):
+        TrainConfig(data=data, pack_shared_prefix=True, max_tokens=1600, pack_max_tokens=1000)
+    TrainConfig(data=data, max_tokens=8000)  # the cap matters only when packing
+
+
 # --- torchrun (DDP, gloo on CPU) ----------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ class Encoded:
     images: list  # PIL images or paths, in slot order
     branches: list[int] | None = None  # independent turns: 0 = shared prefix, k = turn k
     positions: list[int] | None = None  # independent turns: position ids (each branch restarts after the prefix)
+    samples: int = 1  # training samples in this row (shared-prefix packing merges several: train/packing.py)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T), 0 on right padding; or (B, 1, T, T) bool, True = may attend
     pixels: torch.Tensor | None  # (n_images, 3, S, S) in slot order across the batch
     position_ids: torch.Tensor | None = None  # (B, T) with a 4D mask (independent turns), else None
+    samples: int = 0  # training samples in the batch (rows, unless packed rows hold several)
 
 
 def encode_sample(sample: Sample, template: Template, system: str | None, tokenize, tokens_per_image: int) -> Encoded:
@@ -131,9 +133,10 @@ def collate(items: list[Encoded], preprocess: Callable[[Image.Image], torch.Tens
             image = load_image(image) if isinstance(image, str) else image
             pixels.append(preprocess(image))
     pixels = torch.stack(pixels) if pixels else None
+    samples = sum(item.samples for item in items)
     if any(item.branches for item in items):
-        return Batch(ids, labels, branch_mask(items, width), pixels, branch_positions(items, width))
-    return Batch(ids, labels, mask, pixels)
+        return Batch(ids, labels, branch_mask(items, width), pixels, branch_positions(items, width), samples)
+    return Batch(ids, labels, mask, pixels, samples=samples)
 
 
 def _efficientnet_pixels(image: Image.Image, size: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 # Recipe keys a resumed run may change: how often and where it reports (and probes), what it
 # started from (the checkpoint's weights replace that start), and how a step's samples are split
 # (batch_size x grad_accum x processes: only their product, the global batch, fixes the data
-# order). Any other change makes it another run.
+# order), and whether samples are packed by shared prefix (the same loss, in fewer rows). Any
+# other change makes it another run.
 RESUME_MAY_CHANGE = frozenset(
     {
         "output_dir",
@@ -35,6 +36,9 @@ RESUME_MAY_CHANGE = frozenset(
         "compile",
         "batch_size",
         "grad_accum",
+        "pack_shared_prefix",
+        "pack_min_prefix",
+        "pack_max_tokens",
     }
 )
 # Checkpoints written before `projector:` was a mapping hold these flat keys (absent: the value).

@@ -30,6 +30,7 @@ from vlchat.train.checkpoint import save_checkpoint, trainable_state
 from vlchat.train.collate import Batch, collate, encode_sample, length_groups, supervised_tokens
 from vlchat.train.data import Sample
 from vlchat.train.datasets import build_samples
+from vlchat.train.packing import pack_shared_prefixes
 from vlchat.train.probe import Probe
 from vlchat.train.recipe import TrainConfig
 from vlchat.train.resume import restore, resumable_state
@@ -162,6 +163,7 @@ class BatchMaker:
         self.samples, self.vlm, self.config = samples, vlm, config
         self.template = get_template(config.template or vlm.config.template)
         self.skipped = 0
+        self.tokens = 0  # through the LM so far (packed rows count their shared prefix once)
         tokenizer = vlm.lm.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -180,6 +182,9 @@ class BatchMaker:
         items = [e for e in (self.encode(i) for i in indices) if e is not None]
         if not items:
             raise VlchatError("every sample of a batch is longer than max_tokens; raise max_tokens")
+        if self.config.pack_shared_prefix:
+            items = pack_shared_prefixes(items, self.config.pack_min_prefix, self.config.pack_max_tokens)
+        self.tokens += sum(len(item.ids) for item in items)
         groups = length_groups(items, self.config.length_groups)
         return [collate(group, self.vlm.pixels, self.pad_id) for group in groups]
 
@@ -261,6 +266,7 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
         else None
     )
     for step in range(start, config.max_steps):
+        tokens = batches.tokens
         loss_sum, samples = train_step(
             step, config, world, wrapped, module, batches, optimizer, scheduler, autocast, total
         )
@@ -275,6 +281,7 @@ def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics,
             "loss": round(loss_value, 5),
             "lr": scheduler.get_last_lr()[0],
             "samples_per_s": round(rate, 3),
+            "tokens": batches.tokens - tokens,  # this process's, through the LM (no padding)
             "elapsed_s": round(time.perf_counter() - began, 1),
         }
         if probe and done % config.probe_every == 0:
@@ -335,7 +342,7 @@ def train_step(
                     last_group and micro == config.grad_accum - 1,
                 )
             loss_sum += loss.item() * weight / config.grad_accum
-            seen += batch.ids.shape[0] * world.size
+            seen += batch.samples * world.size
     return loss_sum, seen
 
 
