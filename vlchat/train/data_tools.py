@@ -1,7 +1,7 @@
 """Tool-use training samples ("tools:KIND" sources): conversations rendered exactly as the agent
 (vlchat/agent/loop.py) renders them at inference, for the tool-use part (configs/train/tool-use.yaml).
 
-Every sample offers tools (`Sample.tools`): a shuffled subset of the five built-in tools' specs,
+Every sample offers tools (`Sample.tools`): a subset of the five built-in tools' specs in their order,
 made from `default_registry()` as `Agent.__init__` makes them, sometimes with user-defined
 functions from the training pool (train/tool_functions.py). A question with an image gets the
 agent's suffix "\\n(images for tools: image_1)" after the image part, as `Agent.ask` sends it.
@@ -70,17 +70,17 @@ def builtin_specs() -> tuple[ToolSpec, ...]:
 
 
 def offered_tools(rng: random.Random, needed: str | None, user_functions: Sequence[ToolSpec] = ()) -> tuple:
-    """A shuffled subset of the built-in specs that holds `needed` (40%: all five), plus `user_functions`."""
+    """A subset of the built-in specs that holds `needed` (40%: all five), in the registry's order (the
+    order the agent always lists them in, so samples share a long prompt prefix: train/packing.py),
+    then `user_functions` after them."""
     specs = builtin_specs()
     if rng.random() < 0.4:
         chosen = list(specs)
     else:
         others = [s for s in specs if s.name != needed]
-        chosen = rng.sample(others, rng.randint(0 if needed else 1, len(others) - 1))
-        chosen += [s for s in specs if s.name == needed]
-    chosen += list(user_functions)
-    rng.shuffle(chosen)
-    return tuple(chosen)
+        kept = {s.name for s in rng.sample(others, rng.randint(0 if needed else 1, len(others) - 1))} | {needed}
+        chosen = [s for s in specs if s.name in kept]
+    return tuple(chosen + list(user_functions))
 
 
 def maybe_user_functions(rng: random.Random, share: float = 0.2) -> list[ToolSpec]:
