@@ -10,6 +10,7 @@ Generation options are GenerationConfig fields (max_new_tokens, temperature, top
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from vlchat.config import GenerationConfig
 from vlchat.errors import VlchatError
@@ -29,15 +30,19 @@ def load(
     dtype: str | None = None,
     load_in: str | None = None,
     device_map: str | None = None,
+    trust_remote_code: bool = False,
 ) -> ChatModel:
     """Load a model (a preset, a model directory, a `vlchat models` name) onto `device` ("auto", "cpu",
     "cuda", "cuda:N"); `dtype` "auto" | "float32" | "bfloat16" | "float16" (GPUs) overrides the model's;
-    `load_in` "8bit" | "4bit" (bitsandbytes, GPUs) and `device_map` "auto" (several GPUs) for large LMs."""
+    `load_in` "8bit" | "4bit" (bitsandbytes, GPUs) and `device_map` "auto" (several GPUs) for large LMs;
+    `trust_remote_code` runs a checkpoint's own modeling code (never by default)."""
     from vlchat.chat.engine import Chat
     from vlchat.model.placement import with_placement
     from vlchat.model.vlm import load_model
 
     config = with_placement(model_config(name_or_dir), device, dtype, load_in, device_map)
+    if trust_remote_code:
+        config = replace(config, lm=replace(config.lm, trust_remote_code=True))
     return ChatModel(Chat(load_model(config)))
 
 

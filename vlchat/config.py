@@ -154,6 +154,9 @@ class LMConfig:
     load_in: str | None = None
     # "auto": accelerate spreads the LM over every visible GPU (large models); None: one device.
     device_map: str | None = None
+    # Run the checkpoint's own Python code (config.json's auto_map) for a model transformers has no
+    # class for: never by default (it is arbitrary code); `--trust-remote-code` on the CLI.
+    trust_remote_code: bool = False
     # A LoRA adapter trained by stage 2 with `lm: lora` (a peft directory, local or
     # "package:<module>/<dir>"), attached at load and on only for sequences with an image or tools
     # (model/lora.py); text-only checkpoints, which never see an image, merge it into the weights.

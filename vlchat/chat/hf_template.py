@@ -31,7 +31,8 @@ def checkpoint_template(directory: str) -> Template:
 
     path = Path(directory)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # never the checkpoint's own code (and never transformers' interactive prompt about it)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise VlchatError(f"cannot read the tokenizer of {path}: {str(error).splitlines()[0]}") from None
     jinja = read_chat_template(path, tokenizer)

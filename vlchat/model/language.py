@@ -269,11 +269,12 @@ def load_language_model(config: LMConfig, device: str = "cpu") -> LanguageModel:
     hf_logging.disable_progress_bar()
     where = lm_directory(config.source, config.sha256)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        trust = {"trust_remote_code": config.trust_remote_code}  # explicit False: transformers never prompts
+        tokenizer = AutoTokenizer.from_pretrained(where, **trust)
         # runtime onnx: the graph is built from float32 weights (the torch model then only embeds)
         dtype = torch.float32 if config.runtime == "onnx" else resolve_dtype(config.dtype, device)
         placed = pretrained_kwargs(dtype, device, config.load_in, config.device_map)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placed)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placed, **trust)
     except OSError as error:  # hub unreachable, missing files
         raise VlchatError(f"cannot load language model {config.source!r}: {str(error).splitlines()[0]}") from None
     gate = attach_adapter(model, config.adapter) if config.adapter else None

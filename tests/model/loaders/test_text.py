@@ -96,8 +96,14 @@ def test_missing_lm_weights_fail_with_one_line(lm_dir, tmp_path):
     assert "\n" not in str(error.value)
 
 
-def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLCHAT_HOME": str(home), "HF_HUB_CACHE": str(home / "hf"), "HF_HUB_OFFLINE": "1"}
+def run_cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "VLCHAT_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", "vlchat.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
     )
@@ -123,3 +129,59 @@ def test_cli_refuses_an_unknown_model_with_exit_2(tmp_path, command):
     result = run_cli(*args, "--model", str(tmp_path / "no-such-model"), home=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "unknown model" in result.stderr
+
+
+# --- a checkpoint with its own modeling code (auto_map) ---------------------------------------------
+
+OWN_CODE = """import os
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path(os.environ["TINY_OWN_MARKER"]).write_text("the checkpoint's code ran")
+
+
+class TinyOwnConfig(LlamaConfig):
+    model_type = "tiny_own"
+
+
+class TinyOwnForCausalLM(LlamaForCausalLM):
+    config_class = TinyOwnConfig
+"""
+
+
+@pytest.fixture
+def own_code_dir(lm_dir, tmp_path) -> Path:
+    """The tiny LM as a checkpoint whose model class is its own code (a model type transformers does not know)."""
+    import shutil
+
+    out = tmp_path / "tiny-own"
+    shutil.copytree(lm_dir, out)
+    (out / "modeling_tiny_own.py").write_text(OWN_CODE)
+    config = json.loads((out / "config.json").read_text())
+    config.update(
+        model_type="tiny_own",
+        architectures=["TinyOwnForCausalLM"],
+        auto_map={
+            "AutoConfig": "modeling_tiny_own.TinyOwnConfig",
+            "AutoModelForCausalLM": "modeling_tiny_own.TinyOwnForCausalLM",
+        },
+    )
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_checkpoints_own_code_runs_only_with_trust_remote_code(own_code_dir, tmp_path):
+    marker = tmp_path / "marker"
+    with pytest.raises(VlchatError, match="needs its own Python code .*--trust-remote-code") as error:
+        load_model(model_config(str(own_code_dir)))
+    assert "\n" not in str(error.value) and not marker.exists()
+
+    env = {"TINY_OWN_MARKER": str(marker), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    ask = ("ask", "Hello!", "--model", str(own_code_dir), "--max-new-tokens", "3", "--json")
+    refused = run_cli(*ask, home=tmp_path, env=env)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--trust-remote-code" in refused.stderr and not marker.exists()
+    trusted = run_cli(*ask, "--trust-remote-code", home=tmp_path, env=env)
+    assert trusted.returncode == 0, trusted.stderr
+    assert json.loads(trusted.stdout)["answer"] is not None and marker.read_text() == "the checkpoint's code ran"
