@@ -80,8 +80,8 @@ train-default: setup
 
 # The tool-use part (the agent's calls, configs/train/tool-use.yaml; docs/training.md): trains on
 # from the packaged weights (as train-default exports them) and exports into them. Not yet part of
-# train-default: its weights do not ship yet (a run takes hours on 2 cores: ~1,000-token samples;
-# docs/model-card.md). Interrupted, it continues from its newest checkpoint.
+# train-default: its weights do not ship yet (about 70 minutes on a 2-core AVX2 CPU with shared-prefix
+# packing; docs/training.md). Interrupted, it continues from its newest checkpoint.
 train-tool-use: setup
 	$(BIN)/vlchat train stage2 --config configs/train/tool-use.yaml --resume
 	$(BIN)/python -m vlchat.train.export runs/tool-use vlchat/weights
