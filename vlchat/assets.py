@@ -97,6 +97,22 @@ def lm_cache(gguf_name: str, sha256: str) -> Path:
     return vlchat_home() / "lm" / f"{Path(gguf_name).stem}-{sha256[:16]}"
 
 
+def lm_state(source: str) -> str:
+    """What `vlchat models` says of a preset's LM: `packaged`, or how to install one whose parts
+    (split:NAME) are neither installed nor already converted."""
+    from vlchat.split_files import part_paths, split_file
+
+    if not source.startswith("split:"):
+        return "packaged"
+    split = split_file(source[len("split:") :])
+    try:
+        part_paths(split)
+    except VlchatError:
+        if not is_complete(lm_cache(split.name, split.sha256)):
+            return f"not installed: {split.install}"
+    return "packaged"
+
+
 def split_lm_directory(name: str) -> str:
     """A GGUF shipped in parts (split_files.py): joined and verified in `$VLCHAT_HOME/gguf`, converted
     once, then the joined file is dropped (about 0.5 GB; the cache is what loads, and a later join

@@ -68,10 +68,10 @@ def hf_cache_models() -> list[ModelEntry]:
 
 
 def list_models() -> list[ModelEntry]:
-    from vlchat.assets import vlchat_home
+    from vlchat.assets import lm_state, vlchat_home
     from vlchat.config import PRESETS
 
-    presets = [ModelEntry(name, "preset", None, "packaged") for name in sorted(PRESETS)]
+    presets = [ModelEntry(name, "preset", None, lm_state(PRESETS[name].lm.source)) for name in sorted(PRESETS)]
     return presets + local_models(vlchat_home() / "models") + hf_cache_models()
 
 
