@@ -417,6 +417,19 @@ def test_an_unpacked_run_resumed_packed_trains_the_same_steps(tiny_model_file, t
         assert torch.allclose(value, plain_weights[name], rtol=1e-3, atol=1e-5), name
 
 
+def test_a_frozen_lm_trains_past_a_group_without_images(tiny_model_file, tmp_path):
+    """With the LM frozen only the projector trains, and a length group of text-only samples (tool
+    use: arithmetic -> python) has no loss gradient: it contributes nothing and the run goes on
+    (it crashed in backward: "element 0 of tensors does not require grad")."""
+    data = [{"spec": "tools:python", "samples": 4}, {"spec": "synth:qa", "samples": 4}]
+    recipe = write_recipe(
+        tmp_path, tiny_model_file, data=data, lm="frozen", batch_size=4, max_tokens=1600, length_groups=4, max_steps=2
+    )
+    result = vlchat("train", "stage2", "--config", str(recipe))
+    assert_ok(result)
+    check_run(tmp_path / "out", "stage2", 2)
+
+
 def test_packing_settings_are_checked():
     data = (DataSource("synth:qa", samples=4),)
     with pytest.raises(VlchatError, match="pack_shared_prefix must be true or false"):

@@ -237,12 +237,21 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
 def backward_and_step(module, loss, optimizer, scheduler, config: TrainConfig, last_micro: bool) -> None:
     """Accumulate gradients; on the last micro-batch clip, step the optimizer and the schedule."""
-    (loss / config.grad_accum).backward()
+    (with_gradient(module, loss) / config.grad_accum).backward()
     if last_micro:
         torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def with_gradient(module, loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, or for a group nothing trainable touched (text-only rows with the LM frozen: only the
+    projector trains) a zero tied to every trainable parameter: backward then adds nothing, and DDP
+    still all-reduces on it, as every rank must."""
+    if loss.requires_grad:
+        return loss
+    return loss + sum((p * 0).sum() for p in module.parameters() if p.requires_grad)
 
 
 def loop(config, world, wrapped, module, batches, optimizer, scheduler, metrics, start, total, out) -> None:
