@@ -22,6 +22,20 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+def yaml_block(path: Path, key: str, quiet: bool = False) -> object | None:
+    """The value under `key` of a YAML file's top-level mapping (None if absent); an unreadable
+    file is None when `quiet` (a loader probing whether the file is its kind), else one line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        if quiet:
+            return None
+        raise VlchatError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The checkpoint's weight files, safetensors preferred; VlchatError when there are none."""
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):

@@ -66,15 +66,9 @@ def is_minigpt4_yaml(path: Path) -> bool:
 
 
 def _model_block(path: Path, quiet: bool = False) -> dict | None:
-    import yaml
+    from vlchat.model.loaders.checkpoint import yaml_block
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        if quiet:
-            return None
-        raise VlchatError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    block = data.get("model") if isinstance(data, dict) else None
+    block = yaml_block(path, "model", quiet)
     return block if isinstance(block, dict) and "arch" in block else None
 
 

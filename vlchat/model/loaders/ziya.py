@@ -48,16 +48,10 @@ def is_ziya_yaml(path: Path) -> bool:
     return path.suffix in (".yaml", ".yml") and path.is_file() and isinstance(_block(path, quiet=True), dict)
 
 
-def _block(path: Path, quiet: bool = False) -> dict | None:
-    import yaml
+def _block(path: Path, quiet: bool = False) -> object | None:
+    from vlchat.model.loaders.checkpoint import yaml_block
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        if quiet:
-            return None
-        raise VlchatError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    block = data.get(YAML_KEY) if isinstance(data, dict) else None
+    block = yaml_block(path, YAML_KEY, quiet)
     if block is None and not quiet:
         raise VlchatError(f"{path} has no `{YAML_KEY}:` mapping (visual_model, language_model)")
     return block
