@@ -30,7 +30,7 @@ CONNECTOR_PREFIXES = (
 
 def model_config(directory: Path, raw: dict) -> ModelConfig:
     """The ModelConfig of a BLIP-2 checkpoint, from its config.json (transformers fills defaults)."""
-    hf = _hf_config(directory)
+    hf = blip_hf_config(directory)
     refuse_visual_only(directory)
     return qformer_model_config(directory, hf, "blip2")
 
@@ -71,14 +71,16 @@ def refuse_visual_only(directory: Path) -> None:
         )
 
 
-def _hf_config(directory: Path):
+def blip_hf_config(directory: Path, family: str = "BLIP-2", variants: str = "the OPT variants"):
+    """The checkpoint's config.json (BLIP-2 or InstructBLIP: the same parts), refusing an encoder-decoder
+    LM and a Q-Former that does not fit the vision tower."""
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(directory)
     if not hf.use_decoder_only_language_model:
         raise VlchatError(
-            f"{directory}: BLIP-2 with a {hf.text_config.model_type} (encoder-decoder) language model is not "
-            "supported; vlchat runs decoder-only LMs (the OPT variants)"
+            f"{directory}: {family} with a {hf.text_config.model_type} (encoder-decoder) language model is not "
+            f"supported; vlchat runs decoder-only LMs ({variants})"
         )
     if hf.qformer_config.encoder_hidden_size != hf.vision_config.hidden_size:
         raise VlchatError(
@@ -99,7 +101,7 @@ def load(config: ModelConfig, directory: Path):
 
     if config.projector is None or config.projector.kind != "qformer":
         raise VlchatError(f"{directory} is a BLIP-2 checkpoint; its projector must be the Q-Former (kind 'qformer')")
-    hf = _hf_config(directory)
+    hf = blip_hf_config(directory)
     dtype = resolve_dtype(config.lm.dtype, config.device)
     state = read_state_dict(directory)
     vision = build_vision(config, directory, hf.vision_config, rename_keys(state, VISION_PREFIXES), dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vlchat.config import ModelConfig
 from vlchat.errors import VlchatError
-from vlchat.model.loaders.blip2 import CONNECTOR_PREFIXES, VISION_PREFIXES, qformer_model_config
+from vlchat.model.loaders.blip2 import CONNECTOR_PREFIXES, VISION_PREFIXES, blip_hf_config, qformer_model_config
 from vlchat.model.loaders.llava import LM_PREFIXES
 
 QFORMER_TOKENIZER = "qformer_tokenizer"  # the folder InstructBlipProcessor.save_pretrained writes it to
@@ -27,19 +27,7 @@ QFORMER_TOKENIZER = "qformer_tokenizer"  # the folder InstructBlipProcessor.save
 
 def model_config(directory: Path, raw: dict) -> ModelConfig:
     """The ModelConfig of an InstructBLIP checkpoint, from its config.json (transformers fills defaults)."""
-    return qformer_model_config(directory, _hf_config(directory), "instructblip")
-
-
-def _hf_config(directory: Path):
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(directory)
-    if not hf.use_decoder_only_language_model:
-        raise VlchatError(
-            f"{directory}: InstructBLIP with a {hf.text_config.model_type} (encoder-decoder) language model is not "
-            "supported; vlchat runs decoder-only LMs (the Vicuna variants)"
-        )
-    return hf
+    return qformer_model_config(directory, blip_hf_config(directory, "InstructBLIP", "the Vicuna variants"), "instructblip")
 
 
 def qformer_tokenizer(directory: Path, qformer_config):
@@ -76,7 +64,7 @@ def load(config: ModelConfig, directory: Path):
 
     if config.projector is None or config.projector.kind != "qformer":
         raise VlchatError(f"{directory} is an InstructBLIP checkpoint; its projector must be the Q-Former ('qformer')")
-    hf = _hf_config(directory)
+    hf = blip_hf_config(directory, "InstructBLIP", "the Vicuna variants")
     tokenizer = qformer_tokenizer(directory, hf.qformer_config)
     dtype = resolve_dtype(config.lm.dtype, config.device)
     state = read_state_dict(directory)
