@@ -27,7 +27,11 @@ QFORMER_TOKENIZER = "qformer_tokenizer"  # the folder InstructBlipProcessor.save
 
 def model_config(directory: Path, raw: dict) -> ModelConfig:
     """The ModelConfig of an InstructBLIP checkpoint, from its config.json (transformers fills defaults)."""
-    return qformer_model_config(directory, blip_hf_config(directory, "InstructBLIP", "the Vicuna variants"), "instructblip")
+    return qformer_model_config(directory, _hf_config(directory), "instructblip")
+
+
+def _hf_config(directory: Path):
+    return blip_hf_config(directory, "InstructBLIP", "the Vicuna variants")
 
 
 def qformer_tokenizer(directory: Path, qformer_config):
@@ -64,7 +68,7 @@ def load(config: ModelConfig, directory: Path):
 
     if config.projector is None or config.projector.kind != "qformer":
         raise VlchatError(f"{directory} is an InstructBLIP checkpoint; its projector must be the Q-Former ('qformer')")
-    hf = blip_hf_config(directory, "InstructBLIP", "the Vicuna variants")
+    hf = _hf_config(directory)
     tokenizer = qformer_tokenizer(directory, hf.qformer_config)
     dtype = resolve_dtype(config.lm.dtype, config.device)
     state = read_state_dict(directory)
