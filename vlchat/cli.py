@@ -447,6 +447,9 @@ def evaluate(
     lang: Annotated[list[str], typer.Option(help="Synthetic question languages: en, zh.")] = ["en", "zh"],
     out: Annotated[Path, typer.Option(help="Where eval.md and eval.json go.")] = Path("runs/eval"),
     batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 16,
+    baseline: Annotated[
+        bool, typer.Option(help="Also ask without the image (the base LM; the same for any projector/adapter).")
+    ] = True,
     model: Model = "default",
     loading: Loading | None = None,
 ) -> None:
@@ -468,7 +471,7 @@ def evaluate(
         print(line, file=sys.stderr, flush=True)
 
     loaded = open_model(model, loading, projector, adapter)
-    report = run_eval(loaded, suite, limit, scenes, lang, batch_size, progress=progress)
+    report = run_eval(loaded, suite, limit, scenes, lang, batch_size, progress=progress, baseline=baseline)
     weights = projector or "default model: projector + LoRA adapter"
     title = f"vlchat evaluation ({weights}{f', adapter {adapter}' if adapter else ''}; baseline: base LM, no image)"
     write_report(report, out, title)

@@ -127,6 +127,13 @@ def test_evaluate_writes_markdown_and_json(tiny_model, tmp_path):
     assert "replies" not in json.loads((tmp_path / "eval.json").read_text())["model"]
 
 
+def test_no_baseline_asks_only_with_the_image(tiny_model, tmp_path):
+    report = evaluate(tiny_model, ["easy_vqa"], limit=2, scenes=1, langs=["en"], batch_size=2, baseline=False)
+    assert set(report) == {"model"}
+    text = markdown(report, "tiny")
+    assert "| **easy_vqa (all)** | 2 |" in text and text.count(" | - |") == 2 and "(baseline)" not in text
+
+
 def test_replies_file_holds_every_answer_and_its_score(tiny_model, tmp_path):
     report = evaluate(tiny_model, ["easy_vqa", "synth"], limit=4, scenes=2, langs=["en"], batch_size=4)
     write_report(report, tmp_path, "tiny")

@@ -209,16 +209,19 @@ def evaluate(
     batch_size: int = 16,
     chat: Chat | None = None,
     progress=None,
+    baseline: bool = True,
 ) -> dict:
     """{"model", "text_only"} for the VQA suites (easy_vqa, synth), {"agent"} for the agent suites
-    (train/evaluate_agent.py), each present when one of its suites is asked for."""
+    (train/evaluate_agent.py), each present when one of its suites is asked for. Without `baseline`
+    no "text_only" side (it is the base LM without the image: the same for any projector/adapter)."""
     items: list[Item] = []
     if "easy_vqa" in suites:
         items += easy_vqa_items(limit)
     for lang in langs if "synth" in suites else []:
         items += synth_items(scenes, lang) + caption_items(max(8, scenes // 5), lang)
     report = {}
-    for name, with_image in (("model", True), ("text_only", False)) if items else ():
+    sides = (("model", True), ("text_only", False)) if baseline else (("model", True),)
+    for name, with_image in sides if items else ():
         start = time.perf_counter()
         scores = score(model, items, with_image, batch_size)
         report[name] = {
@@ -255,22 +258,28 @@ BASELINE_NOTE = (
 def markdown(report: dict, title: str) -> str:
     lines = [f"# {title}", ""]
     if "model" in report:
-        lines += vqa_markdown(report["model"], report["text_only"])
+        lines += vqa_markdown(report["model"], report.get("text_only"))
     lines += markdown_agent(report.get("agent", {}))
     return "\n".join(lines) + "\n"
 
 
-def vqa_markdown(model: dict, base: dict) -> list[str]:
-    lines = [BASELINE_NOTE, ""]
+def vqa_markdown(model: dict, base: dict | None) -> list[str]:
+    """The VQA table; without a baseline (`--no-baseline`) its column says "-"."""
+
+    def baseline(kind: str, key: str) -> str:
+        return f"{base[kind][key]:.1%}" if base else "-"
+
+    lines = [BASELINE_NOTE if base else "No text-only baseline (--no-baseline).", ""]
     lines += ["| suite | questions | vlchat | text-only baseline |", "|---|---:|---:|---:|"]
     for key, value in model["overall"].items():
         n = sum(c for g, c in model["counts"].items() if g.startswith(key))
-        lines.append(f"| **{key} (all)** | {n} | **{value:.1%}** | {base['overall'][key]:.1%} |")
+        lines.append(f"| **{key} (all)** | {n} | **{value:.1%}** | {baseline('overall', key)} |")
     for group, value in model["accuracy"].items():
         metric = "attribute recall" if group.startswith("caption") else "accuracy"
-        lines.append(f"| {group} ({metric}) | {model['counts'][group]} | {value:.1%} | {base['accuracy'][group]:.1%} |")
+        lines.append(f"| {group} ({metric}) | {model['counts'][group]} | {value:.1%} | {baseline('accuracy', group)} |")
     lines.append("")
-    lines.append(f"Time: {model['seconds']} s (model), {base['seconds']} s (baseline).")
+    base_time = f", {base['seconds']} s (baseline)" if base else ""
+    lines.append(f"Time: {model['seconds']} s (model){base_time}.")
     return lines
 
 
