@@ -65,29 +65,23 @@ bench-train: setup
 	$(BIN)/python -m vlchat.bench.train configs/train/stage1.yaml configs/train/stage2.yaml \
 	  configs/train/stage2-reasons.yaml --reference reports/default-model
 
-# Reproduce the committed default projector + LoRA adapter and its reports: stage 1 (half of it
-# lone-object captions), stage 2, stage 2's second part (yes/no answers with their reason first),
-# exported into vlchat/weights, then the tool-use part (train-tool-use) trained on from them.
-# The first three: 58.3 minutes of training on a 2-core AMD EPYC with AVX512-BF16 (the LM in bfloat16,
+# Reproduce the committed default projector + LoRA adapter and its report: stage 1 (half of it
+# lone-object captions), stage 2, then stage 2's second part (yes/no answers with their reason
+# first): 58.3 minutes of training on a 2-core AMD EPYC with AVX512-BF16 (the LM in bfloat16,
 # layers compiled), hours on a CPU without native bfloat16 (v6's recipe: about 6.5 on one with AVX2
-# only): make bench-train (docs/benchmarks.md). The tool-use part: 68 minutes on a 2-core AMD EPYC
-# with AVX2 only (float32).
+# only): make bench-train (docs/benchmarks.md).
 # Interrupted, it continues: each part resumes from its newest checkpoint (a finished part from its last).
 train-default: setup
 	$(BIN)/vlchat train stage1 --config configs/train/stage1.yaml --resume
 	$(BIN)/vlchat train stage2 --config configs/train/stage2.yaml --resume
 	$(BIN)/vlchat train stage2 --config configs/train/stage2-reasons.yaml --resume
 	$(BIN)/python -m vlchat.train.export runs/stage2-reasons vlchat/weights
-	$(MAKE) train-tool-use
+	$(BIN)/vlchat eval --limit 1000 --scenes 100 --out reports/default-model
 
 # The tool-use part (the agent's calls, configs/train/tool-use.yaml; docs/training.md): trains on
-# from the packaged weights as stage2-reasons exported them (train-default runs it right after that
-# export; on its own, run it before any other export of tool-use into vlchat/weights or from its
-# checkpoint) and exports into them, then evaluates: the VQA suites and the agent suites.
-# Interrupted, it continues from its newest checkpoint.
-AGENT_SUITES = agent_photos,agent_signs,agent_math,tool_selection,text_only
+# from the packaged weights (as train-default exports them) and exports into them. Not yet part of
+# train-default: its weights do not ship yet (about 70 minutes on a 2-core AVX2 CPU with shared-prefix
+# packing; docs/training.md). Interrupted, it continues from its newest checkpoint.
 train-tool-use: setup
 	$(BIN)/vlchat train stage2 --config configs/train/tool-use.yaml --resume
 	$(BIN)/python -m vlchat.train.export runs/tool-use vlchat/weights
-	$(BIN)/vlchat eval --limit 1000 --scenes 100 --out reports/default-model
-	$(BIN)/vlchat eval --suites $(AGENT_SUITES) --out reports/default-model-agent

@@ -1,5 +1,5 @@
 """`vlchat agent` as a subprocess: bad input is one error line and exit 2 (before the model loads), and
-questions on the real default model: with a forced first call, and under auto (arithmetic -> python)."""
+one question on the real default model with a forced first call (it does not call tools on its own)."""
 
 from __future__ import annotations
 
@@ -50,12 +50,3 @@ def test_one_question_on_the_default_model_with_a_forced_call():
     assert observation["ok"] or observation["error"]
     assert record["finish_reason"] in ("stop", "length") and isinstance(record["answer"], str)
     assert record["usage"]["reused_tokens"] > 0  # the second step reused the first step's KV cache
-
-
-def test_the_default_model_calls_python_for_arithmetic_by_itself():
-    result = vlchat("agent", "--json", "--tools", "python,image_labels", "What is 37 times 43?")
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)
-    call, observation = record["steps"][:2]
-    assert call["name"] == "python" and observation["ok"] and "1591" in observation["content"]
-    assert "1591" in record["answer"].replace(",", "")

@@ -1,4 +1,4 @@
-"""The agent loop's logic with a scripted model (each step's reply chosen by the test),
+"""The agent loop's logic with a scripted model (the default model was never trained to call tools),
 and its integration with the real chat engine on the tiny model: a forced first call through the
 grammar, zoom's crop prefilled as an image, the KV cache reused across steps."""
 
