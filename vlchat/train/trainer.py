@@ -247,8 +247,8 @@ def backward_and_step(module, loss, optimizer, scheduler, config: TrainConfig, l
 
 def with_gradient(module, loss: torch.Tensor) -> torch.Tensor:
     """`loss`, or for a group nothing trainable touched (text-only rows with the LM frozen: only the
-    projector trains) a zero tied to every trainable parameter: backward then adds nothing, and DDP
-    still all-reduces on it, as every rank must."""
+    projector trains) a zero tied to every trainable parameter: backward then adds nothing (tested on
+    one process; under DDP the aim is that every rank still runs a backward, not verified)."""
     if loss.requires_grad:
         return loss
     return loss + sum((p * 0).sum() for p in module.parameters() if p.requires_grad)
